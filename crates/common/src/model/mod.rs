@@ -1,0 +1,61 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2-style q/k/v bias; GQA; tied or untied head)
+//! with LoRA on any subset of q,k,v,o,gate,up,down_proj.
+//!
+//! One forward serves inference (with a KV cache) and training; training additionally keeps
+//! what each op's hand-written backward needs (see `ops`), and only LoRA matrices get
+//! gradients.
+
+mod linear;
+mod llama;
+pub mod ops;
+
+pub use linear::{Lora, LoraLinear};
+pub use llama::{Batch, KvCache, Llama, LossStats};
+
+use candle_core::{Result, Tensor};
+
+/// Per-micro-step training context.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainCtx {
+    /// Run seed (dropout streams derive from it).
+    pub seed: u64,
+    /// Global micro-step counter: selects the dropout masks.
+    pub micro_step: u64,
+    /// Recompute each block's activations in the backward instead of keeping them.
+    pub checkpoint: bool,
+}
+
+/// Accumulated LoRA gradients, indexed by `Lora::id`.
+#[derive(Default)]
+pub struct Grads {
+    pub a: Vec<Option<Tensor>>,
+    pub b: Vec<Option<Tensor>>,
+}
+
+impl Grads {
+    pub fn new(n: usize) -> Self {
+        Grads { a: vec![None; n], b: vec![None; n] }
+    }
+
+    pub fn add(&mut self, id: usize, da: &Tensor, db: &Tensor) -> Result<()> {
+        for (slot, g) in [(&mut self.a[id], da), (&mut self.b[id], db)] {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of all gradients.
+    pub fn norm(&self) -> Result<f64> {
+        let mut s = 0f64;
+        for g in self.a.iter().chain(self.b.iter()).flatten() {
+            s += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+        Ok(s.sqrt())
+    }
+}
+
+#[cfg(test)]
+mod tests;
