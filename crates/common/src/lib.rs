@@ -13,3 +13,6 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use lora::{Adapter, LoraConfig};
 pub use model::{Batch, Grads, KvCache, Llama, TrainCtx};
+pub mod chat;
+pub mod generate;
+pub mod testing;

@@ -210,6 +210,7 @@ pub fn save_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&views.into_iter().collect::<HashMap<_, _>>(), &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    set_readable(&tmp);
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
@@ -220,6 +221,15 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     std::fs::write(&tmp, contents).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
+}
+
+/// Files written through a temp name get the usual 0644 instead of the temp file's 0600.
+fn set_readable(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
+    }
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

@@ -1,0 +1,144 @@
+//! Chat templates: the model's own Jinja template (tokenizer_config.json `chat_template` or
+//! chat_template.jinja), rendered with minijinja configured like transformers' sandbox
+//! (trim_blocks, lstrip_blocks, Python string methods, `raise_exception`). dataprep and infer
+//! both render through here, so training sees exactly the text inference will feed.
+
+use anyhow::{anyhow, bail, Context, Result};
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message { role: role.into(), content: content.into() }
+    }
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn token_string(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// The template of a model directory: `chat_template.jinja` if present, else
+    /// `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates, of
+    /// which `default` is used).
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc: serde_json::Value = if tc_path.exists() {
+            let text = std::fs::read_to_string(&tc_path).with_context(|| format!("{}: cannot read", tc_path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", tc_path.display()))?
+        } else {
+            serde_json::Value::Null
+        };
+        let (bos, eos) = (token_string(tc.get("bos_token")), token_string(tc.get("eos_token")));
+        let jinja = dir.join("chat_template.jinja");
+        let source = if jinja.exists() {
+            std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?
+        } else {
+            match tc.get("chat_template") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("{}: 'chat_template' list has no 'default' entry", tc_path.display()))?,
+                _ => bail!(
+                    "{}: the model has no chat template (no chat_template.jinja, no 'chat_template' in tokenizer_config.json); pass --template FILE",
+                    dir.display()
+                ),
+            }
+        };
+        Self::from_source(&source, &bos, &eos).with_context(|| format!("chat template of {}", dir.display()))
+    }
+
+    /// A template file given by the user (`--template`), with the model's special tokens.
+    pub fn from_file(path: &Path, model_dir: &Path) -> Result<Self> {
+        let source = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read template", path.display()))?;
+        let base = Self::from_model_dir(model_dir).ok();
+        let (bos, eos) = base.map(|b| (b.bos_token, b.eos_token)).unwrap_or_default();
+        Self::from_source(&source, &bos, &eos).with_context(|| format!("{}: invalid template", path.display()))
+    }
+
+    pub fn from_source(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("cannot parse chat template: {e}"))?;
+        Ok(Self { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn fingerprint(&self) -> String {
+        format!("sha256:{:x}", Sha256::digest(self.source.as_bytes()))
+    }
+
+    /// Renders a conversation, like transformers' `apply_chat_template(tokenize=False)`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template("chat").expect("added in constructor");
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| anyhow!("chat template failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn renders_chatml_with_default_system() {
+        let t = ChatTemplate::from_source(CHATML, "<s>", "</s>").unwrap();
+        let s = t.render(&[Message::new("user", "hi")], true).unwrap();
+        assert_eq!(s, "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception() {
+        let src = "{% for m in messages %}{% if m.role not in ['user','assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}{{ bos_token }}{{ m.content.strip() }}{% endfor %}";
+        let t = ChatTemplate::from_source(src, "<s>", "</s>").unwrap();
+        assert_eq!(t.render(&[Message::new("user", "  x ")], false).unwrap(), "<s>x");
+        let e = t.render(&[Message::new("tool", "x")], false).unwrap_err().to_string();
+        assert!(e.contains("bad role tool"), "{e}");
+    }
+
+    #[test]
+    fn missing_template_is_explained() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("tokenizer_config.json"), "{}").unwrap();
+        let e = ChatTemplate::from_model_dir(d.path()).err().unwrap().to_string();
+        assert!(e.contains("no chat template") && e.contains("--template"), "{e}");
+    }
+}
