@@ -17,7 +17,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -31,7 +34,11 @@ pub struct ChatTemplate {
 fn token_string(v: Option<&serde_json::Value>) -> String {
     match v {
         Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
         _ => String::new(),
     }
 }
@@ -43,15 +50,21 @@ impl ChatTemplate {
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let tc_path = dir.join("tokenizer_config.json");
         let tc: serde_json::Value = if tc_path.exists() {
-            let text = std::fs::read_to_string(&tc_path).with_context(|| format!("{}: cannot read", tc_path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", tc_path.display()))?
+            let text = std::fs::read_to_string(&tc_path)
+                .with_context(|| format!("{}: cannot read", tc_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", tc_path.display()))?
         } else {
             serde_json::Value::Null
         };
-        let (bos, eos) = (token_string(tc.get("bos_token")), token_string(tc.get("eos_token")));
+        let (bos, eos) = (
+            token_string(tc.get("bos_token")),
+            token_string(tc.get("eos_token")),
+        );
         let jinja = dir.join("chat_template.jinja");
         let source = if jinja.exists() {
-            std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?
+            std::fs::read_to_string(&jinja)
+                .with_context(|| format!("{}: cannot read", jinja.display()))?
         } else {
             match tc.get("chat_template") {
                 Some(serde_json::Value::String(s)) => s.clone(),
@@ -67,15 +80,18 @@ impl ChatTemplate {
                 ),
             }
         };
-        Self::from_source(&source, &bos, &eos).with_context(|| format!("chat template of {}", dir.display()))
+        Self::from_source(&source, &bos, &eos)
+            .with_context(|| format!("chat template of {}", dir.display()))
     }
 
     /// A template file given by the user (`--template`), with the model's special tokens.
     pub fn from_file(path: &Path, model_dir: &Path) -> Result<Self> {
-        let source = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read template", path.display()))?;
+        let source = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read template", path.display()))?;
         let base = Self::from_model_dir(model_dir).ok();
         let (bos, eos) = base.map(|b| (b.bos_token, b.eos_token)).unwrap_or_default();
-        Self::from_source(&source, &bos, &eos).with_context(|| format!("{}: invalid template", path.display()))
+        Self::from_source(&source, &bos, &eos)
+            .with_context(|| format!("{}: invalid template", path.display()))
     }
 
     pub fn from_source(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
@@ -83,12 +99,26 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
-        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("cannot parse chat template: {e}"))?;
-        Ok(Self { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| anyhow!("cannot parse chat template: {e}"))?;
+        Ok(Self {
+            env,
+            source: source.to_string(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
+    }
+
+    /// The end-of-turn text the template closes assistant replies with (the eos token).
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
     }
 
     pub fn source(&self) -> &str {
@@ -129,8 +159,14 @@ mod tests {
     fn python_methods_and_raise_exception() {
         let src = "{% for m in messages %}{% if m.role not in ['user','assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}{{ bos_token }}{{ m.content.strip() }}{% endfor %}";
         let t = ChatTemplate::from_source(src, "<s>", "</s>").unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  x ")], false).unwrap(), "<s>x");
-        let e = t.render(&[Message::new("tool", "x")], false).unwrap_err().to_string();
+        assert_eq!(
+            t.render(&[Message::new("user", "  x ")], false).unwrap(),
+            "<s>x"
+        );
+        let e = t
+            .render(&[Message::new("tool", "x")], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad role tool"), "{e}");
     }
 
@@ -138,7 +174,13 @@ mod tests {
     fn missing_template_is_explained() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("tokenizer_config.json"), "{}").unwrap();
-        let e = ChatTemplate::from_model_dir(d.path()).err().unwrap().to_string();
-        assert!(e.contains("no chat template") && e.contains("--template"), "{e}");
+        let e = ChatTemplate::from_model_dir(d.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("no chat template") && e.contains("--template"),
+            "{e}"
+        );
     }
 }

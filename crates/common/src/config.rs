@@ -5,11 +5,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Architectures whose decoder block is the Llama block (optionally with q/k/v bias).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 /// RoPE frequency scaling (`rope_scaling` / `rope_parameters` in config.json).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -147,7 +144,9 @@ impl ModelConfig {
         if let Some(s) = self.scaling() {
             match s.rope_type.as_str() {
                 "default" | "linear" | "llama3" => {}
-                other => bail!("rope scaling type '{other}' is not supported (default, linear, llama3)"),
+                other => {
+                    bail!("rope scaling type '{other}' is not supported (default, linear, llama3)")
+                }
             }
         }
         Ok(())
@@ -232,7 +231,10 @@ impl ModelConfig {
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(|e| e.to_vec())
+            .unwrap_or_default()
     }
 }
 
@@ -265,7 +267,10 @@ mod tests {
         v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
         let c: ModelConfig = serde_json::from_value(v).unwrap();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("GPTNeoXForCausalLM") && e.contains("not supported"), "{e}");
+        assert!(
+            e.contains("GPTNeoXForCausalLM") && e.contains("not supported"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -280,7 +285,10 @@ mod tests {
     fn missing_config_names_file() {
         let dir = tempfile::tempdir().unwrap();
         let e = format!("{:#}", ModelConfig::from_dir(dir.path()).unwrap_err());
-        assert!(e.contains("config.json") && e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("config.json") && e.contains("cannot read"),
+            "{e}"
+        );
         std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 3").unwrap();
         let e = format!("{:#}", ModelConfig::from_dir(dir.path()).unwrap_err());
         assert!(e.contains("config.json") && e.contains("invalid"), "{e}");

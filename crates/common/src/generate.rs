@@ -21,7 +21,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { max_new_tokens: 256, temperature: 0.0, top_p: None, top_k: None, repetition_penalty: 1.0, seed: 42, no_cache: false }
+        SamplingParams {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            repetition_penalty: 1.0,
+            seed: 42,
+            no_cache: false,
+        }
     }
 }
 
@@ -39,7 +47,10 @@ impl SamplingParams {
             bail!("--top-k must be >= 1");
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            bail!("--repetition-penalty must be > 0, got {}", self.repetition_penalty);
+            bail!(
+                "--repetition-penalty must be > 0, got {}",
+                self.repetition_penalty
+            );
         }
         if self.max_new_tokens == 0 {
             bail!("--max-new-tokens must be >= 1");
@@ -76,7 +87,11 @@ impl Generation {
     /// Decode speed in new tokens per second (prefill excluded).
     pub fn decode_tokens_per_s(&self) -> f64 {
         let n = self.ids.len().saturating_sub(1);
-        if self.decode_secs > 0.0 { n as f64 / self.decode_secs } else { 0.0 }
+        if self.decode_secs > 0.0 {
+            n as f64 / self.decode_secs
+        } else {
+            0.0
+        }
     }
 }
 
@@ -112,13 +127,21 @@ pub fn generate(
             let ids = Tensor::new(all.as_slice(), &model.device)?.unsqueeze(0)?;
             model.forward_last(&ids, None)?
         } else {
-            let new = if step == 0 { &all[..] } else { &all[all.len() - 1..] };
+            let new = if step == 0 {
+                &all[..]
+            } else {
+                &all[all.len() - 1..]
+            };
             let ids = Tensor::new(new, &model.device)?.unsqueeze(0)?;
             model.forward_last(&ids, Some(&mut cache))?
         };
         let mut logits = logits.squeeze(0)?;
         if params.repetition_penalty != 1.0 {
-            logits = candle_transformers::utils::apply_repeat_penalty(&logits, params.repetition_penalty, &all)?;
+            logits = candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                params.repetition_penalty,
+                &all,
+            )?;
         }
         let next = lp.sample(&logits)?;
         if step == 0 {
@@ -133,7 +156,13 @@ pub fn generate(
         }
     }
     let decode_secs = t0.elapsed().as_secs_f64() - prefill_secs;
-    Ok(Generation { ids: out, stopped, prompt_tokens: prompt.len(), prefill_secs, decode_secs })
+    Ok(Generation {
+        ids: out,
+        stopped,
+        prompt_tokens: prompt.len(),
+        prefill_secs,
+        decode_secs,
+    })
 }
 
 /// Stop ids of a model directory: `generation_config.json`'s eos ids, config.json's, and the
@@ -147,12 +176,21 @@ pub fn stop_ids(dir: &std::path::Path, tok: &tokenizers::Tokenizer) -> Vec<u32> 
         if let Some(v) = read(f).and_then(|v| v.get("eos_token_id").cloned()) {
             match v {
                 serde_json::Value::Number(n) => ids.extend(n.as_u64().map(|x| x as u32)),
-                serde_json::Value::Array(a) => ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+                serde_json::Value::Array(a) => {
+                    ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+                }
                 _ => {}
             }
         }
     }
-    for t in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<｜end▁of▁sentence｜>"] {
+    for t in [
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+        "<|endoftext|>",
+        "</s>",
+        "<｜end▁of▁sentence｜>",
+    ] {
         if let Some(i) = tok.token_to_id(t) {
             if tok.get_added_vocabulary().is_special_token(t) {
                 ids.push(i);

@@ -23,9 +23,12 @@ struct Meta<'a> {
 
 impl Meta<'_> {
     fn get(&self, k: &str) -> Result<&Value> {
-        self.md
-            .get(k)
-            .ok_or_else(|| anyhow!("{}: GGUF metadata key '{k}' is missing", self.path.display()))
+        self.md.get(k).ok_or_else(|| {
+            anyhow!(
+                "{}: GGUF metadata key '{k}' is missing",
+                self.path.display()
+            )
+        })
     }
     fn u(&self, k: &str) -> Result<usize> {
         let v = self.get(k)?;
@@ -50,7 +53,11 @@ impl Meta<'_> {
             .to_vec()
             .map_err(|e| anyhow!("{}: GGUF key '{k}': {e}", self.path.display()))?
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|e| anyhow!("GGUF key '{k}': {e}")))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|e| anyhow!("GGUF key '{k}': {e}"))
+            })
             .collect()
     }
     fn ints(&self, k: &str) -> Result<Vec<i64>> {
@@ -71,8 +78,7 @@ impl Meta<'_> {
 /// Inverse of llama.cpp's `permute` for q/k weights (HF rotate-half layout restored).
 pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    Ok(w
-        .reshape((n_head, out / n_head / 2, 2, inp))?
+    Ok(w.reshape((n_head, out / n_head / 2, 2, inp))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))?)
@@ -119,12 +125,20 @@ pub struct ImportReport {
 
 /// Imports `gguf_path` into `out_dir` (created; must not exist or be empty unless `overwrite`).
 /// Everything is written into a temporary sibling directory first and renamed at the end.
-pub fn import(gguf_path: &Path, out_dir: &Path, dtype: ImportDtype, overwrite: bool) -> Result<ImportReport> {
+pub fn import(
+    gguf_path: &Path,
+    out_dir: &Path,
+    dtype: ImportDtype,
+    overwrite: bool,
+) -> Result<ImportReport> {
     let mut file = std::fs::File::open(gguf_path)
         .with_context(|| format!("{}: cannot open GGUF file", gguf_path.display()))?;
     let content = Content::read(&mut file)
         .map_err(|e| anyhow!("{}: not a valid GGUF file ({e})", gguf_path.display()))?;
-    let meta = Meta { path: gguf_path, md: &content.metadata };
+    let meta = Meta {
+        path: gguf_path,
+        md: &content.metadata,
+    };
     let arch = meta.s("general.architecture").unwrap_or_default();
     if arch != "llama" {
         bail!(
@@ -186,7 +200,9 @@ pub fn import(gguf_path: &Path, out_dir: &Path, dtype: ImportDtype, overwrite: b
             .filter(|(_, &t)| t == 3 || t == 4)
             .map(|(i, _)| i as u32)
             .collect();
-        let pre = meta.s("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+        let pre = meta
+            .s("tokenizer.ggml.pre")
+            .unwrap_or_else(|| "default".into());
         let tok = crate::tokenizer::build_bpe(&crate::tokenizer::BpeSpec {
             tokens: &tokens,
             merges: &merges,
@@ -202,7 +218,11 @@ pub fn import(gguf_path: &Path, out_dir: &Path, dtype: ImportDtype, overwrite: b
             id("tokenizer.ggml.padding_token_id"),
             id("tokenizer.ggml.unknown_token_id"),
         );
-        let add_bos = meta.get("tokenizer.ggml.add_bos_token").ok().and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let add_bos = meta
+            .get("tokenizer.ggml.add_bos_token")
+            .ok()
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
         let chat_template = meta.s("tokenizer.chat_template");
         let ctx = meta.u("llama.context_length").unwrap_or(2048);
         let added: serde_json::Map<String, serde_json::Value> = special_ids
@@ -232,7 +252,9 @@ pub fn import(gguf_path: &Path, out_dir: &Path, dtype: ImportDtype, overwrite: b
         )?;
 
         // ---- config
-        let head_dim = meta.u("llama.rope.dimension_count").unwrap_or(hidden / n_head);
+        let head_dim = meta
+            .u("llama.rope.dimension_count")
+            .unwrap_or(hidden / n_head);
         let mut cfg = json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": hidden, "intermediate_size": meta.u("llama.feed_forward_length")?,
@@ -245,14 +267,26 @@ pub fn import(gguf_path: &Path, out_dir: &Path, dtype: ImportDtype, overwrite: b
             "torch_dtype": if dtype == ImportDtype::F32 { "float32" } else { "bfloat16" },
             "use_cache": true,
         });
-        if let Some(b) = bos { cfg["bos_token_id"] = json!(b); }
-        if let Some(e) = eos { cfg["eos_token_id"] = json!(e); }
-        if let Some(p) = pad { cfg["pad_token_id"] = json!(p); }
+        if let Some(b) = bos {
+            cfg["bos_token_id"] = json!(b);
+        }
+        if let Some(e) = eos {
+            cfg["eos_token_id"] = json!(e);
+        }
+        if let Some(p) = pad {
+            cfg["pad_token_id"] = json!(p);
+        }
         write_json(&tmp.join("config.json"), &cfg)?;
         let mut gen = json!({"do_sample": false});
-        if let Some(b) = bos { gen["bos_token_id"] = json!(b); }
-        if let Some(e) = eos { gen["eos_token_id"] = json!(e); }
-        if let Some(p) = pad { gen["pad_token_id"] = json!(p); }
+        if let Some(b) = bos {
+            gen["bos_token_id"] = json!(b);
+        }
+        if let Some(e) = eos {
+            gen["eos_token_id"] = json!(e);
+        }
+        if let Some(p) = pad {
+            gen["pad_token_id"] = json!(p);
+        }
         write_json(&tmp.join("generation_config.json"), &gen)?;
         write_json(
             &tmp.join("dialora_import.json"),
@@ -260,7 +294,12 @@ pub fn import(gguf_path: &Path, out_dir: &Path, dtype: ImportDtype, overwrite: b
                     "general.name": meta.s("general.name"), "tokenizer.ggml.pre": pre,
                     "dequantized_to": cfg["torch_dtype"]}),
         )?;
-        Ok(ImportReport { tensors: tensors.len(), parameters: params, vocab: tokens.len(), layers })
+        Ok(ImportReport {
+            tensors: tensors.len(),
+            parameters: params,
+            vocab: tokens.len(),
+            layers,
+        })
     })();
     match result {
         Ok(r) => {
@@ -288,19 +327,33 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permute() {
         // llama.cpp: w.reshape(n_head, 2, d0/n_head/2, in).swapaxes(1,2).reshape(d0, in)
         let (nh, d0, inp) = (2, 8, 3);
-        let w = Tensor::arange(0f32, (d0 * inp) as f32, &Device::Cpu).unwrap().reshape((d0, inp)).unwrap();
+        let w = Tensor::arange(0f32, (d0 * inp) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((d0, inp))
+            .unwrap();
         let permuted = w
-            .reshape((nh, 2, d0 / nh / 2, inp)).unwrap()
-            .transpose(1, 2).unwrap().contiguous().unwrap()
-            .reshape((d0, inp)).unwrap();
+            .reshape((nh, 2, d0 / nh / 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((d0, inp))
+            .unwrap();
         let back = unpermute_qk(&permuted, nh).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }
 
     #[test]
     fn names_map_to_hf() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert!(hf_name("blk.3.weird.weight").is_err());
     }
 
@@ -309,8 +362,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("x.gguf");
         std::fs::write(&p, b"not gguf at all").unwrap();
-        let e = import(&p, &d.path().join("out"), ImportDtype::F32, false).unwrap_err().to_string();
-        assert!(e.contains("x.gguf") && e.contains("not a valid GGUF"), "{e}");
+        let e = import(&p, &d.path().join("out"), ImportDtype::F32, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.gguf") && e.contains("not a valid GGUF"),
+            "{e}"
+        );
         assert!(!d.path().join("out").exists());
     }
 }

@@ -14,5 +14,7 @@ pub use config::ModelConfig;
 pub use lora::{Adapter, LoraConfig};
 pub use model::{Batch, Grads, KvCache, Llama, TrainCtx};
 pub mod chat;
+pub mod data;
 pub mod generate;
+pub mod progress;
 pub mod testing;

@@ -9,7 +9,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// The projections a LoRA adapter may target in a Llama-family block.
-pub const TARGETABLE: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const TARGETABLE: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -105,7 +113,10 @@ impl LoraConfig {
     /// Checks the configuration is one dialora can train, load and merge.
     pub fn validate(&self) -> Result<()> {
         if self.peft_type != "LORA" {
-            bail!("peft_type '{}' is not supported (only LORA)", self.peft_type);
+            bail!(
+                "peft_type '{}' is not supported (only LORA)",
+                self.peft_type
+            );
         }
         if self.use_dora {
             bail!("DoRA adapters (use_dora: true) are not supported: the magnitude vector cannot be folded as B·A");
@@ -125,7 +136,11 @@ impl LoraConfig {
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             bail!("modules_to_save is not supported");
         }
-        if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
             bail!("layers_to_transform is not supported");
         }
         if let InitLoraWeights::Name(n) = &self.init_lora_weights {
@@ -140,8 +155,13 @@ impl LoraConfig {
     /// The targeted module kinds (`q_proj`, ...), `all-linear` expanded.
     pub fn targets(&self) -> Result<Vec<String>> {
         let list = match &self.target_modules {
-            TargetModules::One(s) if s == "all-linear" => return Ok(TARGETABLE.iter().map(|s| s.to_string()).collect()),
-            TargetModules::One(s) => s.split(',').map(|x| x.trim().to_string()).collect::<Vec<_>>(),
+            TargetModules::One(s) if s == "all-linear" => {
+                return Ok(TARGETABLE.iter().map(|s| s.to_string()).collect())
+            }
+            TargetModules::One(s) => s
+                .split(',')
+                .map(|x| x.trim().to_string())
+                .collect::<Vec<_>>(),
             TargetModules::List(v) => v.clone(),
         };
         if list.is_empty() {
@@ -149,7 +169,10 @@ impl LoraConfig {
         }
         for t in &list {
             if !TARGETABLE.contains(&t.as_str()) {
-                bail!("unknown target module '{t}' (choose from {}, or all-linear)", TARGETABLE.join(", "));
+                bail!(
+                    "unknown target module '{t}' (choose from {}, or all-linear)",
+                    TARGETABLE.join(", ")
+                );
             }
         }
         Ok(list)
@@ -182,10 +205,12 @@ impl LoraConfig {
 
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(ADAPTER_CONFIG);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read adapter config", path.display()))?;
-        let cfg: LoraConfig =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid adapter config", path.display()))?;
-        cfg.validate().with_context(|| format!("{}: unsupported adapter", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read adapter config", path.display()))?;
+        let cfg: LoraConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid adapter config", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}: unsupported adapter", path.display()))?;
         Ok(cfg)
     }
 
@@ -219,29 +244,46 @@ impl Adapter {
         for key in store.names() {
             let k = key.replace(".default.weight", ".weight");
             let rest = k.strip_prefix(KEY_PREFIX).ok_or_else(|| {
-                anyhow!("{}: key '{key}' does not start with '{KEY_PREFIX}' (PEFT would ignore it)", path.display())
+                anyhow!(
+                    "{}: key '{key}' does not start with '{KEY_PREFIX}' (PEFT would ignore it)",
+                    path.display()
+                )
             })?;
             let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
                 (m, 'A')
             } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
                 (m, 'B')
             } else {
-                bail!("{}: unexpected key '{key}' (only lora_A/lora_B weights are supported)", path.display());
+                bail!(
+                    "{}: unexpected key '{key}' (only lora_A/lora_B weights are supported)",
+                    path.display()
+                );
             };
             let t = store.load(key, dtype, device)?;
             if t.rank() != 2 {
-                bail!("{}: '{key}' must be a matrix, has shape {:?}", path.display(), t.dims());
+                bail!(
+                    "{}: '{key}' must be a matrix, has shape {:?}",
+                    path.display(),
+                    t.dims()
+                );
             }
-            if which == 'A' { a_map.insert(module.to_string(), t) } else { b_map.insert(module.to_string(), t) };
+            if which == 'A' {
+                a_map.insert(module.to_string(), t)
+            } else {
+                b_map.insert(module.to_string(), t)
+            };
         }
         let mut weights = BTreeMap::new();
         for (m, a) in a_map {
-            let b = b_map
-                .remove(&m)
-                .ok_or_else(|| anyhow!("{}: module '{m}' has lora_A but no lora_B", path.display()))?;
+            let b = b_map.remove(&m).ok_or_else(|| {
+                anyhow!("{}: module '{m}' has lora_A but no lora_B", path.display())
+            })?;
             let (r_a, r_b) = (a.dim(0)?, b.dim(1)?);
             if r_a != r_b {
-                bail!("{}: module '{m}': lora_A has rank {r_a} but lora_B has rank {r_b}", path.display());
+                bail!(
+                    "{}: module '{m}': lora_A has rank {r_a} but lora_B has rank {r_b}",
+                    path.display()
+                );
             }
             weights.insert(m, (a, b));
         }
@@ -255,8 +297,13 @@ impl Adapter {
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (each atomically).
-    pub fn save(config: &LoraConfig, weights: &BTreeMap<String, (Tensor, Tensor)>, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    pub fn save(
+        config: &LoraConfig,
+        weights: &BTreeMap<String, (Tensor, Tensor)>,
+        dir: &Path,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
         let mut tensors = BTreeMap::new();
         for (m, (a, b)) in weights {
             tensors.insert(peft_key(m, 'A'), a.to_dtype(DType::F32)?);
@@ -288,13 +335,23 @@ mod tests {
     #[test]
     fn validation_errors() {
         let c = LoraConfig::new(0, 32.0, 0.0, vec!["q_proj".into()]);
-        assert!(c.validate().unwrap_err().to_string().contains("r (--lora-r)"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("r (--lora-r)"));
         let c = LoraConfig::new(8, 32.0, 0.0, vec!["qkv".into()]);
-        assert!(c.validate().unwrap_err().to_string().contains("unknown target module 'qkv'"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown target module 'qkv'"));
         let mut c = LoraConfig::new(8, 32.0, 0.0, vec!["q_proj".into()]);
         c.use_dora = true;
         assert!(c.validate().unwrap_err().to_string().contains("DoRA"));
-        let c: LoraConfig = serde_json::from_str(r#"{"r":8,"lora_alpha":16,"target_modules":"all-linear"}"#).unwrap();
+        let c: LoraConfig =
+            serde_json::from_str(r#"{"r":8,"lora_alpha":16,"target_modules":"all-linear"}"#)
+                .unwrap();
         assert_eq!(c.targets().unwrap().len(), 7);
     }
 
@@ -305,22 +362,40 @@ mod tests {
         let mut w = BTreeMap::new();
         let a = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap();
-        w.insert("model.layers.0.self_attn.q_proj".to_string(), (a.clone(), b.clone()));
+        w.insert(
+            "model.layers.0.self_attn.q_proj".to_string(),
+            (a.clone(), b.clone()),
+        );
         Adapter::save(&cfg, &w, d.path()).unwrap();
         let ad = Adapter::load(d.path(), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(ad.weights["model.layers.0.self_attn.q_proj"].0.dims(), &[2, 3]);
+        assert_eq!(
+            ad.weights["model.layers.0.self_attn.q_proj"].0.dims(),
+            &[2, 3]
+        );
         // PEFT's own `.default` keys load too
         let mut t = BTreeMap::new();
-        t.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight".to_string(), a);
-        t.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight".to_string(), b);
+        t.insert(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight".to_string(),
+            a,
+        );
+        t.insert(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight".to_string(),
+            b,
+        );
         crate::weights::save_atomic(&t, &d.path().join(ADAPTER_WEIGHTS)).unwrap();
         let ad = Adapter::load(d.path(), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(ad.weights.len(), 1);
         // a key without the PEFT prefix is refused (PEFT would silently ignore it)
         let mut t = BTreeMap::new();
-        t.insert("model.layers.0.self_attn.q_proj.lora_A.weight".to_string(), Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            "model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+            Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
         crate::weights::save_atomic(&t, &d.path().join(ADAPTER_WEIGHTS)).unwrap();
-        let e = Adapter::load(d.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+        let e = Adapter::load(d.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("base_model.model."), "{e}");
     }
 }

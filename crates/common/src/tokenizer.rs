@@ -22,7 +22,9 @@ pub fn load(dir: &Path) -> Result<Tokenizer> {
 
 /// A stable fingerprint of a tokenizer's behaviour (its canonical serialisation, hashed).
 pub fn fingerprint(tok: &Tokenizer) -> Result<String> {
-    let s = tok.to_string(false).map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
+    let s = tok
+        .to_string(false)
+        .map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
     let mut h = Sha256::new();
     h.update(s.as_bytes());
     Ok(format!("sha256:{:x}", h.finalize()))
@@ -38,7 +40,8 @@ pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 }
 
 pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tok.decode(ids, false).map_err(|e| anyhow!("cannot decode: {e}"))
+    tok.decode(ids, false)
+        .map_err(|e| anyhow!("cannot decode: {e}"))
 }
 
 /// Id of a token string, if the vocabulary has it.
@@ -94,7 +97,10 @@ pub fn build_bpe(spec: &BpeSpec) -> Result<Tokenizer> {
         .special_ids
         .iter()
         .map(|&i| {
-            let t = spec.tokens.get(i as usize).ok_or_else(|| anyhow!("special token id {i} out of range"))?;
+            let t = spec
+                .tokens
+                .get(i as usize)
+                .ok_or_else(|| anyhow!("special token id {i} out of range"))?;
             Ok(AddedToken::from(t.clone(), true))
         })
         .collect::<Result<_>>()?;
@@ -104,7 +110,9 @@ pub fn build_bpe(spec: &BpeSpec) -> Result<Tokenizer> {
 
 /// Saves a tokenizer as `tokenizer.json` in `dir`.
 pub fn save(tok: &Tokenizer, dir: &Path) -> Result<()> {
-    let s = tok.to_string(true).map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
+    let s = tok
+        .to_string(true)
+        .map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
     crate::weights::write_atomic(&dir.join("tokenizer.json"), s.as_bytes())
         .context("writing tokenizer.json")
 }
@@ -120,7 +128,13 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let merges = vec!["a b".to_string(), "Ġ a".to_string()];
-        build_bpe(&BpeSpec { tokens: &tokens, merges: &merges, special_ids: &[0], pre: "smollm" }).unwrap()
+        build_bpe(&BpeSpec {
+            tokens: &tokens,
+            merges: &merges,
+            special_ids: &[0],
+            pre: "smollm",
+        })
+        .unwrap()
     }
 
     #[test]
@@ -138,10 +152,15 @@ mod tests {
     fn bad_merge_is_reported() {
         let tokens = vec!["a".to_string()];
         let merges = vec!["ab".to_string()];
-        let e = build_bpe(&BpeSpec { tokens: &tokens, merges: &merges, special_ids: &[], pre: "" })
-            .err()
-            .unwrap()
-            .to_string();
+        let e = build_bpe(&BpeSpec {
+            tokens: &tokens,
+            merges: &merges,
+            special_ids: &[],
+            pre: "",
+        })
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("merges[0]"), "{e}");
     }
 }

@@ -54,7 +54,10 @@ impl SafetensorsStore {
                 .values()
                 .map(|f| {
                     f.as_str().map(str::to_string).ok_or_else(|| {
-                        anyhow!("{}: 'weight_map' values must be file names", index.display())
+                        anyhow!(
+                            "{}: 'weight_map' values must be file names",
+                            index.display()
+                        )
                     })
                 })
                 .collect::<Result<_>>()?;
@@ -86,9 +89,8 @@ impl SafetensorsStore {
             // the map, and a concurrent writer would be a user error in any loader.
             let mmap = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("{}: cannot memory-map", path.display()))?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                anyhow!("{}: not a valid safetensors file ({e})", path.display())
-            })?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
             let data_start = 8 + n;
             let data_len = mmap.len() - data_start;
             let mut infos = HashMap::new();
@@ -103,7 +105,12 @@ impl SafetensorsStore {
                 index.insert(name.clone(), shards.len());
                 infos.insert(name, info.clone());
             }
-            shards.push(Shard { path: path.clone(), mmap, data_start, infos });
+            shards.push(Shard {
+                path: path.clone(),
+                mmap,
+                data_start,
+                infos,
+            });
         }
         Ok(Self { shards, index })
     }
@@ -135,7 +142,11 @@ impl SafetensorsStore {
         let s = &self.shards[i];
         let info = &s.infos[name];
         let (a, b) = info.data_offsets;
-        Ok((&s.mmap[s.data_start + a..s.data_start + b], info.dtype, &info.shape))
+        Ok((
+            &s.mmap[s.data_start + a..s.data_start + b],
+            info.dtype,
+            &info.shape,
+        ))
     }
 
     /// Loads a tensor (any shape) converted to `dtype` on `device`.
@@ -151,7 +162,13 @@ impl SafetensorsStore {
     }
 
     /// Loads a tensor and checks its shape.
-    pub fn load_shaped(&self, name: &str, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load_shaped(
+        &self,
+        name: &str,
+        shape: &Shape,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         if let Some(have) = self.shape(name) {
             if have.as_slice() != shape.dims() {
                 bail!(
@@ -170,7 +187,11 @@ impl SafetensorsStore {
             many => format!(
                 "{} shards in {}",
                 many.len(),
-                many[0].path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                many[0]
+                    .path
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             ),
         }
     }
@@ -211,7 +232,8 @@ pub fn save_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()
     candle_core::safetensors::save(&views.into_iter().collect::<HashMap<_, _>>(), &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
     set_readable(&tmp);
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
 
@@ -219,7 +241,8 @@ pub fn save_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, contents).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
 
@@ -233,7 +256,10 @@ fn set_readable(path: &Path) {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
@@ -243,7 +269,13 @@ mod tests {
 
     fn write_one(dir: &Path) -> PathBuf {
         let mut m = BTreeMap::new();
-        m.insert("w".to_string(), Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((3, 4)).unwrap());
+        m.insert(
+            "w".to_string(),
+            Tensor::arange(0f32, 12., &Device::Cpu)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap(),
+        );
         let p = dir.join("model.safetensors");
         save_atomic(&m, &p).unwrap();
         p
@@ -254,11 +286,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         write_one(d.path());
         let s = SafetensorsStore::open_dir(d.path()).unwrap();
-        let t = s.load_shaped("w", &Shape::from((3, 4)), DType::F32, &Device::Cpu).unwrap();
+        let t = s
+            .load_shaped("w", &Shape::from((3, 4)), DType::F32, &Device::Cpu)
+            .unwrap();
         assert_eq!(t.to_vec2::<f32>().unwrap()[2][3], 11.0);
-        let e = s.load_shaped("w", &Shape::from((4, 3)), DType::F32, &Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("'w'") && e.contains("[3, 4]"), "{e}");
-        let e = s.load("nope", DType::F32, &Device::Cpu).unwrap_err().to_string();
+        let e = s
+            .load_shaped("w", &Shape::from((4, 3)), DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("'w'") && e.contains("[3, 4]"),
+            "{e}"
+        );
+        let e = s
+            .load("nope", DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'nope' not found"), "{e}");
     }
 
@@ -268,13 +311,25 @@ mod tests {
         let p = write_one(d.path());
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 8]).unwrap();
-        let e = SafetensorsStore::open_dir(d.path()).err().unwrap().to_string();
+        let e = SafetensorsStore::open_dir(d.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("model.safetensors"), "{e}");
         std::fs::write(&p, b"garbage!garbage!").unwrap();
-        let e = SafetensorsStore::open_dir(d.path()).err().unwrap().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        let e = SafetensorsStore::open_dir(d.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
         std::fs::remove_file(&p).unwrap();
-        let e = SafetensorsStore::open_dir(d.path()).err().unwrap().to_string();
+        let e = SafetensorsStore::open_dir(d.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("no *.safetensors"), "{e}");
     }
 
@@ -282,10 +337,16 @@ mod tests {
     fn sharded_index() {
         let d = tempfile::tempdir().unwrap();
         let mut a = BTreeMap::new();
-        a.insert("x".to_string(), Tensor::ones(2, DType::F32, &Device::Cpu).unwrap());
+        a.insert(
+            "x".to_string(),
+            Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
+        );
         save_atomic(&a, &d.path().join("model-00001-of-00002.safetensors")).unwrap();
         let mut b = BTreeMap::new();
-        b.insert("y".to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        b.insert(
+            "y".to_string(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
         save_atomic(&b, &d.path().join("model-00002-of-00002.safetensors")).unwrap();
         std::fs::write(
             d.path().join("model.safetensors.index.json"),
@@ -294,6 +355,9 @@ mod tests {
         .unwrap();
         let s = SafetensorsStore::open_dir(d.path()).unwrap();
         assert_eq!(s.shape("y").unwrap(), vec![3]);
-        assert!(s.file_of("x").unwrap().ends_with("model-00001-of-00002.safetensors"));
+        assert!(s
+            .file_of("x")
+            .unwrap()
+            .ends_with("model-00001-of-00002.safetensors"));
     }
 }

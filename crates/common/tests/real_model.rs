@@ -7,7 +7,11 @@ use common::testing::{real_model_dir, reference};
 use common::{tokenizer, Llama};
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -23,14 +27,29 @@ fn tokenizer_reproduces_every_reference_id_list() {
         assert_eq!(got, ids(&e["ids"]), "{name}: ids differ");
         // no BOS is added by the tokenizer: ids with special tokens are the same
         assert_eq!(got, ids(&e["ids_add_special_tokens"]), "{name}");
-        assert_eq!(tokenizer::decode(&tok, &got).unwrap(), text, "{name}: decode round trip");
+        assert_eq!(
+            tokenizer::decode(&tok, &got).unwrap(),
+            text,
+            "{name}: decode round trip"
+        );
     }
     // the chat prompt: same rendered text and same ids as apply_chat_template
     let tmpl = ChatTemplate::from_model_dir(&dir).unwrap();
-    let text = tmpl.render(&[Message::new("user", "What is the capital of France?")], true).unwrap();
+    let text = tmpl
+        .render(
+            &[Message::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
     assert_eq!(text, r["chat_prompt"]["text"].as_str().unwrap());
-    assert_eq!(tokenizer::encode(&tok, &text).unwrap(), ids(&r["chat_prompt"]["ids"]));
-    assert_eq!(tokenizer::encode(&tok, "<|im_start|>").unwrap(), vec![r["special_ids"]["bos"].as_u64().unwrap() as u32]);
+    assert_eq!(
+        tokenizer::encode(&tok, &text).unwrap(),
+        ids(&r["chat_prompt"]["ids"])
+    );
+    assert_eq!(
+        tokenizer::encode(&tok, "<|im_start|>").unwrap(),
+        vec![r["special_ids"]["bos"].as_u64().unwrap() as u32]
+    );
 }
 
 #[test]
@@ -39,7 +58,10 @@ fn logits_and_greedy_decoding_match_hf() {
     let r = reference().unwrap();
     let model = Llama::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
     let prompt = ids(&r["chat_prompt"]["ids"]);
-    let x = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward(&x, None).unwrap(); // [1, T, V]
     let last: Vec<f32> = logits.i((0, prompt.len() - 1)).unwrap().to_vec1().unwrap();
     let mut order: Vec<usize> = (0..last.len()).collect();
@@ -54,7 +76,12 @@ fn logits_and_greedy_decoding_match_hf() {
         worst = worst.max(d);
     }
     // the reference rounds to 5 decimals
-    for (row, want) in r["prompt_logits_0_4_by_0_8"].as_array().unwrap().iter().enumerate() {
+    for (row, want) in r["prompt_logits_0_4_by_0_8"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         for (col, v) in want.as_array().unwrap().iter().enumerate() {
             let got = logits.i((0, row, col)).unwrap().to_scalar::<f32>().unwrap();
             worst = worst.max((got - v.as_f64().unwrap() as f32).abs());
@@ -69,11 +96,18 @@ fn logits_and_greedy_decoding_match_hf() {
     assert!(stops.contains(&2), "<|im_end|> is a stop id: {stops:?}");
     let want = ids(&r["greedy"]["ids"]);
     for no_cache in [false, true] {
-        let p = SamplingParams { max_new_tokens: 40, no_cache, ..Default::default() };
+        let p = SamplingParams {
+            max_new_tokens: 40,
+            no_cache,
+            ..Default::default()
+        };
         let g = generate(&model, &prompt, &p, &stops, |_| Ok(())).unwrap();
         assert_eq!(g.ids, want, "no_cache={no_cache}");
         assert!(g.stopped);
-        assert_eq!(tokenizer::decode(&tok, &g.ids).unwrap(), "The capital of France is Paris.<|im_end|>");
+        assert_eq!(
+            tokenizer::decode(&tok, &g.ids).unwrap(),
+            "The capital of France is Paris.<|im_end|>"
+        );
     }
 }
 
@@ -82,16 +116,32 @@ fn kv_cache_logits_equal_full_forward_on_real_model() {
     let dir = real_model_dir().unwrap();
     let model = Llama::from_dir(&dir, DType::F32, &Device::Cpu).unwrap();
     let prompt = ids(&reference().unwrap()["chat_prompt"]["ids"]);
-    let x = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let full = model.forward(&x, None).unwrap();
     let mut cache = model.new_cache();
     let n = prompt.len();
-    let a = model.forward(&x.narrow(1, 0, n - 3).unwrap(), Some(&mut cache)).unwrap();
+    let a = model
+        .forward(&x.narrow(1, 0, n - 3).unwrap(), Some(&mut cache))
+        .unwrap();
     let mut parts = vec![a];
     for i in n - 3..n {
-        parts.push(model.forward(&x.narrow(1, i, 1).unwrap(), Some(&mut cache)).unwrap());
+        parts.push(
+            model
+                .forward(&x.narrow(1, i, 1).unwrap(), Some(&mut cache))
+                .unwrap(),
+        );
     }
     let inc = Tensor::cat(&parts, 1).unwrap();
-    let d = (full - inc).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (full - inc)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-3, "cache vs full {d}");
 }

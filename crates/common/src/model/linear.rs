@@ -38,11 +38,26 @@ pub struct LinearSaved {
 }
 
 impl LoraLinear {
-    pub fn load(vb: &candle_nn::VarBuilder, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        vb: &candle_nn::VarBuilder,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let vb = vb.pp(name);
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { name: vb.prefix(), weight, bias, lora: None })
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: vb.prefix(),
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     pub fn in_dim(&self) -> usize {
@@ -69,27 +84,51 @@ impl LoraLinear {
     pub fn forward_t(&self, x: &Tensor, ctx: Option<&TrainCtx>) -> Result<(Tensor, LinearSaved)> {
         let y = self.base(x)?;
         let Some(l) = &self.lora else {
-            return Ok((y, LinearSaved { x: x.clone(), h: None }));
+            return Ok((
+                y,
+                LinearSaved {
+                    x: x.clone(),
+                    h: None,
+                },
+            ));
         };
         let xd = match ctx {
-            Some(c) if l.dropout > 0.0 => (x * dropout_mask(c, l, x.dims(), x.dtype(), x.device())?)?,
+            Some(c) if l.dropout > 0.0 => {
+                (x * dropout_mask(c, l, x.dims(), x.dtype(), x.device())?)?
+            }
             _ => x.clone(),
         };
         let a = l.a.to_dtype(x.dtype())?;
         let b = l.b.to_dtype(x.dtype())?;
         let h = xd.matmul(&a.t()?)?;
         let y = (y + (h.matmul(&b.t()?)? * l.scale)?)?;
-        Ok((y, LinearSaved { x: x.clone(), h: Some(h) }))
+        Ok((
+            y,
+            LinearSaved {
+                x: x.clone(),
+                h: Some(h),
+            },
+        ))
     }
 
     /// Backward: returns `dx` and adds `dA`, `dB` into `grads`.
-    pub fn backward(&self, saved: &LinearSaved, dy: &Tensor, ctx: &TrainCtx, grads: &mut Grads) -> Result<Tensor> {
+    pub fn backward(
+        &self,
+        saved: &LinearSaved,
+        dy: &Tensor,
+        ctx: &TrainCtx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
         let dx = dy.matmul(&self.weight)?;
         let (Some(l), Some(h)) = (&self.lora, &saved.h) else {
             return Ok(dx);
         };
         let x = &saved.x;
-        let mask = if l.dropout > 0.0 { Some(dropout_mask(ctx, l, x.dims(), x.dtype(), x.device())?) } else { None };
+        let mask = if l.dropout > 0.0 {
+            Some(dropout_mask(ctx, l, x.dims(), x.dtype(), x.device())?)
+        } else {
+            None
+        };
         let xd = match &mask {
             Some(m) => (x * m)?,
             None => x.clone(),
@@ -112,16 +151,22 @@ impl LoraLinear {
 /// Dropout mask (values 0 or 1/(1-p)) for one LoRA module at one micro-step. It is a pure
 /// function of (seed, micro-step, module id), so the backward and a resumed run regenerate
 /// exactly the mask the forward used, and no mask needs to be stored.
-fn dropout_mask(ctx: &TrainCtx, l: &Lora, dims: &[usize], dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+fn dropout_mask(
+    ctx: &TrainCtx,
+    l: &Lora,
+    dims: &[usize],
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let n: usize = dims.iter().product();
-    let stream = ctx
-        .seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    let stream = ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ ctx.micro_step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
         ^ (l.id as u64).wrapping_mul(0x94D0_49BB_1331_11EB);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(stream);
     let keep = (1.0 / (1.0 - l.dropout)) as f32;
     let p = l.dropout as f32;
-    let v: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
     Tensor::from_vec(v, dims, dev)?.to_dtype(dtype)
 }

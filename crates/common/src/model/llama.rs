@@ -13,7 +13,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::rms_norm(x, &self.weight, self.eps)
@@ -33,14 +36,22 @@ impl Rope {
         let inv = cfg.rope_inv_freq();
         let n = cfg.max_position_embeddings;
         let inv = Tensor::from_vec(inv.clone(), (1, inv.len()), dev)?;
-        let pos = Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+        let pos = Tensor::arange(0u32, n as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
     }
     fn tables(&self, pos: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let max = self.cos.dim(0)?;
         if pos + t > max {
-            candle_core::bail!("sequence of {} positions exceeds max_position_embeddings {max}", pos + t);
+            candle_core::bail!(
+                "sequence of {} positions exceeds max_position_embeddings {max}",
+                pos + t
+            );
         }
         Ok((self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?))
     }
@@ -71,7 +82,12 @@ struct AttnSaved {
 
 impl Attention {
     fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
-        let (h, kv, hd, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        let (h, kv, hd, d) = (
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+            cfg.hidden_size,
+        );
         let qb = cfg.qkv_bias();
         Ok(Self {
             q: LoraLinear::load(&vb, "q_proj", d, h * hd, qb)?,
@@ -101,7 +117,11 @@ impl Attention {
         let (k, lk) = self.k.forward_t(&x2, ctx)?;
         let (v, lv) = self.v.forward_t(&x2, ctx)?;
         let (cos, sin) = rope.tables(pos, t)?;
-        let q = ops::rope(&q.reshape((b, t, self.heads, hd))?.transpose(1, 2)?, &cos, &sin)?;
+        let q = ops::rope(
+            &q.reshape((b, t, self.heads, hd))?.transpose(1, 2)?,
+            &cos,
+            &sin,
+        )?;
         let mut k = ops::rope(&k.reshape((b, t, kvh, hd))?.transpose(1, 2)?, &cos, &sin)?;
         let mut v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let mut past = 0;
@@ -124,18 +144,39 @@ impl Attention {
         }
         let p = ops::softmax_last_dim(&s)?;
         let og = p.matmul(&v)?; // [B, KVH, rep*T, hd]
-        let o2 = og.reshape((b, self.heads, t, hd))?.transpose(1, 2)?.reshape((b * t, self.heads * hd))?;
+        let o2 = og
+            .reshape((b, self.heads, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, self.heads * hd))?;
         let (y, lo) = self.o.forward_t(&o2, ctx)?;
         let y = y.reshape((b, t, d))?;
-        let saved = ctx.map(|_| AttnSaved { lq, lk, lv, lo, q: qg, k, v, p });
+        let saved = ctx.map(|_| AttnSaved {
+            lq,
+            lk,
+            lv,
+            lo,
+            q: qg,
+            k,
+            v,
+            p,
+        });
         Ok((y, saved))
     }
 
-    fn backward(&self, s: &AttnSaved, dy: &Tensor, rope: &Rope, ctx: &TrainCtx, grads: &mut Grads) -> Result<Tensor> {
+    fn backward(
+        &self,
+        s: &AttnSaved,
+        dy: &Tensor,
+        rope: &Rope,
+        ctx: &TrainCtx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
         let (b, t, d) = dy.dims3()?;
         let (hd, kvh) = (self.head_dim, self.kv_heads);
         let rep = self.heads / kvh;
-        let do2 = self.o.backward(&s.lo, &dy.reshape((b * t, d))?, ctx, grads)?;
+        let do2 = self
+            .o
+            .backward(&s.lo, &dy.reshape((b * t, d))?, ctx, grads)?;
         let dog = do2
             .reshape((b, t, self.heads, hd))?
             .transpose(1, 2)?
@@ -189,14 +230,26 @@ impl Mlp {
         let (u, lu) = self.up.forward_t(&x2, ctx)?;
         let a = ops::swiglu(&g, &u)?;
         let (y, ld) = self.down.forward_t(&a, ctx)?;
-        Ok((y.reshape((b, t, d))?, ctx.map(|_| MlpSaved { lg, lu, ld, g, u })))
+        Ok((
+            y.reshape((b, t, d))?,
+            ctx.map(|_| MlpSaved { lg, lu, ld, g, u }),
+        ))
     }
 
-    fn backward(&self, s: &MlpSaved, dy: &Tensor, ctx: &TrainCtx, grads: &mut Grads) -> Result<Tensor> {
+    fn backward(
+        &self,
+        s: &MlpSaved,
+        dy: &Tensor,
+        ctx: &TrainCtx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
         let (b, t, d) = dy.dims3()?;
-        let da = self.down.backward(&s.ld, &dy.reshape((b * t, d))?, ctx, grads)?;
+        let da = self
+            .down
+            .backward(&s.ld, &dy.reshape((b * t, d))?, ctx, grads)?;
         let (dg, du) = ops::swiglu_backward(&s.g, &s.u, &da)?;
-        let dx = (self.gate.backward(&s.lg, &dg, ctx, grads)? + self.up.backward(&s.lu, &du, ctx, grads)?)?;
+        let dx = (self.gate.backward(&s.lg, &dg, ctx, grads)?
+            + self.up.backward(&s.lu, &du, ctx, grads)?)?;
         dx.reshape((b, t, d))
     }
 }
@@ -220,7 +273,11 @@ impl Block {
         Ok(Self {
             ln1: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            ln2: RmsNorm::load(vb.pp("post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            ln2: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
         })
     }
@@ -233,18 +290,32 @@ impl Block {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         ctx: Option<&TrainCtx>,
     ) -> Result<(Tensor, Option<BlockSaved>)> {
-        let (a, sa) = self.attn.forward(&self.ln1.forward(x)?, pos, rope, cache, ctx)?;
+        let (a, sa) = self
+            .attn
+            .forward(&self.ln1.forward(x)?, pos, rope, cache, ctx)?;
         let h = (x + a)?;
         let (m, sm) = self.mlp.forward(&self.ln2.forward(&h)?, ctx)?;
         let out = (&h + m)?;
         let saved = match (sa, sm) {
-            (Some(attn), Some(mlp)) => Some(BlockSaved { x: x.clone(), h, attn, mlp }),
+            (Some(attn), Some(mlp)) => Some(BlockSaved {
+                x: x.clone(),
+                h,
+                attn,
+                mlp,
+            }),
             _ => None,
         };
         Ok((out, saved))
     }
 
-    fn backward(&self, s: &BlockSaved, dout: &Tensor, rope: &Rope, ctx: &TrainCtx, grads: &mut Grads) -> Result<Tensor> {
+    fn backward(
+        &self,
+        s: &BlockSaved,
+        dout: &Tensor,
+        rope: &Rope,
+        ctx: &TrainCtx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
         let dm = self.mlp.backward(&s.mlp, dout, ctx, grads)?;
         let dh = (dout + self.ln2.backward(&s.h, &dm)?)?;
         let da = self.attn.backward(&s.attn, &dh, rope, ctx, grads)?;
@@ -253,7 +324,15 @@ impl Block {
 
     fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
         let (a, m) = (&mut self.attn, &mut self.mlp);
-        [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down]
+        [
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut a.o,
+            &mut m.gate,
+            &mut m.up,
+            &mut m.down,
+        ]
     }
 }
 
@@ -278,7 +357,11 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -303,7 +386,9 @@ pub struct Llama {
 impl Llama {
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let m = vb.pp("model");
-        let embed = m.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(m.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -311,7 +396,10 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
             None
         } else {
-            Some(vb.pp("lm_head").get((cfg.vocab_size, cfg.hidden_size), "weight")?)
+            Some(
+                vb.pp("lm_head")
+                    .get((cfg.vocab_size, cfg.hidden_size), "weight")?,
+            )
         };
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
@@ -339,13 +427,23 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![None; self.blocks.len()] }
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+        }
     }
 
     /// Every linear layer, in a fixed order (layer by layer: q,k,v,o,gate,up,down).
     pub fn linears(&self) -> impl Iterator<Item = &LoraLinear> {
         self.blocks.iter().flat_map(|b| {
-            [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down]
+            [
+                &b.attn.q,
+                &b.attn.k,
+                &b.attn.v,
+                &b.attn.o,
+                &b.mlp.gate,
+                &b.mlp.up,
+                &b.mlp.down,
+            ]
         })
     }
 
@@ -355,8 +453,10 @@ impl Llama {
 
     /// The LoRA modules in id order.
     pub fn loras(&self) -> Vec<(&str, &Lora)> {
-        let mut v: Vec<(&str, &Lora)> =
-            self.linears().filter_map(|l| l.lora.as_ref().map(|x| (l.name.as_str(), x))).collect();
+        let mut v: Vec<(&str, &Lora)> = self
+            .linears()
+            .filter_map(|l| l.lora.as_ref().map(|x| (l.name.as_str(), x)))
+            .collect();
         v.sort_by_key(|(_, l)| l.id);
         v
     }
@@ -387,7 +487,13 @@ impl Llama {
                     l.name, a.dims(), b.dims(), l.in_dim(), l.out_dim()
                 );
             }
-            l.lora = Some(Lora { id, a, b, scale: cfg.scale_for(&l.name), dropout: cfg.lora_dropout });
+            l.lora = Some(Lora {
+                id,
+                a,
+                b,
+                scale: cfg.scale_for(&l.name),
+                dropout: cfg.lora_dropout,
+            });
             id += 1;
         }
         Ok(id)
@@ -395,7 +501,8 @@ impl Llama {
 
     /// Attaches a loaded adapter; every adapter module must exist in the model with fitting shapes.
     pub fn attach_adapter(&mut self, adapter: &crate::lora::Adapter) -> anyhow::Result<usize> {
-        let names: std::collections::HashSet<String> = self.linears().map(|l| l.name.clone()).collect();
+        let names: std::collections::HashSet<String> =
+            self.linears().map(|l| l.name.clone()).collect();
         if let Some(m) = adapter.weights.keys().find(|m| !names.contains(*m)) {
             anyhow::bail!(
                 "adapter module '{m}' does not exist in the base model ({} layers): adapter for a different base?",
@@ -411,7 +518,13 @@ impl Llama {
                         l.name, a.dims(), b.dims(), l.out_dim(), l.in_dim()
                     );
                 }
-                l.lora = Some(Lora { id, a: a.clone(), b: b.clone(), scale: adapter.config.scale_for(&l.name), dropout: 0.0 });
+                l.lora = Some(Lora {
+                    id,
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale: adapter.config.scale_for(&l.name),
+                    dropout: 0.0,
+                });
                 id += 1;
             }
         }
@@ -420,7 +533,9 @@ impl Llama {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))
+        self.embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))
     }
 
     /// Hidden states after the final norm, `[B, T, D]`. With a cache, positions continue from it.
@@ -444,7 +559,9 @@ impl Llama {
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.forward_hidden(ids, cache)?;
         let t = h.dim(1)?;
-        h.i((.., t - 1, ..))?.matmul(&self.head().t()?)?.to_dtype(DType::F32)
+        h.i((.., t - 1, ..))?
+            .matmul(&self.head().t()?)?
+            .to_dtype(DType::F32)
     }
 
     /// Positions with a target: (flat row index, target id) for every `t` with `labels[t+1] != -100`.
@@ -465,7 +582,13 @@ impl Llama {
     /// Cross-entropy over the label positions of `h: [N, D]` (final-normed hidden states),
     /// chunked so the full `[N, V]` logits never exist at once. With `grad_scale`, also returns
     /// `dL/dh` for the loss `grad_scale * sum(token losses)`.
-    fn loss_head(&self, h: &Tensor, rows: &[u32], tg: &[u32], grad_scale: Option<f64>) -> Result<(f64, Option<Tensor>)> {
+    fn loss_head(
+        &self,
+        h: &Tensor,
+        rows: &[u32],
+        tg: &[u32],
+        grad_scale: Option<f64>,
+    ) -> Result<(f64, Option<Tensor>)> {
         let head = self.head();
         let v = self.config.vocab_size;
         let chunk = (32 * 1024 * 1024 / v).max(1);
@@ -481,12 +604,19 @@ impl Llama {
             let tgt = Tensor::from_slice(&tg[start..end], (n, 1), h.device())?;
             let hs = h.index_select(&idx, 0)?;
             let logits = hs.matmul(&head.t()?)?;
-            let logits = if logits.dtype() == DType::F64 { logits } else { logits.to_dtype(DType::F32)? };
+            let logits = if logits.dtype() == DType::F64 {
+                logits
+            } else {
+                logits.to_dtype(DType::F32)?
+            };
             let max = logits.max_keepdim(D::Minus1)?;
             let shifted = logits.broadcast_sub(&max)?;
             let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
             let picked = shifted.gather(&tgt, 1)?;
-            loss += (lse.clone() - picked)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            loss += (lse.clone() - picked)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
             if let (Some(scale), Some(dh)) = (grad_scale, dh.as_mut()) {
                 let p = shifted.broadcast_sub(&lse)?.exp()?;
                 let minus = Tensor::full(-1f32, (n, 1), h.device())?.to_dtype(p.dtype())?;
@@ -505,15 +635,26 @@ impl Llama {
         if rows.is_empty() {
             return Ok(LossStats::default());
         }
-        let h = self.forward_hidden(&batch.input_ids, None)?.reshape((b * t, self.config.hidden_size))?;
+        let h = self
+            .forward_hidden(&batch.input_ids, None)?
+            .reshape((b * t, self.config.hidden_size))?;
         let (loss_sum, _) = self.loss_head(&h, &rows, &tg, None)?;
-        Ok(LossStats { loss_sum, tokens: rows.len() })
+        Ok(LossStats {
+            loss_sum,
+            tokens: rows.len(),
+        })
     }
 
     /// Forward and backward of one micro-batch. The loss whose gradient is accumulated into
     /// `grads` is `grad_scale * sum(token losses)`; pass `1 / (label tokens in the whole
     /// accumulated batch)` to normalise over the accumulated batch.
-    pub fn forward_backward(&self, batch: &Batch, ctx: &TrainCtx, grad_scale: f64, grads: &mut Grads) -> Result<LossStats> {
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        ctx: &TrainCtx,
+        grad_scale: f64,
+        grads: &mut Grads,
+    ) -> Result<LossStats> {
         let (b, t) = batch.input_ids.dims2()?;
         let (rows, tg) = self.targets(b, t, &batch.labels);
         if rows.is_empty() {
@@ -526,7 +667,9 @@ impl Llama {
             if ctx.checkpoint {
                 inputs.push(x.clone());
                 // no activations kept: recomputed in the backward
-                x = blk.forward(&x, 0, &self.rope, None, Some(ctx)).map(|(y, _)| y)?;
+                x = blk
+                    .forward(&x, 0, &self.rope, None, Some(ctx))
+                    .map(|(y, _)| y)?;
                 saved.push(None);
             } else {
                 let (y, s) = blk.forward(&x, 0, &self.rope, None, Some(ctx))?;
@@ -544,10 +687,16 @@ impl Llama {
         for (i, blk) in self.blocks.iter().enumerate().rev() {
             let s = match saved.pop().flatten() {
                 Some(s) => s,
-                None => blk.forward(&inputs[i], 0, &self.rope, None, Some(ctx))?.1.expect("training forward saves"),
+                None => blk
+                    .forward(&inputs[i], 0, &self.rope, None, Some(ctx))?
+                    .1
+                    .expect("training forward saves"),
             };
             dx = blk.backward(&s, &dx, &self.rope, ctx, grads)?;
         }
-        Ok(LossStats { loss_sum, tokens: rows.len() })
+        Ok(LossStats {
+            loss_sum,
+            tokens: rows.len(),
+        })
     }
 }

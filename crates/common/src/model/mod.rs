@@ -34,7 +34,10 @@ pub struct Grads {
 
 impl Grads {
     pub fn new(n: usize) -> Self {
-        Grads { a: vec![None; n], b: vec![None; n] }
+        Grads {
+            a: vec![None; n],
+            b: vec![None; n],
+        }
     }
 
     pub fn add(&mut self, id: usize, da: &Tensor, db: &Tensor) -> Result<()> {
@@ -51,7 +54,11 @@ impl Grads {
     pub fn norm(&self) -> Result<f64> {
         let mut s = 0f64;
         for g in self.a.iter().chain(self.b.iter()).flatten() {
-            s += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            s += g
+                .to_dtype(candle_core::DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(s.sqrt())
     }

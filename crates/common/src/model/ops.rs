@@ -16,7 +16,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// RMSNorm backward with respect to `x` (the weight is frozen). Computed in f32.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
     let dt = x.dtype();
-    let up = |t: &Tensor| if dt == DType::F64 { Ok(t.clone()) } else { t.to_dtype(DType::F32) };
+    let up = |t: &Tensor| {
+        if dt == DType::F64 {
+            Ok(t.clone())
+        } else {
+            t.to_dtype(DType::F32)
+        }
+    };
     let (x, w, dy) = (up(x)?, up(w)?, up(dy)?);
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [N,1]
     let xhat = x.broadcast_mul(&r)?;
@@ -73,7 +79,13 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, da: &Tensor) -> Result<(Tensor, T
 
 /// Additive causal mask `[rows, past + t]` for `t` new positions after `past` cached ones,
 /// repeated `rep` times along the rows (grouped-query heads folded into the row dim).
-pub fn causal_mask(t: usize, past: usize, rep: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+pub fn causal_mask(
+    t: usize,
+    past: usize,
+    rep: usize,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let cols = past + t;
     let mut v = Vec::with_capacity(rep * t * cols);
     for _ in 0..rep {

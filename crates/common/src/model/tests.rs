@@ -16,12 +16,21 @@ pub(crate) fn tiny_config(tied: bool) -> ModelConfig {
 }
 
 /// Random weights for a config, as a name -> tensor map (HF names).
-pub(crate) fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> HashMap<String, Tensor> {
+pub(crate) fn random_weights(
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+) -> HashMap<String, Tensor> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut t = |shape: &[usize], scale: f64, offset: f64| {
         let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| offset + scale * (rng.random::<f64>() * 2.0 - 1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        let v: Vec<f64> = (0..n)
+            .map(|_| offset + scale * (rng.random::<f64>() * 2.0 - 1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     };
     let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
@@ -46,24 +55,44 @@ pub(crate) fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> Hash
             m.insert(format!("{p}.{n}.weight"), t(&shape, s, 0.0));
         }
         m.insert(format!("{p}.input_layernorm.weight"), t(&[d], 0.2, 1.0));
-        m.insert(format!("{p}.post_attention_layernorm.weight"), t(&[d], 0.2, 1.0));
+        m.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            t(&[d], 0.2, 1.0),
+        );
     }
     m
 }
 
 pub(crate) fn tiny_model(cfg: &ModelConfig, dtype: DType) -> Llama {
-    let vb = candle_nn::VarBuilder::from_tensors(random_weights(cfg, 7, dtype), dtype, &Device::Cpu);
+    let vb =
+        candle_nn::VarBuilder::from_tensors(random_weights(cfg, 7, dtype), dtype, &Device::Cpu);
     Llama::load(vb, cfg).unwrap()
 }
 
 fn random_lora(model: &mut Llama, targets: &[&str], dropout: f64, b_zero: bool, dtype: DType) {
-    let lc = LoraConfig::new(3, 6.0, dropout, targets.iter().map(|s| s.to_string()).collect());
+    let lc = LoraConfig::new(
+        3,
+        6.0,
+        dropout,
+        targets.iter().map(|s| s.to_string()).collect(),
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     model
         .attach_lora(&lc, |_, r, i, o| {
             let mut mk = |rows: usize, cols: usize, zero: bool| {
-                let v: Vec<f64> = (0..rows * cols).map(|_| if zero { 0.0 } else { rng.random::<f64>() * 0.6 - 0.3 }).collect();
-                Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+                let v: Vec<f64> = (0..rows * cols)
+                    .map(|_| {
+                        if zero {
+                            0.0
+                        } else {
+                            rng.random::<f64>() * 0.6 - 0.3
+                        }
+                    })
+                    .collect();
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
             };
             Ok((mk(r, i, false), mk(o, r, b_zero)))
         })
@@ -74,13 +103,28 @@ fn batch(b: usize, t: usize, vocab: u32, seed: u64) -> Batch {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab)).collect();
     // mask roughly a third of the labels, like prompt tokens
-    let labels: Vec<i64> = ids.iter().map(|&i| if rng.random::<f64>() < 0.33 { -100 } else { i as i64 }).collect();
-    Batch { input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(), labels }
+    let labels: Vec<i64> = ids
+        .iter()
+        .map(|&i| {
+            if rng.random::<f64>() < 0.33 {
+                -100
+            } else {
+                i as i64
+            }
+        })
+        .collect();
+    Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        labels,
+    }
 }
 
 fn loss_of(model: &Llama, bt: &Batch, ctx: &TrainCtx) -> f64 {
     let mut g = Grads::new(model.num_loras());
-    model.forward_backward(bt, ctx, 1.0, &mut g).unwrap().loss_sum
+    model
+        .forward_backward(bt, ctx, 1.0, &mut g)
+        .unwrap()
+        .loss_sum
 }
 
 fn set_lora_entry(model: &mut Llama, id: usize, which: char, idx: usize, delta: f64) {
@@ -103,7 +147,11 @@ fn lora_gradients_match_finite_differences() {
         let mut model = tiny_model(&cfg, DType::F64);
         random_lora(&mut model, crate::lora::TARGETABLE, 0.1, false, DType::F64);
         let bt = batch(2, 7, cfg.vocab_size as u32, 3);
-        let ctx = TrainCtx { seed: 5, micro_step: 9, checkpoint: false };
+        let ctx = TrainCtx {
+            seed: 5,
+            micro_step: 9,
+            checkpoint: false,
+        };
         let mut grads = Grads::new(model.num_loras());
         model.forward_backward(&bt, &ctx, 1.0, &mut grads).unwrap();
         let names: Vec<(String, usize, usize, usize)> = model
@@ -117,10 +165,19 @@ fn lora_gradients_match_finite_differences() {
         let mut worst = 0f64;
         for (name, id, na, nb) in &names {
             for (which, n) in [('A', *na), ('B', *nb)] {
-                let g = if which == 'A' { &grads.a[*id] } else { &grads.b[*id] };
-                let g = g.as_ref().unwrap_or_else(|| panic!("no gradient for {name} {which}"));
+                let g = if which == 'A' {
+                    &grads.a[*id]
+                } else {
+                    &grads.b[*id]
+                };
+                let g = g
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("no gradient for {name} {which}"));
                 let gv = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                assert!(gv.iter().any(|x| x.abs() > 1e-8), "{name} {which}: gradient is zero");
+                assert!(
+                    gv.iter().any(|x| x.abs() > 1e-8),
+                    "{name} {which}: gradient is zero"
+                );
                 for _ in 0..3 {
                     let idx = rng.random_range(0..n);
                     set_lora_entry(&mut model, *id, which, idx, eps);
@@ -131,7 +188,11 @@ fn lora_gradients_match_finite_differences() {
                     let fd = (lp - lm) / (2.0 * eps);
                     let err = (fd - gv[idx]).abs() / (fd.abs().max(gv[idx].abs()).max(1e-3));
                     worst = worst.max(err);
-                    assert!(err < 1e-5, "{name} lora_{which}[{idx}]: analytic {} vs finite-difference {fd}", gv[idx]);
+                    assert!(
+                        err < 1e-5,
+                        "{name} lora_{which}[{idx}]: analytic {} vs finite-difference {fd}",
+                        gv[idx]
+                    );
                 }
             }
         }
@@ -148,13 +209,31 @@ fn zero_b_gives_base_logits_exactly() {
     let mut lora = tiny_model(&cfg, DType::F32);
     random_lora(&mut lora, crate::lora::TARGETABLE, 0.0, true, DType::F32);
     let bt = batch(1, 9, cfg.vocab_size as u32, 4);
-    let a = base.forward(&bt.input_ids, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = lora.forward(&bt.input_ids, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = base
+        .forward(&bt.input_ids, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = lora
+        .forward(&bt.input_ids, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a, b);
     // and a non-zero B does change them (the test can fail)
     let mut lora2 = tiny_model(&cfg, DType::F32);
     random_lora(&mut lora2, &["q_proj"], 0.0, false, DType::F32);
-    let c = lora2.forward(&bt.input_ids, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let c = lora2
+        .forward(&bt.input_ids, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_ne!(a, c);
 }
 
@@ -162,18 +241,37 @@ fn zero_b_gives_base_logits_exactly() {
 fn kv_cache_matches_full_forward() {
     let cfg = tiny_config(false);
     let mut model = tiny_model(&cfg, DType::F32);
-    random_lora(&mut model, &["q_proj", "v_proj", "down_proj"], 0.0, false, DType::F32);
+    random_lora(
+        &mut model,
+        &["q_proj", "v_proj", "down_proj"],
+        0.0,
+        false,
+        DType::F32,
+    );
     let bt = batch(1, 10, cfg.vocab_size as u32, 8);
     let full = model.forward(&bt.input_ids, None).unwrap();
     let mut cache = model.new_cache();
-    let first = model.forward(&bt.input_ids.narrow(1, 0, 6).unwrap(), Some(&mut cache)).unwrap();
+    let first = model
+        .forward(&bt.input_ids.narrow(1, 0, 6).unwrap(), Some(&mut cache))
+        .unwrap();
     let mut parts = vec![first];
     for i in 6..10 {
-        parts.push(model.forward(&bt.input_ids.narrow(1, i, 1).unwrap(), Some(&mut cache)).unwrap());
+        parts.push(
+            model
+                .forward(&bt.input_ids.narrow(1, i, 1).unwrap(), Some(&mut cache))
+                .unwrap(),
+        );
     }
     assert_eq!(cache.len(), 10);
     let inc = Tensor::cat(&parts, 1).unwrap();
-    let diff = (full - inc).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (full - inc)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "cache vs full max diff {diff}");
 }
 
@@ -185,14 +283,28 @@ fn checkpointing_gives_identical_gradients_and_eval_matches_train_loss() {
     let bt = batch(2, 6, cfg.vocab_size as u32, 2);
     let mut g1 = Grads::new(model.num_loras());
     let mut g2 = Grads::new(model.num_loras());
-    let c1 = TrainCtx { seed: 1, micro_step: 0, checkpoint: false };
-    let c2 = TrainCtx { checkpoint: true, ..c1 };
+    let c1 = TrainCtx {
+        seed: 1,
+        micro_step: 0,
+        checkpoint: false,
+    };
+    let c2 = TrainCtx {
+        checkpoint: true,
+        ..c1
+    };
     let s1 = model.forward_backward(&bt, &c1, 0.5, &mut g1).unwrap();
     let s2 = model.forward_backward(&bt, &c2, 0.5, &mut g2).unwrap();
     assert_eq!(s1.loss_sum, s2.loss_sum);
-    for (a, b) in g1.a.iter().chain(g1.b.iter()).zip(g2.a.iter().chain(g2.b.iter())) {
+    for (a, b) in
+        g1.a.iter()
+            .chain(g1.b.iter())
+            .zip(g2.a.iter().chain(g2.b.iter()))
+    {
         let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
     // without dropout the training loss equals the evaluation loss
     let mut m0 = tiny_model(&cfg, DType::F32);
@@ -201,7 +313,12 @@ fn checkpointing_gives_identical_gradients_and_eval_matches_train_loss() {
     let tr = m0.forward_backward(&bt, &c1, 1.0, &mut g).unwrap();
     let ev = m0.eval_loss(&bt).unwrap();
     assert_eq!(tr.tokens, ev.tokens);
-    assert!((tr.loss_sum - ev.loss_sum).abs() < 1e-4 * ev.loss_sum.abs(), "{} vs {}", tr.loss_sum, ev.loss_sum);
+    assert!(
+        (tr.loss_sum - ev.loss_sum).abs() < 1e-4 * ev.loss_sum.abs(),
+        "{} vs {}",
+        tr.loss_sum,
+        ev.loss_sum
+    );
 }
 
 #[test]
@@ -211,17 +328,32 @@ fn adapter_for_another_base_is_refused() {
     let mut w = std::collections::BTreeMap::new();
     w.insert(
         "model.layers.5.self_attn.q_proj".to_string(),
-        (Tensor::zeros((2, 16), DType::F32, &Device::Cpu).unwrap(), Tensor::zeros((16, 2), DType::F32, &Device::Cpu).unwrap()),
+        (
+            Tensor::zeros((2, 16), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((16, 2), DType::F32, &Device::Cpu).unwrap(),
+        ),
     );
-    let ad = crate::lora::Adapter { config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]), weights: w };
+    let ad = crate::lora::Adapter {
+        config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]),
+        weights: w,
+    };
     let e = model.attach_adapter(&ad).unwrap_err().to_string();
-    assert!(e.contains("model.layers.5.self_attn.q_proj") && e.contains("different base"), "{e}");
+    assert!(
+        e.contains("model.layers.5.self_attn.q_proj") && e.contains("different base"),
+        "{e}"
+    );
     let mut w = std::collections::BTreeMap::new();
     w.insert(
         "model.layers.0.self_attn.q_proj".to_string(),
-        (Tensor::zeros((2, 17), DType::F32, &Device::Cpu).unwrap(), Tensor::zeros((16, 2), DType::F32, &Device::Cpu).unwrap()),
+        (
+            Tensor::zeros((2, 17), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((16, 2), DType::F32, &Device::Cpu).unwrap(),
+        ),
     );
-    let ad = crate::lora::Adapter { config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]), weights: w };
+    let ad = crate::lora::Adapter {
+        config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]),
+        weights: w,
+    };
     let e = model.attach_adapter(&ad).unwrap_err().to_string();
     assert!(e.contains("do not fit"), "{e}");
 }
