@@ -15,6 +15,8 @@ pub use lora::{Adapter, LoraConfig};
 pub use model::{Batch, Grads, KvCache, Llama, TrainCtx};
 pub mod chat;
 pub mod data;
+pub mod device;
 pub mod generate;
 pub mod progress;
 pub mod testing;
+pub mod train;

@@ -1,6 +1,10 @@
 //! Locations of the real test model and the HF reference, shared by the test suites.
 
+use crate::config::ModelConfig;
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// The repository root (two levels above this crate).
@@ -36,4 +40,83 @@ pub fn reference() -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: reference file missing", path.display()))?;
     Ok(serde_json::from_str(&text)?)
+}
+
+/// Random weights for a config, as a name -> tensor map (HF names).
+pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> HashMap<String, Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut t = |shape: &[usize], scale: f64, offset: f64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| offset + scale * (rng.random::<f64>() * 2.0 - 1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let mut m = HashMap::new();
+    m.insert("model.embed_tokens.weight".into(), t(&[v, d], 1.0, 0.0));
+    m.insert("model.norm.weight".into(), t(&[d], 0.2, 1.0));
+    if !cfg.tie_word_embeddings {
+        m.insert("lm_head.weight".into(), t(&[v, d], 0.3, 0.0));
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (n, shape) in [
+            ("self_attn.q_proj", [h * hd, d]),
+            ("self_attn.k_proj", [kv * hd, d]),
+            ("self_attn.v_proj", [kv * hd, d]),
+            ("self_attn.o_proj", [d, h * hd]),
+            ("mlp.gate_proj", [f, d]),
+            ("mlp.up_proj", [f, d]),
+            ("mlp.down_proj", [d, f]),
+        ] {
+            let s = 1.0 / (shape[1] as f64).sqrt();
+            m.insert(format!("{p}.{n}.weight"), t(&shape, s, 0.0));
+        }
+        m.insert(format!("{p}.input_layernorm.weight"), t(&[d], 0.2, 1.0));
+        m.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            t(&[d], 0.2, 1.0),
+        );
+    }
+    m
+}
+
+/// Writes a small random Llama model directory that uses the real model's tokenizer and chat
+/// template (so dataprep shards from the real tokenizer fit it). `vocab` must be the real one.
+pub fn write_tiny_model(
+    dir: &std::path::Path,
+    hidden: usize,
+    layers: usize,
+    seed: u64,
+) -> Result<ModelConfig> {
+    let real = real_model_dir()?;
+    std::fs::create_dir_all(dir)?;
+    let real_cfg = ModelConfig::from_dir(&real)?;
+    let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": hidden * 2, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": real_cfg.vocab_size, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": true,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2
+    }))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    let w: std::collections::BTreeMap<String, Tensor> =
+        random_weights(&cfg, seed, DType::F32).into_iter().collect();
+    crate::weights::save_atomic(&w, &dir.join("model.safetensors"))?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
+        if real.join(f).exists() {
+            std::fs::copy(real.join(f), dir.join(f))?;
+        }
+    }
+    Ok(cfg)
 }

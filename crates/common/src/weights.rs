@@ -158,7 +158,32 @@ impl SafetensorsStore {
         let t = Tensor::from_raw_buffer(bytes, src, shape, &Device::Cpu)
             .map_err(|e| anyhow!("{path}: tensor '{name}': {e}"))?;
         let t = if src != dtype { t.to_dtype(dtype)? } else { t };
+        self.release(name);
         Ok(t.to_device(device)?)
+    }
+
+    /// Drops the mapped pages of a tensor once it has been copied out, so a loaded model is not
+    /// resident twice (the owned copy plus the page-cache pages counted in this process's RSS).
+    fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(&i) = self.index.get(name) {
+            let s = &self.shards[i];
+            let (a, b) = s.infos[name].data_offsets;
+            let page = 4096;
+            let start = (s.data_start + a).div_ceil(page) * page;
+            let end = ((s.data_start + b) / page) * page;
+            if end > start {
+                // SAFETY: read-only shared file mapping: MADV_DONTNEED only drops clean pages,
+                // which are re-read from the file if touched again.
+                unsafe {
+                    let _ = s.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    );
+                }
+            }
+        }
     }
 
     /// Loads a tensor and checks its shape.

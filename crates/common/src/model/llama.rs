@@ -591,7 +591,8 @@ impl Llama {
     ) -> Result<(f64, Option<Tensor>)> {
         let head = self.head();
         let v = self.config.vocab_size;
-        let chunk = (32 * 1024 * 1024 / v).max(1);
+        // ~8M logits per chunk: bounded memory whatever the vocabulary and batch
+        let chunk = (8 * 1024 * 1024 / v).max(1);
         let mut loss = 0f64;
         let mut dh = match grad_scale {
             Some(_) => Some(h.zeros_like()?),

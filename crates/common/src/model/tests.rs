@@ -3,7 +3,6 @@ use crate::config::ModelConfig;
 use crate::lora::LoraConfig;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
 
 pub(crate) fn tiny_config(tied: bool) -> ModelConfig {
     serde_json::from_value(serde_json::json!({
@@ -15,53 +14,7 @@ pub(crate) fn tiny_config(tied: bool) -> ModelConfig {
     .unwrap()
 }
 
-/// Random weights for a config, as a name -> tensor map (HF names).
-pub(crate) fn random_weights(
-    cfg: &ModelConfig,
-    seed: u64,
-    dtype: DType,
-) -> HashMap<String, Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut t = |shape: &[usize], scale: f64, offset: f64| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| offset + scale * (rng.random::<f64>() * 2.0 - 1.0))
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    };
-    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-    let mut m = HashMap::new();
-    m.insert("model.embed_tokens.weight".into(), t(&[v, d], 1.0, 0.0));
-    m.insert("model.norm.weight".into(), t(&[d], 0.2, 1.0));
-    if !cfg.tie_word_embeddings {
-        m.insert("lm_head.weight".into(), t(&[v, d], 0.3, 0.0));
-    }
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for (n, shape) in [
-            ("self_attn.q_proj", [h * hd, d]),
-            ("self_attn.k_proj", [kv * hd, d]),
-            ("self_attn.v_proj", [kv * hd, d]),
-            ("self_attn.o_proj", [d, h * hd]),
-            ("mlp.gate_proj", [f, d]),
-            ("mlp.up_proj", [f, d]),
-            ("mlp.down_proj", [d, f]),
-        ] {
-            let s = 1.0 / (shape[1] as f64).sqrt();
-            m.insert(format!("{p}.{n}.weight"), t(&shape, s, 0.0));
-        }
-        m.insert(format!("{p}.input_layernorm.weight"), t(&[d], 0.2, 1.0));
-        m.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            t(&[d], 0.2, 1.0),
-        );
-    }
-    m
-}
+use crate::testing::random_weights;
 
 pub(crate) fn tiny_model(cfg: &ModelConfig, dtype: DType) -> Llama {
     let vb =

@@ -1,0 +1,567 @@
+//! The LoRA training loop: data, loss normalised over the accumulated batch, AdamW with a
+//! schedule and clipping, metrics.csv, run.json, evaluation, checkpoints and resume, signals,
+//! and the divergence guard.
+
+pub mod args;
+pub mod batches;
+pub mod checkpoint;
+pub mod optim;
+pub mod schedule;
+
+use crate::data::shards::{check_tokenizer, Meta, ShardReader};
+use crate::lora::{Adapter, LoraConfig};
+use crate::model::{Grads, Llama, TrainCtx};
+use anyhow::{anyhow, bail, Context, Result};
+use args::{InitArg, TrainArgs};
+use candle_core::{DType, Device, Tensor};
+use checkpoint::TrainerState;
+use optim::{AdamW, AdamWConfig};
+use rand::{Rng, SeedableRng};
+use schedule::Schedule;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub const METRICS_HEADER: &str =
+    "step,epoch,loss,grad_norm,learning_rate,tokens,tokens_per_s,elapsed_s,peak_mem_mib,eval_loss";
+
+/// How a training run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Completed {
+        adapter_dir: PathBuf,
+        final_eval_loss: Option<f64>,
+        first_eval_loss: Option<f64>,
+    },
+    /// Stopped by SIGINT/SIGTERM after saving this checkpoint.
+    Interrupted { checkpoint: PathBuf },
+}
+
+/// Messages for the user (progress lines); the binary decides where they go.
+pub trait Reporter {
+    fn line(&mut self, s: &str);
+    fn step(&mut self, _state: &TrainerState, _loss: f64) {}
+}
+
+/// A LoRA initialisation drawn from the run seed, PEFT-style.
+fn init_lora(
+    kind: InitArg,
+    seed: u64,
+) -> impl FnMut(&str, usize, usize, usize) -> Result<(Tensor, Tensor)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    move |_, r, i, o| {
+        fn uniform(
+            rng: &mut rand::rngs::StdRng,
+            rows: usize,
+            cols: usize,
+            bound: f64,
+        ) -> Result<Tensor> {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+        }
+        // kaiming_uniform_(a=sqrt(5)) on [out, in] gives bound 1/sqrt(fan_in)
+        let a = match kind {
+            InitArg::Gaussian => {
+                let std = 1.0 / r as f64;
+                let v: Vec<f32> = (0..r * i)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                        (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                            as f32
+                    })
+                    .collect();
+                Tensor::from_vec(v, (r, i), &Device::Cpu)?
+            }
+            _ => uniform(&mut rng, r, i, 1.0 / (i as f64).sqrt())?,
+        };
+        let b = match kind {
+            InitArg::False => uniform(&mut rng, o, r, 1.0 / (r as f64).sqrt())?,
+            _ => Tensor::zeros((o, r), DType::F32, &Device::Cpu)?,
+        };
+        Ok((a, b))
+    }
+}
+
+pub struct Trainer {
+    pub args: TrainArgs,
+    pub model: Llama,
+    pub lora_cfg: LoraConfig,
+    pub train: ShardReader,
+    pub val: Option<ShardReader>,
+    pub meta: Meta,
+    pad_id: u32,
+    module_names: Vec<String>,
+    opt: AdamW,
+    pub state: TrainerState,
+    schedule: Schedule,
+    batches_per_epoch: usize,
+}
+
+impl Trainer {
+    /// Loads model and data, attaches LoRA (fresh or from a checkpoint) and validates the run.
+    pub fn new(args: TrainArgs) -> Result<Self> {
+        args.validate()?;
+        let device = crate::device::parse(&args.device)?;
+        let lora_cfg = args.lora_config()?;
+        let meta = Meta::load(&args.data)?;
+        let tok = crate::tokenizer::load(&args.model)?;
+        check_tokenizer(
+            &meta,
+            &args.data,
+            &crate::tokenizer::fingerprint(&tok)?,
+            &args.model,
+        )?;
+        let train = ShardReader::open(&args.data, &meta, "train")?;
+        if train.is_empty() {
+            bail!("{}: the train split is empty", args.data.display());
+        }
+        let val = if meta.val.sequences > 0 {
+            Some(ShardReader::open(&args.data, &meta, "val")?)
+        } else {
+            None
+        };
+        let mut model = Llama::from_dir(&args.model, args.dtype.dtype(), &device)?;
+        let max_pos = model.config.max_position_embeddings;
+        if meta.max_seq_len > max_pos {
+            bail!(
+                "shards allow sequences of {} tokens but the model's context is {max_pos}",
+                meta.max_seq_len
+            );
+        }
+        let pad_id = model
+            .config
+            .pad_token_id
+            .as_ref()
+            .and_then(|p| p.to_vec().first().copied())
+            .or_else(|| model.config.eos_token_ids().first().copied())
+            .unwrap_or(0);
+
+        // output directory policy
+        let out = &args.output_dir;
+        let resume = args
+            .resume_from_checkpoint
+            .as_deref()
+            .map(|s| checkpoint::resolve(out, s))
+            .transpose()?;
+        if resume.is_none()
+            && out.exists()
+            && std::fs::read_dir(out)?.next().is_some()
+            && !args.overwrite_output_dir
+        {
+            bail!(
+                "{}: output directory is not empty; resume with --resume-from-checkpoint latest, or pass --overwrite-output-dir",
+                out.display()
+            );
+        }
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("{}: cannot create", out.display()))?;
+
+        let n = model.attach_lora(&lora_cfg, init_lora(args.init_lora_weights, args.seed))?;
+        if n == 0 {
+            bail!(
+                "no module of the model matches --target-modules {}",
+                args.target_modules
+            );
+        }
+        for l in model.linears_mut() {
+            if let Some(lo) = l.lora.as_mut() {
+                lo.a = lo.a.to_device(&device)?;
+                lo.b = lo.b.to_device(&device)?;
+            }
+        }
+        let module_names: Vec<String> = model.loras().iter().map(|(n, _)| n.to_string()).collect();
+        let opt_cfg = AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        };
+        let mut opt = AdamW::new(opt_cfg, 2 * n);
+
+        let bs = args.per_device_train_batch_size;
+        let batches_per_epoch = train.len().div_ceil(bs);
+        let steps_per_epoch = batches_per_epoch
+            .div_ceil(args.gradient_accumulation_steps)
+            .max(1);
+        let total_steps = if args.max_steps > 0 {
+            args.max_steps as usize
+        } else {
+            ((args.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
+        };
+        let warmup = if args.warmup_steps > 0 {
+            args.warmup_steps
+        } else {
+            (args.warmup_ratio * total_steps as f64).ceil() as usize
+        };
+        let schedule = Schedule {
+            kind: args.lr_scheduler_type,
+            lr: args.learning_rate,
+            warmup_steps: warmup,
+            total_steps,
+        };
+
+        let mut state = TrainerState {
+            total_steps,
+            ..Default::default()
+        };
+        if let Some(dir) = &resume {
+            let (st, adapter) = checkpoint::load(dir, &mut opt, &module_names, &device)?;
+            if st.total_steps != total_steps {
+                bail!(
+                    "{}: checkpoint was made for {} total steps but these arguments give {total_steps}; resume with the same arguments",
+                    dir.display(),
+                    st.total_steps
+                );
+            }
+            for l in model.linears_mut() {
+                if let (Some(lo), Some((a, b))) = (l.lora.as_mut(), adapter.weights.get(&l.name)) {
+                    lo.a = a.clone();
+                    lo.b = b.clone();
+                }
+            }
+            state = st;
+        }
+        Ok(Trainer {
+            args,
+            model,
+            lora_cfg,
+            train,
+            val,
+            meta,
+            pad_id,
+            module_names,
+            opt,
+            state,
+            schedule,
+            batches_per_epoch,
+        })
+    }
+
+    fn lora_weights(&self) -> BTreeMap<String, (Tensor, Tensor)> {
+        self.model
+            .loras()
+            .iter()
+            .map(|(n, l)| (n.to_string(), (l.a.clone(), l.b.clone())))
+            .collect()
+    }
+
+    /// Mean token loss over the validation split.
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        let Some(val) = &self.val else {
+            return Ok(None);
+        };
+        let (mut sum, mut n) = (0f64, 0usize);
+        let idx: Vec<usize> = (0..val.len()).collect();
+        for chunk in idx.chunks(self.args.per_device_eval_batch_size) {
+            let b = batches::make_batch(val, chunk, self.pad_id, &self.model.device)?;
+            let s = self.model.eval_loss(&b)?;
+            sum += s.loss_sum;
+            n += s.tokens;
+        }
+        Ok((n > 0).then(|| sum / n as f64))
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let mut st = self.state.clone();
+        st.adam_t = self.opt.t;
+        checkpoint::save(
+            &self.args.output_dir,
+            &st,
+            &self.lora_cfg,
+            &self.lora_weights(),
+            &self.opt,
+            &self.module_names,
+            self.args.save_total_limit,
+        )
+    }
+
+    fn write_run_json(&self, status: &str) -> Result<()> {
+        let sha = |p: &Path| -> String {
+            use sha2::Digest;
+            std::fs::read(p)
+                .map(|b| format!("sha256:{:x}", sha2::Sha256::digest(&b)))
+                .unwrap_or_default()
+        };
+        let v = serde_json::json!({
+            "status": status,
+            "args": self.args,
+            "lora_config": self.lora_cfg,
+            "total_steps": self.state.total_steps,
+            "warmup_steps": self.schedule.warmup_steps,
+            "batches_per_epoch": self.batches_per_epoch,
+            "trainable_parameters": self.model.loras().iter().map(|(_, l)| l.a.elem_count() + l.b.elem_count()).sum::<usize>(),
+            "model": {"dir": self.args.model, "config_sha256": sha(&self.args.model.join("config.json")),
+                      "tokenizer_fingerprint": self.meta.tokenizer_fingerprint, "architecture": self.model.config.architecture()},
+            "data": {"dir": self.args.data, "meta_sha256": sha(&self.args.data.join("meta.json")),
+                     "train_sequences": self.meta.train.sequences, "val_sequences": self.meta.val.sequences,
+                     "label_mode": self.meta.label_mode},
+            "versions": {"dialora": env!("CARGO_PKG_VERSION"), "candle": "0.11.1"},
+            "device": self.args.device,
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "global_step": self.state.global_step,
+            "elapsed_s": self.state.elapsed_s,
+            "peak_mem_mib": crate::device::peak_rss_mib(),
+            "best_eval_loss": self.state.best_eval_loss,
+        });
+        crate::weights::write_atomic(
+            &self.args.output_dir.join("run.json"),
+            (serde_json::to_string_pretty(&v)? + "\n").as_bytes(),
+        )
+    }
+
+    /// metrics.csv: fresh with a header, or (on resume) cut back to the checkpoint's step.
+    fn open_metrics(&self) -> Result<std::fs::File> {
+        let path = self.args.output_dir.join("metrics.csv");
+        let mut keep = vec![METRICS_HEADER.to_string()];
+        if self.state.global_step > 0 {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                keep.extend(
+                    text.lines()
+                        .skip(1)
+                        .filter(|l| {
+                            l.split(',')
+                                .next()
+                                .and_then(|s| s.parse::<usize>().ok())
+                                .is_some_and(|s| s <= self.state.global_step)
+                        })
+                        .map(str::to_string),
+                );
+            }
+        }
+        crate::weights::write_atomic(&path, (keep.join("\n") + "\n").as_bytes())?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))
+    }
+
+    /// Runs to completion, interruption (flag set by a signal handler) or divergence.
+    pub fn run(&mut self, stop: Arc<AtomicBool>, rep: &mut dyn Reporter) -> Result<Outcome> {
+        let mut metrics = self.open_metrics()?;
+        self.write_run_json("running")?;
+        let bs = self.args.per_device_train_batch_size;
+        let gas = self.args.gradient_accumulation_steps;
+        let mut first_eval = None;
+        if self.state.global_step == 0 {
+            first_eval = self.evaluate()?;
+            if let Some(e) = first_eval {
+                self.state.best_eval_loss = Some(e);
+                writeln!(
+                    metrics,
+                    "0,0,,,,0,,0,{:.1},{e:.6}",
+                    crate::device::peak_rss_mib()
+                )?;
+                rep.line(&format!("step 0: eval_loss {e:.4}"));
+            }
+        }
+        let mut epoch_batches = batches::epoch_batches(
+            &self.train,
+            bs,
+            self.args.seed,
+            self.state.epoch,
+            self.args.group_by_length,
+        );
+        let t_start = std::time::Instant::now();
+        let elapsed0 = self.state.elapsed_s;
+        let (mut win_loss, mut win_tokens, mut win_labels) = (0f64, 0usize, 0usize);
+        let mut win_t = std::time::Instant::now();
+        let mut last_norm = f64::NAN;
+        while self.state.global_step < self.state.total_steps {
+            // gather the accumulated batch
+            let mut micro = Vec::with_capacity(gas);
+            for _ in 0..gas {
+                if self.state.batch_in_epoch >= epoch_batches.len() {
+                    self.state.epoch += 1;
+                    self.state.batch_in_epoch = 0;
+                    epoch_batches = batches::epoch_batches(
+                        &self.train,
+                        bs,
+                        self.args.seed,
+                        self.state.epoch,
+                        self.args.group_by_length,
+                    );
+                }
+                micro.push(epoch_batches[self.state.batch_in_epoch].clone());
+                self.state.batch_in_epoch += 1;
+            }
+            let labels: usize = micro
+                .iter()
+                .map(|m| batches::label_count(&self.train, m))
+                .sum();
+            let scale = 1.0 / labels.max(1) as f64;
+            let mut grads = Grads::new(self.module_names.len());
+            let mut loss_sum = 0f64;
+            for m in &micro {
+                let batch = batches::make_batch(&self.train, m, self.pad_id, &self.model.device)?;
+                let ctx = TrainCtx {
+                    seed: self.args.seed,
+                    micro_step: self.state.micro_step,
+                    checkpoint: self.args.gradient_checkpointing,
+                };
+                loss_sum += self
+                    .model
+                    .forward_backward(&batch, &ctx, scale, &mut grads)?
+                    .loss_sum;
+                self.state.micro_step += 1;
+                let toks: usize = m.iter().map(|&i| self.train.seq_len(i)).sum();
+                self.state.tokens_seen += toks;
+                win_tokens += toks;
+            }
+            let loss = loss_sum / labels.max(1) as f64;
+            let step = self.state.global_step;
+            let lr = self.schedule.lr_at(step);
+            let mut gs: Vec<Tensor> = Vec::with_capacity(2 * self.module_names.len());
+            for i in 0..self.module_names.len() {
+                gs.push(
+                    grads.a[i]
+                        .take()
+                        .ok_or_else(|| anyhow!("no gradient for {}", self.module_names[i]))?,
+                );
+                gs.push(
+                    grads.b[i]
+                        .take()
+                        .ok_or_else(|| anyhow!("no gradient for {}", self.module_names[i]))?,
+                );
+            }
+            let norm = {
+                let mut refs: Vec<&mut Tensor> = gs.iter_mut().collect();
+                optim::clip_grad_norm(&mut refs, self.args.max_grad_norm)?
+            };
+            if !loss.is_finite() || !norm.is_finite() {
+                self.state.nonfinite_in_a_row += 1;
+                rep.line(&format!(
+                    "step {}: non-finite loss ({loss}) or gradient norm ({norm}); update skipped",
+                    step + 1
+                ));
+                if self.state.nonfinite_in_a_row >= self.args.max_nonfinite_steps {
+                    self.write_run_json("diverged")?;
+                    bail!(
+                        "training diverged: {} steps in a row with a non-finite loss or gradient, the last at step {} (learning rate {lr:.3e}); lower --learning-rate (LoRA runs on 7B models are known to explode at 1e-2; 1e-4 to 2e-4 is typical) or set --max-grad-norm. Checkpoints already saved are intact.",
+                        self.state.nonfinite_in_a_row,
+                        step + 1
+                    );
+                }
+            } else {
+                self.state.nonfinite_in_a_row = 0;
+                self.opt.begin_step();
+                let mut updated = Vec::with_capacity(gs.len());
+                {
+                    let loras = self.model.loras();
+                    for (i, (_, l)) in loras.iter().enumerate() {
+                        let a = self.opt.update(2 * i, &l.a, &gs[2 * i], lr)?;
+                        let b = self.opt.update(2 * i + 1, &l.b, &gs[2 * i + 1], lr)?;
+                        updated.push((l.id, a, b));
+                    }
+                }
+                for l in self.model.linears_mut() {
+                    if let Some(lo) = l.lora.as_mut() {
+                        let (_, a, b) = updated[lo.id].clone();
+                        lo.a = a;
+                        lo.b = b;
+                    }
+                }
+                win_loss += loss;
+                win_labels += 1;
+                last_norm = norm;
+            }
+            self.state.global_step += 1;
+            self.state.adam_t = self.opt.t;
+            self.state.elapsed_s = elapsed0 + t_start.elapsed().as_secs_f64();
+            rep.step(&self.state, loss);
+            let step = self.state.global_step;
+            let last = step == self.state.total_steps;
+            let win_secs = win_t.elapsed().as_secs_f64();
+            let do_eval = self.val.is_some()
+                && (last || (self.args.eval_steps > 0 && step % self.args.eval_steps == 0));
+            let eval = if do_eval { self.evaluate()? } else { None };
+            if let Some(e) = eval {
+                if self.state.best_eval_loss.is_none_or(|b| e < b) {
+                    self.state.best_eval_loss = Some(e);
+                }
+            }
+            if step % self.args.logging_steps == 0 || last || eval.is_some() {
+                let secs = win_secs;
+                let mean_loss = if win_labels > 0 {
+                    win_loss / win_labels as f64
+                } else {
+                    f64::NAN
+                };
+                let epoch = self.state.epoch as f64
+                    + self.state.batch_in_epoch as f64 / self.batches_per_epoch as f64;
+                let tps = win_tokens as f64 / secs.max(1e-9);
+                let mem = crate::device::peak_rss_mib();
+                writeln!(
+                    metrics,
+                    "{step},{epoch:.4},{mean_loss:.6},{last_norm:.6},{lr:.6e},{},{tps:.1},{:.2},{mem:.1},{}",
+                    self.state.tokens_seen,
+                    self.state.elapsed_s,
+                    eval.map(|e| format!("{e:.6}")).unwrap_or_default()
+                )?;
+                metrics.flush()?;
+                rep.line(&format!(
+                    "step {step}/{}: loss {mean_loss:.4} grad_norm {last_norm:.3} lr {lr:.2e} {tps:.0} tok/s{}",
+                    self.state.total_steps,
+                    eval.map(|e| format!(" eval_loss {e:.4}")).unwrap_or_default()
+                ));
+                (win_loss, win_tokens, win_labels) = (0.0, 0, 0);
+                win_t = std::time::Instant::now();
+            } else if eval.is_some() {
+                win_t = std::time::Instant::now();
+            }
+            if self.args.save_steps > 0 && step % self.args.save_steps == 0 && !last {
+                let d = self.save_checkpoint()?;
+                rep.line(&format!("saved {}", d.display()));
+            }
+            if stop.load(Ordering::SeqCst) && !last {
+                let d = if self.args.save_steps > 0 && step % self.args.save_steps == 0 {
+                    checkpoint::checkpoint_dir(&self.args.output_dir, step)
+                } else {
+                    self.save_checkpoint()?
+                };
+                self.write_run_json("interrupted")?;
+                return Ok(Outcome::Interrupted { checkpoint: d });
+            }
+        }
+        let weights = self.lora_weights();
+        let mut cfg = self.lora_cfg.clone();
+        cfg.inference_mode = true;
+        Adapter::save(&cfg, &weights, &self.args.output_dir)?;
+        self.write_run_json("completed")?;
+        let final_eval = self.best_or_last_eval()?;
+        Ok(Outcome::Completed {
+            adapter_dir: self.args.output_dir.clone(),
+            final_eval_loss: final_eval,
+            first_eval_loss: first_eval,
+        })
+    }
+
+    fn best_or_last_eval(&self) -> Result<Option<f64>> {
+        // the last metrics row holds the final evaluation when there is a validation split
+        let text =
+            std::fs::read_to_string(self.args.output_dir.join("metrics.csv")).unwrap_or_default();
+        Ok(text
+            .lines()
+            .last()
+            .and_then(|l| l.rsplit(',').next())
+            .and_then(|s| s.parse().ok()))
+    }
+}
+
+/// Installs SIGINT/SIGTERM handlers that set the returned flag (the loop saves and exits).
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt received: finishing this step and saving a checkpoint (interrupt again to abort)");
+    })
+    .map_err(|e| anyhow!("cannot install signal handler: {e}"))?;
+    Ok(flag)
+}
