@@ -164,7 +164,7 @@ impl SafetensorsStore {
 
     /// Drops the mapped pages of a tensor once it has been copied out, so a loaded model is not
     /// resident twice (the owned copy plus the page-cache pages counted in this process's RSS).
-    fn release(&self, name: &str) {
+    pub fn release(&self, name: &str) {
         #[cfg(unix)]
         if let Some(&i) = self.index.get(name) {
             let s = &self.shards[i];
