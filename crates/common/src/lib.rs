@@ -17,6 +17,7 @@ pub mod chat;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod infer;
 pub mod merge;
 pub mod progress;
 pub mod testing;

@@ -531,6 +531,18 @@ impl Llama {
         Ok(id)
     }
 
+    /// Removes every LoRA branch (returned in module order), leaving the base model.
+    pub fn take_loras(&mut self) -> Vec<Option<Lora>> {
+        self.linears_mut().map(|l| l.lora.take()).collect()
+    }
+
+    /// Puts back LoRA branches taken with `take_loras`.
+    pub fn put_loras(&mut self, loras: Vec<Option<Lora>>) {
+        for (l, lo) in self.linears_mut().zip(loras) {
+            l.lora = lo;
+        }
+    }
+
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         self.embed
