@@ -20,5 +20,6 @@ pub mod generate;
 pub mod infer;
 pub mod merge;
 pub mod progress;
+pub mod report;
 pub mod testing;
 pub mod train;
