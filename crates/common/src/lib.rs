@@ -23,3 +23,4 @@ pub mod progress;
 pub mod report;
 pub mod testing;
 pub mod train;
+pub mod bench;

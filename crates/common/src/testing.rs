@@ -86,6 +86,33 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> HashMap<Str
     m
 }
 
+/// Every weight of a Llama config with its shape (HF names).
+pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let mut m = vec![("model.embed_tokens.weight".to_string(), vec![v, d]), ("model.norm.weight".to_string(), vec![d])];
+    if !cfg.tie_word_embeddings {
+        m.push(("lm_head.weight".into(), vec![v, d]));
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (n, shape) in [
+            ("self_attn.q_proj", vec![h * hd, d]),
+            ("self_attn.k_proj", vec![kv * hd, d]),
+            ("self_attn.v_proj", vec![kv * hd, d]),
+            ("self_attn.o_proj", vec![d, h * hd]),
+            ("mlp.gate_proj", vec![f, d]),
+            ("mlp.up_proj", vec![f, d]),
+            ("mlp.down_proj", vec![d, f]),
+            ("input_layernorm", vec![d]),
+            ("post_attention_layernorm", vec![d]),
+        ] {
+            m.push((format!("{p}.{n}.weight"), shape));
+        }
+    }
+    m
+}
+
 /// Writes a small random Llama model directory that uses the real model's tokenizer and chat
 /// template (so dataprep shards from the real tokenizer fit it). `vocab` must be the real one.
 pub fn write_tiny_model(
