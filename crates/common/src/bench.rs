@@ -33,15 +33,23 @@ pub struct BenchOptions {
 
 pub fn preset(name: &str) -> Result<ModelConfig> {
     let v = match name {
-        "deepseek-7b" => serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+        "deepseek-7b" => {
+            serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 30, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 102400,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false}),
-        "smollm2-135m" => serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false})
+        }
+        "smollm2-135m" => {
+            serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
             "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true}),
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true})
+        }
         path => {
             let p = PathBuf::from(path);
-            let dir = if p.is_dir() { p } else { p.parent().map(|x| x.to_path_buf()).unwrap_or_default() };
+            let dir = if p.is_dir() {
+                p
+            } else {
+                p.parent().map(|x| x.to_path_buf()).unwrap_or_default()
+            };
             return ModelConfig::from_dir(&dir);
         }
     };
@@ -86,30 +94,59 @@ pub fn run(o: &BenchOptions) -> Result<serde_json::Value> {
         _ => bail!("give --model DIR or --random-config"),
     };
     let load_s = t_load.elapsed().as_secs_f64();
-    let targets: Vec<String> = crate::lora::TARGETABLE.iter().map(|s| s.to_string()).collect();
+    let targets: Vec<String> = crate::lora::TARGETABLE
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let lc = LoraConfig::new(o.r, o.alpha, o.dropout, targets);
     let dev = o.device.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
     let n = model.attach_lora(&lc, |_, r, i, out| {
         let bound = 1.0 / (i as f64).sqrt();
-        let a: Vec<f32> = (0..r * i).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
-        Ok((Tensor::from_vec(a, (r, i), &dev)?, Tensor::zeros((out, r), DType::F32, &dev)?))
+        let a: Vec<f32> = (0..r * i)
+            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        Ok((
+            Tensor::from_vec(a, (r, i), &dev)?,
+            Tensor::zeros((out, r), DType::F32, &dev)?,
+        ))
     })?;
-    let trainable: usize = model.loras().iter().map(|(_, l)| l.a.elem_count() + l.b.elem_count()).sum();
+    let trainable: usize = model
+        .loras()
+        .iter()
+        .map(|(_, l)| l.a.elem_count() + l.b.elem_count())
+        .sum();
     let total = trainable + model.config.vocab_size * model.config.hidden_size; // reported below more fully
     let _ = total;
-    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }, 2 * n);
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        2 * n,
+    );
     let v = model.config.vocab_size as u32;
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for step in 0..o.steps {
-        let ids: Vec<u32> = (0..o.batch * o.seq).map(|_| rng.random_range(0..v)).collect();
+        let ids: Vec<u32> = (0..o.batch * o.seq)
+            .map(|_| rng.random_range(0..v))
+            .collect();
         let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let batch = Batch { input_ids: Tensor::from_vec(ids, (o.batch, o.seq), &o.device)?, labels };
+        let batch = Batch {
+            input_ids: Tensor::from_vec(ids, (o.batch, o.seq), &o.device)?,
+            labels,
+        };
         sync(&o.device)?;
         let t = std::time::Instant::now();
         let mut g = Grads::new(n);
-        let ctx = TrainCtx { seed: o.seed, micro_step: step as u64, checkpoint: o.grad_ckpt };
+        let ctx = TrainCtx {
+            seed: o.seed,
+            micro_step: step as u64,
+            checkpoint: o.grad_ckpt,
+        };
         let count = o.batch * (o.seq - 1);
         let s = model.forward_backward(&batch, &ctx, 1.0 / count as f64, &mut g)?;
         opt.begin_step();
@@ -129,7 +166,11 @@ pub fn run(o: &BenchOptions) -> Result<serde_json::Value> {
         sync(&o.device)?;
         let dt = t.elapsed().as_secs_f64();
         let loss = s.loss_sum / s.tokens as f64;
-        eprintln!("step {step} [{}] loss={loss:.4} time={dt:.3}s tok/s={:.1}", if step < o.warmup { "warmup" } else { "timed" }, (o.batch * o.seq) as f64 / dt);
+        eprintln!(
+            "step {step} [{}] loss={loss:.4} time={dt:.3}s tok/s={:.1}",
+            if step < o.warmup { "warmup" } else { "timed" },
+            (o.batch * o.seq) as f64 / dt
+        );
         losses.push(loss);
         if step >= o.warmup {
             times.push(dt);

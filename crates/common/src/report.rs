@@ -179,7 +179,13 @@ pub fn chart_svg(runs: &[Run], column: &str, title: &str) -> Result<String> {
             .configure_mesh()
             .x_desc("step")
             .light_line_style(RGBColor(235, 235, 235))
-            .y_label_formatter(&|v| format!("{v:.3e}"))
+            .y_label_formatter(&|v| {
+                if *v == 0.0 || (v.abs() >= 1e-2 && v.abs() < 1e5) {
+                    format!("{v:.3}")
+                } else {
+                    format!("{v:.1e}")
+                }
+            })
             .draw()?;
         for (i, r) in runs.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();

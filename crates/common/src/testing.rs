@@ -90,7 +90,10 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> HashMap<Str
 pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-    let mut m = vec![("model.embed_tokens.weight".to_string(), vec![v, d]), ("model.norm.weight".to_string(), vec![d])];
+    let mut m = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, d]),
+        ("model.norm.weight".to_string(), vec![d]),
+    ];
     if !cfg.tie_word_embeddings {
         m.push(("lm_head.weight".into(), vec![v, d]));
     }

@@ -1,0 +1,145 @@
+//! scripts/sweep.sh: the Slurm array maps every index to its grid point; a local 4-point
+//! sweep trains 4 runs and the report overlays 4 curves.
+
+use common::testing::{repo_root, write_tiny_model};
+use std::process::Command;
+
+fn sweep(runs: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let o = Command::new("bash")
+        .arg(repo_root().join("scripts/sweep.sh"))
+        .args(args)
+        .env("RUNS", runs)
+        .env(
+            "DIALORA_BIN",
+            std::path::Path::new(env!("CARGO_BIN_EXE_trainer"))
+                .parent()
+                .unwrap(),
+        )
+        .env("DIALORA_NO_BAR", "1")
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+#[test]
+fn slurm_array_maps_each_index_to_its_grid_point() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, log) = sweep(
+        tmp.path(),
+        &[
+            "--name",
+            "g",
+            "--slurm",
+            "learning_rate=2e-5,2e-4,1e-3",
+            "lora_r=8,64",
+            "target_modules=q_proj,v_proj|all-linear",
+            "--",
+            "--max-steps",
+            "7",
+        ],
+    );
+    assert_eq!(code, 0, "{log}");
+    let script = tmp.path().join("g/sweep.sbatch");
+    let st = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bash -n");
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(
+        text.contains("#SBATCH --array=0-11") && text.contains("#SBATCH --requeue"),
+        "{text}"
+    );
+    std::fs::create_dir_all(tmp.path().join("g/shards")).unwrap();
+    std::fs::write(tmp.path().join("g/shards/meta.json"), "{}").unwrap();
+    // the expected grid, enumerated independently (last key varies fastest)
+    let mut want = Vec::new();
+    for lr in ["2e-5", "2e-4", "1e-3"] {
+        for r in ["8", "64"] {
+            for t in ["q_proj,v_proj", "all-linear"] {
+                want.push(format!(
+                    "--learning-rate {lr} --lora-r {r} --target-modules {t} --max-steps 7"
+                ));
+            }
+        }
+    }
+    for (i, w) in want.iter().enumerate() {
+        let o = Command::new("bash")
+            .arg(&script)
+            .env("SLURM_ARRAY_TASK_ID", i.to_string())
+            .env("DIALORA_DRY_RUN", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let cmd = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert!(cmd.ends_with(w.as_str()), "index {i}: {cmd}\nwant ...{w}");
+        assert!(cmd.contains("scripts/train.sh"), "{cmd}");
+    }
+    let o = Command::new("bash")
+        .arg(&script)
+        .env("SLURM_ARRAY_TASK_ID", "12")
+        .env("DIALORA_DRY_RUN", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "index past the grid is an error");
+}
+
+#[test]
+fn local_four_point_sweep_and_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 2, 4).unwrap();
+    let (code, log) = sweep(
+        tmp.path(),
+        &[
+            "--name",
+            "s",
+            "--model",
+            model.to_str().unwrap(),
+            "learning_rate=1e-3,1e-2",
+            "lora_r=2,4",
+            "--",
+            "--max-steps",
+            "3",
+            "--logging-steps",
+            "1",
+            "--per-device-train-batch-size",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{log}");
+    let html = std::fs::read_to_string(tmp.path().join("s/report.html")).unwrap();
+    let loss = &html[html.find("id=\"chart-loss\"").unwrap()..];
+    let loss = &loss[..loss.find("</svg>").unwrap()];
+    for name in [
+        "learning_rate=1e-3_lora_r=2",
+        "learning_rate=1e-3_lora_r=4",
+        "learning_rate=1e-2_lora_r=2",
+        "learning_rate=1e-2_lora_r=4",
+    ] {
+        assert!(loss.contains(name), "legend of the loss chart lacks {name}");
+        assert!(
+            html.matches(&format!("<td>{name}</td>")).count() == 1,
+            "table row for {name}"
+        );
+    }
+    assert!(loss.matches("<polyline").count() >= 4, "4 curves");
+    // a second call finds the points done and only rebuilds the report
+    let (code, log) = sweep(
+        tmp.path(),
+        &[
+            "--name",
+            "s",
+            "--model",
+            model.to_str().unwrap(),
+            "learning_rate=1e-3,1e-2",
+            "lora_r=2,4",
+        ],
+    );
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(log.matches("done already").count(), 4, "{log}");
+}
