@@ -238,7 +238,7 @@ impl Adapter {
         if !path.exists() {
             bail!("{}: adapter weights not found", path.display());
         }
-        let store = crate::weights::SafetensorsStore::open_files(&[path.clone()])?;
+        let store = crate::weights::SafetensorsStore::open_files(std::slice::from_ref(&path))?;
         let mut a_map = BTreeMap::new();
         let mut b_map = BTreeMap::new();
         for key in store.names() {

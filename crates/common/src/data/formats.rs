@@ -165,10 +165,8 @@ pub fn parse_record(v: &Value, at: Location) -> Result<Conversation, BadRecord> 
                     .as_object()
                     .ok_or_else(|| bad(&format!("conversation[{i}]"), "must be an object"))?;
                 if let Some(s) = text(t.get("system"), &f("system"), false)? {
-                    if i == 0 {
-                        if !s.is_empty() {
-                            msgs.push(Message::new("system", &s));
-                        }
+                    if i == 0 && !s.is_empty() {
+                        msgs.push(Message::new("system", &s));
                     }
                 }
                 let input = text(t.get("input"), &f("input"), true)?.unwrap();

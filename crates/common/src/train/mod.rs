@@ -476,14 +476,15 @@ impl Trainer {
             let last = step == self.state.total_steps;
             let win_secs = win_t.elapsed().as_secs_f64();
             let do_eval = self.val.is_some()
-                && (last || (self.args.eval_steps > 0 && step % self.args.eval_steps == 0));
+                && (last
+                    || (self.args.eval_steps > 0 && step.is_multiple_of(self.args.eval_steps)));
             let eval = if do_eval { self.evaluate()? } else { None };
             if let Some(e) = eval {
                 if self.state.best_eval_loss.is_none_or(|b| e < b) {
                     self.state.best_eval_loss = Some(e);
                 }
             }
-            if step % self.args.logging_steps == 0 || last || eval.is_some() {
+            if step.is_multiple_of(self.args.logging_steps) || last || eval.is_some() {
                 let secs = win_secs;
                 let mean_loss = if win_labels > 0 {
                     win_loss / win_labels as f64
@@ -512,12 +513,12 @@ impl Trainer {
             } else if eval.is_some() {
                 win_t = std::time::Instant::now();
             }
-            if self.args.save_steps > 0 && step % self.args.save_steps == 0 && !last {
+            if self.args.save_steps > 0 && step.is_multiple_of(self.args.save_steps) && !last {
                 let d = self.save_checkpoint()?;
                 rep.line(&format!("saved {}", d.display()));
             }
             if stop.load(Ordering::SeqCst) && !last {
-                let d = if self.args.save_steps > 0 && step % self.args.save_steps == 0 {
+                let d = if self.args.save_steps > 0 && step.is_multiple_of(self.args.save_steps) {
                     checkpoint::checkpoint_dir(&self.args.output_dir, step)
                 } else {
                     self.save_checkpoint()?
