@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 export DIALORA_BIN=${DIALORA_BIN:-$PWD/target/release}
 MODEL=${MODEL:-models/smollm2-135m-instruct}
 RUN=${RUN_DIR:-runs/demo}
-EPOCHS=${EPOCHS:-2}
+EPOCHS=${EPOCHS:-1}
+LR=${LR:-2e-3}
 t0=$(date +%s)
 step() { echo; echo "== $* ($(( $(date +%s) - t0 ))s)"; }
 
@@ -21,12 +22,12 @@ step "train"
 rm -rf "$RUN/adapter"
 scripts/train.sh "$MODEL" "$RUN/shards" "$RUN/adapter" \
   --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 --target-modules all-linear \
-  --learning-rate 1e-3 --num-train-epochs "$EPOCHS" --per-device-train-batch-size 4 \
-  --lr-scheduler-type cosine --warmup-ratio 0.1 --logging-steps 2 --eval-steps 10 --save-steps 20
+  --learning-rate "$LR" --num-train-epochs "$EPOCHS" --per-device-train-batch-size 4 \
+  --lr-scheduler-type cosine --warmup-ratio 0.1 --logging-steps 2 --eval-steps 7 --save-steps 14
 step "merge"
 scripts/merge.sh "$MODEL" "$RUN/adapter" "$RUN/merged" --overwrite
 step "compare (held-out conversations, base vs fine-tuned)"
-scripts/compare.sh "$MODEL" "$RUN/adapter" data/counsel_heldout.jsonl "$RUN/adapter/compare.jsonl" --max-new-tokens 96
+scripts/compare.sh "$MODEL" "$RUN/adapter" data/counsel_heldout.jsonl "$RUN/adapter/compare.jsonl" --max-new-tokens 80
 step "report"
 scripts/report.sh "$RUN/report.html" "$RUN/adapter"
 echo
