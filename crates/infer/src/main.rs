@@ -148,6 +148,7 @@ fn run(a: Args) -> Result<()> {
             secs += r.tokens as f64 / r.tokens_per_s;
         }
     };
+    let (mut base_stopped, mut tuned_stopped, mut compared) = (0usize, 0usize, 0usize);
     if a.compare {
         let mut items = Vec::new();
         for (k, c) in convs.iter().enumerate() {
@@ -159,6 +160,9 @@ fn run(a: Args) -> Result<()> {
             for r in tuned.iter().chain(base.iter()) {
                 tally(r);
             }
+            base_stopped += base.iter().filter(|r| r.stopped).count();
+            tuned_stopped += tuned.iter().filter(|r| r.stopped).count();
+            compared += tuned.len();
             let item = Comparison {
                 id: c.id.clone(),
                 system: c.system.clone(),
@@ -215,6 +219,11 @@ fn run(a: Args) -> Result<()> {
             )?;
         }
         sink.flush()?;
+    }
+    if a.compare {
+        eprintln!(
+            "infer: replies ending with the end-of-turn token: base {base_stopped}/{compared}, fine-tuned {tuned_stopped}/{compared}"
+        );
     }
     eprintln!(
         "infer: {turns} replies, {stopped} ended with the end-of-turn token ({:.0}%), {:.1} tokens/s decode",
