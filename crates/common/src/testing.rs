@@ -150,3 +150,30 @@ pub fn write_tiny_model(
     }
     Ok(cfg)
 }
+
+/// Shards of the project's sample dialogues (data/counsel_train.jsonl), made with the real
+/// model's tokenizer into `dir/shards`.
+pub fn sample_shards(
+    dir: &std::path::Path,
+    max_seq_len: usize,
+    val_split: f64,
+) -> Result<std::path::PathBuf> {
+    let out = dir.join("shards");
+    let opts = crate::data::PrepOptions {
+        inputs: vec![repo_root().join("data/counsel_train.jsonl")],
+        model_dir: real_model_dir()?,
+        template: None,
+        output: out.clone(),
+        label_mode: crate::data::labels::LabelMode::All,
+        max_seq_len,
+        drop_long: false,
+        val_split,
+        seed: 1,
+        shard_size: 1000,
+        max_bad: 0,
+        strict: true,
+        overwrite: false,
+    };
+    crate::data::prepare(&opts, &mut |_| {})?;
+    Ok(out)
+}

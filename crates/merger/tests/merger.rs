@@ -126,23 +126,7 @@ fn merged_real_model_matches_base_plus_adapter() {
     let real = real_model_dir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     // a trained adapter: a few real steps on the sample data
-    let data = tmp.path().join("shards");
-    let opts = common::data::PrepOptions {
-        inputs: vec![common::testing::repo_root().join("data/counsel_train.jsonl")],
-        model_dir: real.clone(),
-        template: None,
-        output: data.clone(),
-        label_mode: common::data::labels::LabelMode::All,
-        max_seq_len: 128,
-        drop_long: false,
-        val_split: 0.0,
-        seed: 1,
-        shard_size: 1000,
-        max_bad: 0,
-        strict: true,
-        overwrite: false,
-    };
-    common::data::prepare(&opts, &mut |_| {}).unwrap();
+    let data = common::testing::sample_shards(tmp.path(), 128, 0.0).unwrap();
     let ad = tmp.path().join("adapter");
     let args = common::train::args::TrainArgs {
         model: real.clone(),

@@ -3,7 +3,7 @@
 
 use common::data::shards::Meta;
 use common::lora::Adapter;
-use common::testing::{real_model_dir, repo_root, write_tiny_model};
+use common::testing::{real_model_dir, write_tiny_model};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -24,25 +24,7 @@ fn out(c: &mut Command) -> (i32, String) {
 
 /// Shards of the project's sample data made with the real tokenizer.
 fn shards(dir: &Path, max_len: usize) -> PathBuf {
-    let model = real_model_dir().unwrap();
-    let out = dir.join("shards");
-    let opts = common::data::PrepOptions {
-        inputs: vec![repo_root().join("data/counsel_train.jsonl")],
-        model_dir: model,
-        template: None,
-        output: out.clone(),
-        label_mode: common::data::labels::LabelMode::All,
-        max_seq_len: max_len,
-        drop_long: false,
-        val_split: 0.15,
-        seed: 1,
-        shard_size: 1000,
-        max_bad: 0,
-        strict: true,
-        overwrite: false,
-    };
-    common::data::prepare(&opts, &mut |_| {}).unwrap();
-    out
+    common::testing::sample_shards(dir, max_len, 0.15).unwrap()
 }
 
 fn adapter_values(dir: &Path) -> Vec<(String, Vec<f32>, Vec<f32>)> {
