@@ -101,7 +101,8 @@ impl LoraLinear {
         let a = l.a.to_dtype(x.dtype())?;
         let b = l.b.to_dtype(x.dtype())?;
         let h = xd.matmul(&a.t()?)?;
-        let y = (y + (h.matmul(&b.t()?)? * l.scale)?)?;
+        // scale the small [N, r] factor, not the [N, out] product
+        let y = (y + (&h * l.scale)?.matmul(&b.t()?)?)?;
         Ok((
             y,
             LinearSaved {
@@ -135,9 +136,9 @@ impl LoraLinear {
         };
         let a = l.a.to_dtype(dy.dtype())?;
         let b = l.b.to_dtype(dy.dtype())?;
-        let dy_s = (dy * l.scale)?;
-        let db = dy_s.t()?.matmul(h)?; // [out, r]
-        let dh = dy_s.matmul(&b)?; // [N, r]
+        // the scale goes on the small results ([out, r] and [N, r]), not on dy
+        let db = (dy.t()?.matmul(h)? * l.scale)?; // [out, r]
+        let dh = (dy.matmul(&b)? * l.scale)?; // [N, r]
         let da = dh.t()?.matmul(&xd)?; // [r, in]
         let mut dxl = dh.matmul(&a)?; // [N, in]
         if let Some(m) = &mask {
@@ -162,18 +163,24 @@ fn dropout_mask(
     let stream = ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ ctx.micro_step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
         ^ (l.id as u64).wrapping_mul(0x94D0_49BB_1331_11EB);
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(stream);
     let keep = (1.0 / (1.0 - l.dropout)) as f32;
-    // four 16-bit uniforms per 64-bit draw (drop probability resolution 1/65536)
+    // four 16-bit uniforms per 64-bit draw (drop probability resolution 1/65536), in
+    // independently seeded chunks generated in parallel
     let threshold = (l.dropout * 65536.0).round() as u32;
-    let mut v: Vec<f32> = Vec::with_capacity(n + 3);
-    while v.len() < n {
-        let r: u64 = rng.random();
-        for k in 0..4 {
-            let u = ((r >> (16 * k)) & 0xFFFF) as u32;
-            v.push(if u < threshold { 0.0 } else { keep });
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0f32; n];
+    use rayon::prelude::*;
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(
+            stream ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+        );
+        for quad in out.chunks_mut(4) {
+            let r: u64 = rng.random();
+            for (k, o) in quad.iter_mut().enumerate() {
+                let u = ((r >> (16 * k)) & 0xFFFF) as u32;
+                *o = if u < threshold { 0.0 } else { keep };
+            }
         }
-    }
-    v.truncate(n);
+    });
     Tensor::from_vec(v, dims, dev)?.to_dtype(dtype)
 }

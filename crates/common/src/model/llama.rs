@@ -617,24 +617,35 @@ impl Llama {
             let tgt = Tensor::from_slice(&tg[start..end], (n, 1), h.device())?;
             let hs = h.index_select(&idx, 0)?;
             let logits = hs.matmul(&head.t()?)?;
-            let logits = if logits.dtype() == DType::F64 {
-                logits
+            let dlogits = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+                let (l, g) = ops::cross_entropy_cpu_f32(&logits, &tg[start..end], grad_scale)?;
+                loss += l.iter().sum::<f64>();
+                g
             } else {
-                logits.to_dtype(DType::F32)?
+                let logits = if logits.dtype() == DType::F64 {
+                    logits
+                } else {
+                    logits.to_dtype(DType::F32)?
+                };
+                let max = logits.max_keepdim(D::Minus1)?;
+                let shifted = logits.broadcast_sub(&max)?;
+                let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                let picked = shifted.gather(&tgt, 1)?;
+                loss += (lse.clone() - picked)?
+                    .to_dtype(DType::F64)?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
+                match grad_scale {
+                    Some(scale) => {
+                        let p = shifted.broadcast_sub(&lse)?.exp()?;
+                        let minus = Tensor::full(-1f32, (n, 1), h.device())?.to_dtype(p.dtype())?;
+                        Some((p.scatter_add(&tgt, &minus, 1)? * scale)?)
+                    }
+                    None => None,
+                }
             };
-            let max = logits.max_keepdim(D::Minus1)?;
-            let shifted = logits.broadcast_sub(&max)?;
-            let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-            let picked = shifted.gather(&tgt, 1)?;
-            loss += (lse.clone() - picked)?
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-            if let (Some(scale), Some(dh)) = (grad_scale, dh.as_mut()) {
-                let p = shifted.broadcast_sub(&lse)?.exp()?;
-                let minus = Tensor::full(-1f32, (n, 1), h.device())?.to_dtype(p.dtype())?;
-                let dlogits = (p.scatter_add(&tgt, &minus, 1)? * scale)?.to_dtype(h.dtype())?;
-                let dhs = dlogits.matmul(head)?;
+            if let (Some(dl), Some(dh)) = (dlogits, dh.as_mut()) {
+                let dhs = dl.to_dtype(h.dtype())?.matmul(head)?;
                 *dh = dh.index_add(&idx, &dhs, 0)?;
             }
         }

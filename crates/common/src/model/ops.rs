@@ -97,3 +97,61 @@ pub fn causal_mask(
     }
     Tensor::from_vec(v, (rep * t, cols), dev)?.to_dtype(dtype)
 }
+
+/// Fused cross-entropy over rows of f32 logits on the CPU: one multi-threaded pass per row
+/// computes the token loss `logsumexp(x) - x[target]` and, when `scale` is given, the gradient
+/// `scale * (softmax(x) - onehot(target))`. Returns (per-row losses, gradient `[rows, V]`).
+/// The generic path (`Llama::loss_head`) covers other devices and dtypes; the two agree
+/// (tested).
+pub fn cross_entropy_cpu_f32(
+    logits: &Tensor,
+    targets: &[u32],
+    scale: Option<f64>,
+) -> Result<(Vec<f64>, Option<Tensor>)> {
+    use rayon::prelude::*;
+    let (c, v) = logits.dims2()?;
+    let data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let mut losses = vec![0f64; c];
+    let mut grad = if scale.is_some() {
+        vec![0f32; c * v]
+    } else {
+        Vec::new()
+    };
+    let row_loss = |row: &[f32], t: usize, g: Option<&mut [f32]>| -> f64 {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f64;
+        match g {
+            Some(g) => {
+                for (gj, &x) in g.iter_mut().zip(row) {
+                    let e = (x - max).exp();
+                    *gj = e;
+                    sum += e as f64;
+                }
+                let s = scale.unwrap_or(1.0);
+                let f = (s / sum) as f32;
+                g.iter_mut().for_each(|gj| *gj *= f);
+                g[t] -= s as f32;
+            }
+            None => sum = row.iter().map(|&x| ((x - max).exp()) as f64).sum(),
+        }
+        max as f64 + sum.ln() - row[t] as f64
+    };
+    if scale.is_some() {
+        grad.par_chunks_mut(v)
+            .zip(losses.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, (g, l))| {
+                *l = row_loss(&data[i * v..(i + 1) * v], targets[i] as usize, Some(g))
+            });
+    } else {
+        losses
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, l)| *l = row_loss(&data[i * v..(i + 1) * v], targets[i] as usize, None));
+    }
+    let grad = match scale {
+        Some(_) => Some(Tensor::from_vec(grad, (c, v), logits.device())?),
+        None => None,
+    };
+    Ok((losses, grad))
+}

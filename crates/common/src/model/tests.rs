@@ -310,3 +310,37 @@ fn adapter_for_another_base_is_refused() {
     let e = model.attach_adapter(&ad).unwrap_err().to_string();
     assert!(e.contains("do not fit"), "{e}");
 }
+
+#[test]
+fn fused_cpu_cross_entropy_matches_reference() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (c, v) = (7usize, 301usize);
+    let x: Vec<f32> = (0..c * v)
+        .map(|_| rng.random::<f32>() * 20.0 - 10.0)
+        .collect();
+    let t: Vec<u32> = (0..c).map(|_| rng.random_range(0..v as u32)).collect();
+    let logits = Tensor::from_vec(x.clone(), (c, v), &Device::Cpu).unwrap();
+    let (losses, grad) = ops::cross_entropy_cpu_f32(&logits, &t, Some(0.25)).unwrap();
+    let g: Vec<f32> = grad.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for i in 0..c {
+        let row: Vec<f64> = x[i * v..(i + 1) * v].iter().map(|&a| a as f64).collect();
+        let m = row.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = row.iter().map(|a| (a - m).exp()).sum();
+        let want = m + z.ln() - row[t[i] as usize];
+        assert!(
+            (losses[i] - want).abs() < 1e-4,
+            "row {i}: {} vs {want}",
+            losses[i]
+        );
+        for j in 0..v {
+            let p = (row[j] - m).exp() / z;
+            let wg = 0.25 * (p - if j == t[i] as usize { 1.0 } else { 0.0 });
+            assert!((g[i * v + j] as f64 - wg).abs() < 1e-6, "grad [{i},{j}]");
+        }
+    }
+    let (l2, none) = ops::cross_entropy_cpu_f32(&logits, &t, None).unwrap();
+    assert!(none.is_none());
+    for (a, b) in l2.iter().zip(&losses) {
+        assert!((a - b).abs() < 1e-9);
+    }
+}
