@@ -43,15 +43,19 @@ struct Args {
     /// System prompt (when the conversation has none).
     #[arg(long)]
     system: Option<String>,
+    /// Most tokens generated per reply.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this total probability.
     #[arg(long)]
     top_p: Option<f64>,
+    /// Sample among the k most likely tokens only.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Penalty (>1 discourages) for tokens already in the context.
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
     /// Seed of the sampler (sampling is deterministic for a given seed).

@@ -19,30 +19,40 @@ struct Args {
     /// Override num_hidden_layers.
     #[arg(long)]
     layers: Option<usize>,
+    /// Sequence length.
     #[arg(long, default_value_t = 256)]
     seq: usize,
+    /// Sequences per step.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Steps in total (warmup included).
     #[arg(long, default_value_t = 8)]
     steps: usize,
     /// Untimed first steps.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// LoRA rank.
     #[arg(long, default_value_t = 16)]
     r: usize,
+    /// LoRA alpha.
     #[arg(long, default_value_t = 32.0)]
     alpha: f64,
+    /// LoRA dropout.
     #[arg(long, default_value_t = 0.05)]
     dropout: f64,
+    /// AdamW learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
+    /// Compute dtype of the frozen model.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     dtype: String,
+    /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Gradient checkpointing.
     #[arg(long)]
     grad_ckpt: bool,
+    /// Seed of the random tokens and LoRA init.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }

@@ -77,6 +77,7 @@ pub struct TrainArgs {
     pub init_lora_weights: InitArg,
 
     // ---- optimisation
+    /// Peak learning rate of AdamW (reached after warmup).
     #[arg(long, default_value_t = 5e-5)]
     pub learning_rate: f64,
     /// Epochs (ignored when --max-steps > 0).
@@ -85,12 +86,16 @@ pub struct TrainArgs {
     /// Total optimizer steps; overrides --num-train-epochs when > 0.
     #[arg(long, default_value_t = -1)]
     pub max_steps: i64,
+    /// Sequences per micro-batch.
     #[arg(long, default_value_t = 8)]
     pub per_device_train_batch_size: usize,
+    /// Sequences per evaluation batch.
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
+    /// Micro-batches per optimizer step (the loss is normalised over all their label tokens).
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
+    /// Learning-rate schedule after warmup.
     #[arg(long, value_enum, default_value = "linear")]
     pub lr_scheduler_type: SchedulerType,
     /// Warmup as a fraction of the total steps.
@@ -99,17 +104,22 @@ pub struct TrainArgs {
     /// Warmup steps (overrides --warmup-ratio when > 0).
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
+    /// Decoupled (AdamW) weight decay on the LoRA matrices.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// AdamW beta1.
     #[arg(long, default_value_t = 0.9)]
     pub adam_beta1: f64,
+    /// AdamW beta2.
     #[arg(long, default_value_t = 0.999)]
     pub adam_beta2: f64,
+    /// AdamW epsilon.
     #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
     /// Clip the global gradient norm to this (0 = no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Seed of LoRA initialisation, data order and dropout (a run is reproducible from it).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Group sequences of similar length into batches (less padding).
