@@ -13,8 +13,62 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
 }
 
-/// RMSNorm backward with respect to `x` (the weight is frozen). Computed in f32.
+/// Runs `f` over the contiguous f32 data of CPU tensors; `None` when any is not such a tensor
+/// (the caller then takes the generic path).
+fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (g, l) in &guards {
+        let (a, b) = l.contiguous_offsets()?;
+        match &**g {
+            Storage::Cpu(CpuStorage::F32(v)) => slices.push(&v[a..b]),
+            _ => return None,
+        }
+    }
+    Some(f(&slices))
+}
+
+/// Rows per parallel task for the fused CPU kernels.
+fn par_rows(cols: usize) -> usize {
+    (16384 / cols.max(1)).max(1)
+}
+
+/// RMSNorm backward with respect to `x` (the weight is frozen). Computed in f32; one fused
+/// multi-threaded pass per row on the CPU.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let d = x.dim(candle_core::D::Minus1)?;
+    let fused = with_cpu_f32(&[x, w, dy], |s| {
+        let (xs, ws, dys) = (s[0], s[1], s[2]);
+        let mut out = vec![0f32; xs.len()];
+        let rows = par_rows(d);
+        out.par_chunks_mut(d * rows).enumerate().for_each(|(c, o)| {
+            for (k, orow) in o.chunks_mut(d).enumerate() {
+                let i = (c * rows + k) * d;
+                let (xr, dr) = (&xs[i..i + d], &dys[i..i + d]);
+                let ms: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+                let r = 1.0 / (ms + eps).sqrt();
+                let dot: f64 = (0..d)
+                    .map(|j| (dr[j] * ws[j]) as f64 * (xr[j] as f64 * r))
+                    .sum::<f64>()
+                    / d as f64;
+                for j in 0..d {
+                    let xhat = xr[j] as f64 * r;
+                    orow[j] = (r * ((dr[j] * ws[j]) as f64 - xhat * dot)) as f32;
+                }
+            }
+        });
+        out
+    });
+    match fused {
+        Some(v) => Tensor::from_vec(v, x.dims(), x.device()),
+        None => rms_norm_backward_generic(x, w, eps, dy),
+    }
+}
+
+/// RMSNorm backward from candle ops (any device and dtype).
+pub fn rms_norm_backward_generic(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
     let dt = x.dtype();
     let up = |t: &Tensor| {
         if dt == DType::F64 {
@@ -54,19 +108,91 @@ pub fn softmax_last_dim(s: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Softmax backward: `dS = P * (dP - sum(P * dP))` over the last dim.
+/// Softmax backward: `dS = P * (dP - sum(P * dP))` over the last dim (fused per row on the CPU).
 pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let d = p.dim(candle_core::D::Minus1)?;
+    let fused = with_cpu_f32(&[p, dp], |s| {
+        let (ps, dps) = (s[0], s[1]);
+        let mut out = vec![0f32; ps.len()];
+        let rows = par_rows(d);
+        out.par_chunks_mut(d * rows).enumerate().for_each(|(c, o)| {
+            for (k, orow) in o.chunks_mut(d).enumerate() {
+                let i = (c * rows + k) * d;
+                let (pr, dr) = (&ps[i..i + d], &dps[i..i + d]);
+                let dot: f32 = pr.iter().zip(dr).map(|(a, b)| a * b).sum();
+                for j in 0..d {
+                    orow[j] = pr[j] * (dr[j] - dot);
+                }
+            }
+        });
+        out
+    });
+    match fused {
+        Some(v) => Tensor::from_vec(v, p.dims(), p.device()),
+        None => softmax_backward_generic(p, dp),
+    }
+}
+
+/// Softmax backward from candle ops.
+pub fn softmax_backward_generic(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
     let dot = (p * dp)?.sum_keepdim(D::Minus1)?;
     p * dp.broadcast_sub(&dot)?
 }
 
-/// SwiGLU: `silu(g) * u`.
+/// SwiGLU: `silu(g) * u` (one fused multi-threaded pass on the CPU).
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    g.silu()? * u
+    use rayon::prelude::*;
+    let fused = with_cpu_f32(&[g, u], |s| {
+        let (gs, us) = (s[0], s[1]);
+        let mut out = vec![0f32; gs.len()];
+        out.par_chunks_mut(16384).enumerate().for_each(|(c, o)| {
+            let base = c * 16384;
+            for (j, v) in o.iter_mut().enumerate() {
+                let x = gs[base + j];
+                *v = x / (1.0 + (-x).exp()) * us[base + j];
+            }
+        });
+        out
+    });
+    match fused {
+        Some(v) => Tensor::from_vec(v, g.dims(), g.device()),
+        None => g.silu()? * u,
+    }
 }
 
-/// SwiGLU backward: returns (dg, du).
+/// SwiGLU backward: returns (dg, du) (one fused multi-threaded pass on the CPU).
 pub fn swiglu_backward(g: &Tensor, u: &Tensor, da: &Tensor) -> Result<(Tensor, Tensor)> {
+    use rayon::prelude::*;
+    let fused = with_cpu_f32(&[g, u, da], |s| {
+        let (gs, us, das) = (s[0], s[1], s[2]);
+        let n = gs.len();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        dg.par_chunks_mut(16384)
+            .zip(du.par_chunks_mut(16384))
+            .enumerate()
+            .for_each(|(c, (dgc, duc))| {
+                let base = c * 16384;
+                for j in 0..dgc.len() {
+                    let (x, uu, d) = (gs[base + j], us[base + j], das[base + j]);
+                    let sig = 1.0 / (1.0 + (-x).exp());
+                    duc[j] = d * x * sig;
+                    dgc[j] = d * uu * sig * (1.0 + x * (1.0 - sig));
+                }
+            });
+        (dg, du)
+    });
+    match fused {
+        Some((dg, du)) => Ok((
+            Tensor::from_vec(dg, g.dims(), g.device())?,
+            Tensor::from_vec(du, g.dims(), g.device())?,
+        )),
+        None => swiglu_backward_generic(g, u, da),
+    }
+}
+
+/// SwiGLU backward from candle ops.
+pub fn swiglu_backward_generic(g: &Tensor, u: &Tensor, da: &Tensor) -> Result<(Tensor, Tensor)> {
     let sig = candle_nn::ops::sigmoid(g)?;
     let silu = (g * &sig)?;
     let du = (da * &silu)?;

@@ -344,3 +344,57 @@ fn fused_cpu_cross_entropy_matches_reference() {
         assert!((a - b).abs() < 1e-9);
     }
 }
+
+#[test]
+fn fused_cpu_kernels_match_generic_ops() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            (0..n)
+                .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+                .collect::<Vec<f32>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{what}: fused vs generic differ by {d}");
+    };
+    let (x, w, dy) = (t(&[37, 48]), t(&[48]), t(&[37, 48]));
+    close(
+        &ops::rms_norm_backward(&x, &w, 1e-5, &dy).unwrap(),
+        &ops::rms_norm_backward_generic(&x, &w, 1e-5, &dy).unwrap(),
+        "rmsnorm",
+    );
+    let p = candle_nn::ops::softmax_last_dim(&t(&[2, 3, 19, 19])).unwrap();
+    let dp = t(&[2, 3, 19, 19]);
+    close(
+        &ops::softmax_backward(&p, &dp).unwrap(),
+        &ops::softmax_backward_generic(&p, &dp).unwrap(),
+        "softmax",
+    );
+    let (g, u, da) = (
+        t(&[33, 70000 / 33]),
+        t(&[33, 70000 / 33]),
+        t(&[33, 70000 / 33]),
+    );
+    close(
+        &ops::swiglu(&g, &u).unwrap(),
+        &(g.silu().unwrap() * &u).unwrap(),
+        "swiglu",
+    );
+    let (a1, b1) = ops::swiglu_backward(&g, &u, &da).unwrap();
+    let (a2, b2) = ops::swiglu_backward_generic(&g, &u, &da).unwrap();
+    close(&a1, &a2, "swiglu dg");
+    close(&b1, &b2, "swiglu du");
+}
