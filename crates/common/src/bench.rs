@@ -99,25 +99,16 @@ pub fn run(o: &BenchOptions) -> Result<serde_json::Value> {
         .map(|s| s.to_string())
         .collect();
     let lc = LoraConfig::new(o.r, o.alpha, o.dropout, targets);
-    let dev = o.device.clone();
+    let n = model.attach_lora(
+        &lc,
+        crate::train::init_lora(crate::train::args::InitArg::True, o.seed, &o.device),
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
-    let n = model.attach_lora(&lc, |_, r, i, out| {
-        let bound = 1.0 / (i as f64).sqrt();
-        let a: Vec<f32> = (0..r * i)
-            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
-            .collect();
-        Ok((
-            Tensor::from_vec(a, (r, i), &dev)?,
-            Tensor::zeros((out, r), DType::F32, &dev)?,
-        ))
-    })?;
     let trainable: usize = model
         .loras()
         .iter()
         .map(|(_, l)| l.a.elem_count() + l.b.elem_count())
         .sum();
-    let total = trainable + model.config.vocab_size * model.config.hidden_size; // reported below more fully
-    let _ = total;
     let mut opt = AdamW::new(
         AdamWConfig {
             beta1: 0.9,
@@ -149,20 +140,7 @@ pub fn run(o: &BenchOptions) -> Result<serde_json::Value> {
         };
         let count = o.batch * (o.seq - 1);
         let s = model.forward_backward(&batch, &ctx, 1.0 / count as f64, &mut g)?;
-        opt.begin_step();
-        let mut updated = Vec::new();
-        for (i, (_, l)) in model.loras().iter().enumerate() {
-            let a = opt.update(2 * i, &l.a, g.a[i].as_ref().unwrap(), o.lr)?;
-            let b = opt.update(2 * i + 1, &l.b, g.b[i].as_ref().unwrap(), o.lr)?;
-            updated.push((a, b));
-        }
-        for l in model.linears_mut() {
-            if let Some(lo) = l.lora.as_mut() {
-                let (a, b) = updated[lo.id].clone();
-                lo.a = a;
-                lo.b = b;
-            }
-        }
+        opt.step_loras(&mut model, &g.into_flat()?, o.lr)?;
         sync(&o.device)?;
         let dt = t.elapsed().as_secs_f64();
         let loss = s.loss_sum / s.tokens as f64;

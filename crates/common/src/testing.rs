@@ -55,35 +55,21 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType) -> HashMap<Str
             .to_dtype(dtype)
             .unwrap()
     };
-    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-    let mut m = HashMap::new();
-    m.insert("model.embed_tokens.weight".into(), t(&[v, d], 1.0, 0.0));
-    m.insert("model.norm.weight".into(), t(&[d], 0.2, 1.0));
-    if !cfg.tie_word_embeddings {
-        m.insert("lm_head.weight".into(), t(&[v, d], 0.3, 0.0));
-    }
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for (n, shape) in [
-            ("self_attn.q_proj", [h * hd, d]),
-            ("self_attn.k_proj", [kv * hd, d]),
-            ("self_attn.v_proj", [kv * hd, d]),
-            ("self_attn.o_proj", [d, h * hd]),
-            ("mlp.gate_proj", [f, d]),
-            ("mlp.up_proj", [f, d]),
-            ("mlp.down_proj", [d, f]),
-        ] {
-            let s = 1.0 / (shape[1] as f64).sqrt();
-            m.insert(format!("{p}.{n}.weight"), t(&shape, s, 0.0));
-        }
-        m.insert(format!("{p}.input_layernorm.weight"), t(&[d], 0.2, 1.0));
-        m.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            t(&[d], 0.2, 1.0),
-        );
-    }
-    m
+    weight_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = if name.ends_with("norm.weight") {
+                t(&shape, 0.2, 1.0)
+            } else if name == "model.embed_tokens.weight" {
+                t(&shape, 1.0, 0.0)
+            } else if name == "lm_head.weight" {
+                t(&shape, 0.3, 0.0)
+            } else {
+                t(&shape, 1.0 / (shape[1] as f64).sqrt(), 0.0)
+            };
+            (name, t)
+        })
+        .collect()
 }
 
 /// Every weight of a Llama config with its shape (HF names).

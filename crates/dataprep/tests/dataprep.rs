@@ -319,7 +319,6 @@ fn shards_round_trip_and_foreign_tokenizer_is_refused() {
     assert!(meta.train.shards.len() > 1);
     assert!(meta.truncated > 0);
     let tok = tokenizer::load(&dir).unwrap();
-    let t = ChatTemplate::from_model_dir(&dir).unwrap();
     let reader = ShardReader::open(&out, &meta, "train").unwrap();
     assert_eq!(reader.len(), meta.train.sequences);
     let mut labels = 0;
@@ -332,7 +331,6 @@ fn shards_round_trip_and_foreign_tokenizer_is_refused() {
         assert!(text.starts_with("<|im_start|>system\n"), "{text}");
     }
     assert_eq!(labels, meta.train.label_tokens);
-    let _ = t;
     let fp = tokenizer::fingerprint(&tok).unwrap();
     check_tokenizer(&meta, &out, &fp, &dir).unwrap();
     let e = check_tokenizer(&meta, &out, "sha256:other", &dir)

@@ -88,9 +88,9 @@ pub fn conversation_samples(
         .filter(|(_, m)| m.role == "assistant")
         .map(|(i, _)| i)
         .collect();
-    let Some(&last) = asst.last() else {
-        bail!("no assistant turn")
-    };
+    if asst.is_empty() {
+        bail!("no assistant turn");
+    }
     let mut spans = Vec::new();
     let mut texts = Vec::new();
     for &i in &asst {
@@ -109,7 +109,6 @@ pub fn conversation_samples(
             } else {
                 vec![*spans.last().unwrap()]
             };
-            let _ = last;
             Ok(vec![tokenize_with_spans(tok, &full, &chosen)?])
         }
         LabelMode::Expand => texts

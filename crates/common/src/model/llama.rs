@@ -461,6 +461,13 @@ impl Llama {
         v
     }
 
+    /// The LoRA modules in id order, mutable (optimizer updates, loading weights).
+    pub fn loras_mut(&mut self) -> Vec<&mut Lora> {
+        let mut v: Vec<&mut Lora> = self.linears_mut().filter_map(|l| l.lora.as_mut()).collect();
+        v.sort_by_key(|l| l.id);
+        v
+    }
+
     pub fn num_loras(&self) -> usize {
         self.linears().filter(|l| l.lora.is_some()).count()
     }

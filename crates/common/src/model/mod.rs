@@ -50,17 +50,17 @@ impl Grads {
         Ok(())
     }
 
-    /// Global L2 norm of all gradients.
-    pub fn norm(&self) -> Result<f64> {
-        let mut s = 0f64;
-        for g in self.a.iter().chain(self.b.iter()).flatten() {
-            s += g
-                .to_dtype(candle_core::DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+    /// The gradients as one list `[dA_0, dB_0, dA_1, dB_1, ...]` (the optimizer's parameter
+    /// order); every module must have received one.
+    pub fn into_flat(self) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(2 * self.a.len());
+        for (id, (a, b)) in self.a.into_iter().zip(self.b).enumerate() {
+            match (a, b) {
+                (Some(a), Some(b)) => out.extend([a, b]),
+                _ => candle_core::bail!("no gradient for LoRA module {id}"),
+            }
         }
-        Ok(s.sqrt())
+        Ok(out)
     }
 }
 

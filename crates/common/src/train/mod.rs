@@ -45,12 +45,14 @@ pub trait Reporter {
     fn step(&mut self, _state: &TrainerState, _loss: f64) {}
 }
 
-/// A LoRA initialisation drawn from the run seed, PEFT-style.
-fn init_lora(
+/// A LoRA initialisation drawn from the run seed, PEFT-style, created on `device`.
+pub fn init_lora(
     kind: InitArg,
     seed: u64,
+    device: &Device,
 ) -> impl FnMut(&str, usize, usize, usize) -> Result<(Tensor, Tensor)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let device = device.clone();
     move |_, r, i, o| {
         fn uniform(
             rng: &mut rand::rngs::StdRng,
@@ -82,7 +84,7 @@ fn init_lora(
             InitArg::False => uniform(&mut rng, o, r, 1.0 / (r as f64).sqrt())?,
             _ => Tensor::zeros((o, r), DType::F32, &Device::Cpu)?,
         };
-        Ok((a, b))
+        Ok((a.to_device(&device)?, b.to_device(&device)?))
     }
 }
 
@@ -160,18 +162,15 @@ impl Trainer {
         std::fs::create_dir_all(out)
             .with_context(|| format!("{}: cannot create", out.display()))?;
 
-        let n = model.attach_lora(&lora_cfg, init_lora(args.init_lora_weights, args.seed))?;
+        let n = model.attach_lora(
+            &lora_cfg,
+            init_lora(args.init_lora_weights, args.seed, &device),
+        )?;
         if n == 0 {
             bail!(
                 "no module of the model matches --target-modules {}",
                 args.target_modules
             );
-        }
-        for l in model.linears_mut() {
-            if let Some(lo) = l.lora.as_mut() {
-                lo.a = lo.a.to_device(&device)?;
-                lo.b = lo.b.to_device(&device)?;
-            }
         }
         let module_names: Vec<String> = model.loras().iter().map(|(n, _)| n.to_string()).collect();
         let opt_cfg = AdamWConfig {
@@ -370,6 +369,8 @@ impl Trainer {
         let (mut win_loss, mut win_tokens, mut win_labels) = (0f64, 0usize, 0usize);
         let mut win_t = std::time::Instant::now();
         let mut last_norm = f64::NAN;
+        // the last step always evaluates when there is a validation split
+        let mut final_eval = None;
         while self.state.global_step < self.state.total_steps {
             // gather the accumulated batch
             let mut micro = Vec::with_capacity(gas);
@@ -414,19 +415,7 @@ impl Trainer {
             let loss = loss_sum / labels.max(1) as f64;
             let step = self.state.global_step;
             let lr = self.schedule.lr_at(step);
-            let mut gs: Vec<Tensor> = Vec::with_capacity(2 * self.module_names.len());
-            for i in 0..self.module_names.len() {
-                gs.push(
-                    grads.a[i]
-                        .take()
-                        .ok_or_else(|| anyhow!("no gradient for {}", self.module_names[i]))?,
-                );
-                gs.push(
-                    grads.b[i]
-                        .take()
-                        .ok_or_else(|| anyhow!("no gradient for {}", self.module_names[i]))?,
-                );
-            }
+            let mut gs = grads.into_flat()?;
             let norm = {
                 let mut refs: Vec<&mut Tensor> = gs.iter_mut().collect();
                 optim::clip_grad_norm(&mut refs, self.args.max_grad_norm)?
@@ -447,23 +436,7 @@ impl Trainer {
                 }
             } else {
                 self.state.nonfinite_in_a_row = 0;
-                self.opt.begin_step();
-                let mut updated = Vec::with_capacity(gs.len());
-                {
-                    let loras = self.model.loras();
-                    for (i, (_, l)) in loras.iter().enumerate() {
-                        let a = self.opt.update(2 * i, &l.a, &gs[2 * i], lr)?;
-                        let b = self.opt.update(2 * i + 1, &l.b, &gs[2 * i + 1], lr)?;
-                        updated.push((l.id, a, b));
-                    }
-                }
-                for l in self.model.linears_mut() {
-                    if let Some(lo) = l.lora.as_mut() {
-                        let (_, a, b) = updated[lo.id].clone();
-                        lo.a = a;
-                        lo.b = b;
-                    }
-                }
+                self.opt.step_loras(&mut self.model, &gs, lr)?;
                 win_loss += loss;
                 win_labels += 1;
                 last_norm = norm;
@@ -479,6 +452,9 @@ impl Trainer {
                 && (last
                     || (self.args.eval_steps > 0 && step.is_multiple_of(self.args.eval_steps)));
             let eval = if do_eval { self.evaluate()? } else { None };
+            if last {
+                final_eval = eval;
+            }
             if let Some(e) = eval {
                 if self.state.best_eval_loss.is_none_or(|b| e < b) {
                     self.state.best_eval_loss = Some(e);
@@ -532,23 +508,11 @@ impl Trainer {
         cfg.inference_mode = true;
         Adapter::save(&cfg, &weights, &self.args.output_dir)?;
         self.write_run_json("completed")?;
-        let final_eval = self.best_or_last_eval()?;
         Ok(Outcome::Completed {
             adapter_dir: self.args.output_dir.clone(),
             final_eval_loss: final_eval,
             first_eval_loss: first_eval,
         })
-    }
-
-    fn best_or_last_eval(&self) -> Result<Option<f64>> {
-        // the last metrics row holds the final evaluation when there is a validation split
-        let text =
-            std::fs::read_to_string(self.args.output_dir.join("metrics.csv")).unwrap_or_default();
-        Ok(text
-            .lines()
-            .last()
-            .and_then(|l| l.rsplit(',').next())
-            .and_then(|s| s.parse().ok()))
     }
 }
 

@@ -65,6 +65,24 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// One optimizer step over every LoRA matrix of `model`; `grads` in `Grads::into_flat`
+    /// order (parameter `2*id` is A, `2*id + 1` is B).
+    pub fn step_loras(
+        &mut self,
+        model: &mut crate::model::Llama,
+        grads: &[Tensor],
+        lr: f64,
+    ) -> Result<()> {
+        self.begin_step();
+        for lo in model.loras_mut() {
+            lo.a = self.update(2 * lo.id, &lo.a, &grads[2 * lo.id], lr)?;
+            lo.b = self.update(2 * lo.id + 1, &lo.b, &grads[2 * lo.id + 1], lr)?;
+        }
+        Ok(())
+    }
+}
+
 /// Scales gradients so their global norm is at most `max_norm` (PyTorch's clip_grad_norm_:
 /// factor `max_norm / (norm + 1e-6)` when above). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut Tensor], max_norm: f64) -> Result<f64> {
