@@ -73,7 +73,8 @@ struct Args {
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    if let Err(e) = common::device::run_compute(|| run(args)) {
         eprintln!("infer: error: {e:#}");
         std::process::exit(1);
     }

@@ -58,7 +58,8 @@ struct Args {
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    if let Err(e) = common::device::run_compute(|| run(args)) {
         eprintln!("bench-lora: error: {e:#}");
         std::process::exit(1);
     }

@@ -59,7 +59,7 @@ fn main() {
         }
     };
     let cli = Cli::parse_from(argv);
-    match run(cli.args) {
+    match common::device::run_compute(|| run(cli.args)) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("trainer: error: {e:#}");
