@@ -36,26 +36,26 @@ pub fn peak_rss_mib() -> f64 {
 
 /// Runs the compute of a binary (`f`) with the CPU thread set-up that suits it:
 ///
-/// - `f` runs on a worker of a rayon pool (one thread per core, or `RAYON_NUM_THREADS`), so the
-///   thread that drives the model takes part in every parallel GEMM and kernel instead of
-///   sleeping while the pool works and competing with it when it wakes up;
+/// - `f` runs inside candle's CPU thread pool (`Device::with_context`), so the thread that
+///   drives the model takes part in every parallel GEMM and kernel instead of sleeping while
+///   the pool works and competing with it when it wakes up;
 /// - candle's element-wise thread pool spins at most ~1,000 iterations before it parks
 ///   (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, default 25,000 in candle): a worker spinning for longer
-///   steals a core from the GEMM that follows every element-wise op. A value set by the user wins.
+///   steals a core from the GEMM that follows every element-wise op;
+/// - the thread count is fixed once in `RAYON_NUM_THREADS` (candle's own choice: the physical
+///   cores): unset, candle re-reads /proc/cpuinfo on every matmul to find it.
 ///
-/// Measured on 2 cores (bench-lora, SmolLM2-135M, seq 256): 145 -> 170 tok/s for the spin limit,
-/// 170 -> 185 tok/s for the pool. Call it first thing in `main`, before any thread exists.
+/// Values the user set win. Measured on 2 cores (bench-lora, SmolLM2-135M, seq 256): 145 -> 170
+/// tok/s for the spin limit, 170 -> 185 for the pool. Call it first thing in `main`, before any
+/// thread exists (it sets environment variables).
 pub fn run_compute<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(SPIN).is_none() {
-        // single-threaded at this point: nothing reads the environment concurrently
-        std::env::set_var(SPIN, "1000");
+    // single-threaded at this point: nothing reads the environment concurrently
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
-    match rayon::ThreadPoolBuilder::new()
-        .thread_name(|i| format!("dialora-{i}"))
-        .build()
-    {
-        Ok(pool) => pool.install(f),
-        Err(_) => f(),
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    Device::Cpu.with_context(f)
 }
