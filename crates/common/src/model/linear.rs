@@ -4,7 +4,7 @@
 //! Only the LoRA matrices get gradients; for the frozen weight the backward computes the input
 //! gradient alone (`dx = dy W`), never `dW`.
 
-use super::{Grads, TrainCtx};
+use super::{gemm, ops, Grads, TrainCtx};
 use candle_core::{DType, Result, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -68,7 +68,7 @@ impl LoraLinear {
     }
 
     fn base(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = gemm::matmul(x, &self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -93,16 +93,14 @@ impl LoraLinear {
             ));
         };
         let xd = match ctx {
-            Some(c) if l.dropout > 0.0 => {
-                (x * dropout_mask(c, l, x.dims(), x.dtype(), x.device())?)?
-            }
+            Some(c) if l.dropout > 0.0 => dropout(c, l, x)?,
             _ => x.clone(),
         };
         let a = l.a.to_dtype(x.dtype())?;
         let b = l.b.to_dtype(x.dtype())?;
-        let h = xd.matmul(&a.t()?)?;
-        // scale the small [N, r] factor, not the [N, out] product
-        let y = (y + (&h * l.scale)?.matmul(&b.t()?)?)?;
+        let h = gemm::matmul(&xd, &a.t()?)?;
+        // y += scale · h Bᵀ, accumulated into y (the scale rides on the GEMM)
+        let y = gemm::matmul_acc(y, &h, &b.t()?, l.scale)?;
         Ok((
             y,
             LinearSaved {
@@ -112,75 +110,157 @@ impl LoraLinear {
         ))
     }
 
-    /// Backward: returns `dx` and adds `dA`, `dB` into `grads`.
+    /// Backward: returns `dx` (added to `acc` when given: pass a fresh tensor this layer's
+    /// input gradient is summed into, as for q/k/v sharing an input) and adds `dA`, `dB` into
+    /// `grads`.
     pub fn backward(
         &self,
         saved: &LinearSaved,
         dy: &Tensor,
         ctx: &TrainCtx,
         grads: &mut Grads,
+        acc: Option<Tensor>,
     ) -> Result<Tensor> {
-        let dx = dy.matmul(&self.weight)?;
+        let dx = match acc {
+            Some(acc) => gemm::matmul_acc(acc, dy, &self.weight, 1.0)?,
+            None => gemm::matmul(dy, &self.weight)?,
+        };
         let (Some(l), Some(h)) = (&self.lora, &saved.h) else {
             return Ok(dx);
         };
         let x = &saved.x;
-        let mask = if l.dropout > 0.0 {
-            Some(dropout_mask(ctx, l, x.dims(), x.dtype(), x.device())?)
+        let dropped = l.dropout > 0.0;
+        let xd = if dropped {
+            dropout(ctx, l, x)?
         } else {
-            None
-        };
-        let xd = match &mask {
-            Some(m) => (x * m)?,
-            None => x.clone(),
+            x.clone()
         };
         let a = l.a.to_dtype(dy.dtype())?;
         let b = l.b.to_dtype(dy.dtype())?;
         // the scale goes on the small results ([out, r] and [N, r]), not on dy
-        let db = (dy.t()?.matmul(h)? * l.scale)?; // [out, r]
-        let dh = (dy.matmul(&b)? * l.scale)?; // [N, r]
-        let da = dh.t()?.matmul(&xd)?; // [r, in]
-        let mut dxl = dh.matmul(&a)?; // [N, in]
-        if let Some(m) = &mask {
-            dxl = (dxl * m)?;
-        }
+        let db = (gemm::matmul(&dy.t()?, h)? * l.scale)?; // [out, r]
+        let dh = (gemm::matmul(dy, &b)? * l.scale)?; // [N, r]
+        let da = gemm::matmul(&dh.t()?, &xd)?; // [r, in]
         grads.add(l.id, &da.to_dtype(l.a.dtype())?, &db.to_dtype(l.b.dtype())?)?;
-        dx + dxl
+        if dropped {
+            // dx += dropout'(dh A): the same mask as the forward, regenerated
+            add_dropped(ctx, l, dx, &gemm::matmul(&dh, &a)?)
+        } else {
+            gemm::matmul_acc(dx, &dh, &a, 1.0)
+        }
     }
 }
 
-/// Dropout mask (values 0 or 1/(1-p)) for one LoRA module at one micro-step. It is a pure
+/// The dropout mask (values 0 or 1/(1-p)) of one LoRA module at one micro-step. It is a pure
 /// function of (seed, micro-step, module id), so the backward and a resumed run regenerate
-/// exactly the mask the forward used, and no mask needs to be stored.
-fn dropout_mask(
-    ctx: &TrainCtx,
-    l: &Lora,
-    dims: &[usize],
-    dtype: DType,
-    dev: &candle_core::Device,
-) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let stream = ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ ctx.micro_step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
-        ^ (l.id as u64).wrapping_mul(0x94D0_49BB_1331_11EB);
-    let keep = (1.0 / (1.0 - l.dropout)) as f32;
-    // four 16-bit uniforms per 64-bit draw (drop probability resolution 1/65536), in
-    // independently seeded chunks generated in parallel
-    let threshold = (l.dropout * 65536.0).round() as u32;
+/// exactly the mask the forward used, and no mask needs to be stored. Elements come in
+/// independently seeded chunks, generated in parallel.
+struct Mask {
+    stream: u64,
+    /// drop when a 16-bit uniform is below this (drop probability resolution 1/65536)
+    threshold: u32,
+    keep: f32,
+}
+
+impl Mask {
     const CHUNK: usize = 1 << 16;
-    let mut v = vec![0f32; n];
-    use rayon::prelude::*;
-    v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+
+    fn new(ctx: &TrainCtx, l: &Lora) -> Self {
+        Self {
+            stream: ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ ctx.micro_step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+                ^ (l.id as u64).wrapping_mul(0x94D0_49BB_1331_11EB),
+            threshold: (l.dropout * 65536.0).round() as u32,
+            keep: (1.0 / (1.0 - l.dropout)) as f32,
+        }
+    }
+
+    /// Calls `f(j, m)` with the mask value `m` of element `j` of chunk `c`, for `j < len`.
+    fn chunk(&self, c: usize, len: usize, mut f: impl FnMut(usize, f32)) {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(
-            stream ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+            self.stream ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
         );
-        for quad in out.chunks_mut(4) {
+        // four 16-bit uniforms per 64-bit draw
+        for q in (0..len).step_by(4) {
             let r: u64 = rng.random();
-            for (k, o) in quad.iter_mut().enumerate() {
+            for k in 0..4.min(len - q) {
                 let u = ((r >> (16 * k)) & 0xFFFF) as u32;
-                *o = if u < threshold { 0.0 } else { keep };
+                f(q + k, if u < self.threshold { 0.0 } else { self.keep });
             }
         }
+    }
+
+    /// `g(i, &mut out[i], mask[i])` for every element, in parallel chunks.
+    fn apply(&self, out: &mut [f32], g: impl Fn(usize, &mut f32, f32) + Sync) {
+        use rayon::prelude::*;
+        out.par_chunks_mut(Self::CHUNK)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let base = c * Self::CHUNK;
+                let len = o.len();
+                self.chunk(c, len, |j, m| g(base + j, &mut o[j], m));
+            });
+    }
+
+    fn tensor(&self, dims: &[usize], dev: &candle_core::Device) -> Result<Tensor> {
+        let mut v = vec![0f32; dims.iter().product()];
+        self.apply(&mut v, |_, o, m| *o = m);
+        Tensor::from_vec(v, dims, dev)
+    }
+}
+
+/// `dropout(x)` with the module's mask for this micro-step (one fused pass on the CPU in f32).
+fn dropout(ctx: &TrainCtx, l: &Lora, x: &Tensor) -> Result<Tensor> {
+    let mask = Mask::new(ctx, l);
+    let fused = ops::with_cpu_f32(&[x], |s| {
+        let xs = s[0];
+        let mut out = vec![0f32; xs.len()];
+        mask.apply(&mut out, |i, o, m| *o = xs[i] * m);
+        out
     });
-    Tensor::from_vec(v, dims, dev)?.to_dtype(dtype)
+    match fused {
+        Some(v) => Tensor::from_vec(v, x.dims(), x.device()),
+        None => x * mask.tensor(x.dims(), x.device())?.to_dtype(x.dtype())?,
+    }
+}
+
+/// `acc + dropout(t)` with the module's mask for this micro-step (in place on the CPU in f32, so
+/// `acc` must own its storage, as for `gemm::matmul_acc`).
+fn add_dropped(ctx: &TrainCtx, l: &Lora, acc: Tensor, t: &Tensor) -> Result<Tensor> {
+    let mask = Mask::new(ctx, l);
+    if acc.device().is_cpu() && acc.dtype() == DType::F32 && acc.is_contiguous() {
+        acc.inplace_op2(&t.contiguous()?, &AddDropped(mask))?;
+        return Ok(acc);
+    }
+    acc + (t * mask.tensor(t.dims(), t.device())?.to_dtype(t.dtype())?)?
+}
+
+struct AddDropped(Mask);
+
+impl candle_core::InplaceOp2 for AddDropped {
+    fn name(&self) -> &'static str {
+        "dialora-add-dropped"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dl: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        sl: &candle_core::Layout,
+    ) -> Result<()> {
+        use candle_core::CpuStorage::F32;
+        let (F32(d), F32(s)) = (dst, src) else {
+            candle_core::bail!("add_dropped: f32 only");
+        };
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("add_dropped: contiguous tensors only");
+        };
+        let (d, s) = (&mut d[d0..d1], &s[s0..s1]);
+        if d.len() != s.len() {
+            candle_core::bail!("add_dropped: {} vs {} elements", d.len(), s.len());
+        }
+        self.0.apply(d, |i, o, m| *o += s[i] * m);
+        Ok(())
+    }
 }

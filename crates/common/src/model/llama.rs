@@ -137,12 +137,7 @@ impl Attention {
         // a key/value head into the row dimension.
         let qg = q.reshape((b, kvh, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut s = (qg.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
-            let mask = ops::causal_mask(t, past, rep, s.dtype(), s.device())?;
-            s = s.broadcast_add(&mask)?;
-        }
-        let p = ops::softmax_last_dim(&s)?;
+        let p = ops::causal_softmax(&qg.matmul(&k.t()?)?, scale, t, past)?;
         let og = p.matmul(&v)?; // [B, KVH, rep*T, hd]
         let o2 = og
             .reshape((b, self.heads, t, hd))?
@@ -176,7 +171,7 @@ impl Attention {
         let rep = self.heads / kvh;
         let do2 = self
             .o
-            .backward(&s.lo, &dy.reshape((b * t, d))?, ctx, grads)?;
+            .backward(&s.lo, &dy.reshape((b * t, d))?, ctx, grads, None)?;
         let dog = do2
             .reshape((b, t, self.heads, hd))?
             .transpose(1, 2)?
@@ -185,16 +180,23 @@ impl Attention {
         let dv = s.p.t()?.matmul(&dog)?; // [B, KVH, T, hd]
         let dp = dog.matmul(&s.v.t()?)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let ds = (ops::softmax_backward(&s.p, &dp)? * scale)?;
+        let ds = ops::softmax_backward(&s.p, &dp, scale)?;
         let dq = ds.matmul(&s.k)?.reshape((b, self.heads, t, hd))?;
         let dk = ds.t()?.matmul(&s.q)?;
         let (cos, sin) = rope.tables(0, t)?;
         let dq = ops::rope_backward(&dq, &cos, &sin)?;
         let dk = ops::rope_backward(&dk, &cos, &sin)?;
         let flat = |x: Tensor, h: usize| x.transpose(1, 2)?.reshape((b * t, h * hd));
-        let dx = self.q.backward(&s.lq, &flat(dq, self.heads)?, ctx, grads)?;
-        let dx = (dx + self.k.backward(&s.lk, &flat(dk, kvh)?, ctx, grads)?)?;
-        let dx = (dx + self.v.backward(&s.lv, &flat(dv, kvh)?, ctx, grads)?)?;
+        // the three input gradients are summed into one buffer by the GEMMs
+        let dx = self
+            .q
+            .backward(&s.lq, &flat(dq, self.heads)?, ctx, grads, None)?;
+        let dx = self
+            .k
+            .backward(&s.lk, &flat(dk, kvh)?, ctx, grads, Some(dx))?;
+        let dx = self
+            .v
+            .backward(&s.lv, &flat(dv, kvh)?, ctx, grads, Some(dx))?;
         dx.reshape((b, t, d))
     }
 }
@@ -246,10 +248,10 @@ impl Mlp {
         let (b, t, d) = dy.dims3()?;
         let da = self
             .down
-            .backward(&s.ld, &dy.reshape((b * t, d))?, ctx, grads)?;
+            .backward(&s.ld, &dy.reshape((b * t, d))?, ctx, grads, None)?;
         let (dg, du) = ops::swiglu_backward(&s.g, &s.u, &da)?;
-        let dx = (self.gate.backward(&s.lg, &dg, ctx, grads)?
-            + self.up.backward(&s.lu, &du, ctx, grads)?)?;
+        let dx = self.gate.backward(&s.lg, &dg, ctx, grads, None)?;
+        let dx = self.up.backward(&s.lu, &du, ctx, grads, Some(dx))?;
         dx.reshape((b, t, d))
     }
 }

@@ -5,6 +5,7 @@
 //! what each op's hand-written backward needs (see `ops`), and only LoRA matrices get
 //! gradients.
 
+mod gemm;
 mod linear;
 mod llama;
 pub mod ops;

@@ -15,7 +15,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Runs `f` over the contiguous f32 data of CPU tensors; `None` when any is not such a tensor
 /// (the caller then takes the generic path).
-fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+pub(crate) fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     use candle_core::{CpuStorage, Storage};
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(ts.len());
@@ -108,21 +108,71 @@ pub fn softmax_last_dim(s: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Softmax backward: `dS = P * (dP - sum(P * dP))` over the last dim (fused per row on the CPU).
-pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+/// Causal softmax of attention scores `s: [.., rows, past + t]` whose rows are the `t` new
+/// query positions (repeated for grouped heads folded into the rows):
+/// `softmax(scale * s + mask)`, where row `r` sees keys `0..=past + r % t`. One fused
+/// multi-threaded pass per row on the CPU in f32 (masked entries come out exactly 0).
+pub fn causal_softmax(s: &Tensor, scale: f64, t: usize, past: usize) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let cols = s.dim(D::Minus1)?;
+    if cols != past + t {
+        candle_core::bail!("causal_softmax: {cols} key columns for {past} + {t} positions");
+    }
+    let fused = with_cpu_f32(&[s], |v| {
+        let xs = v[0];
+        let mut out = vec![0f32; xs.len()];
+        let rows = par_rows(cols);
+        let sc = scale as f32;
+        out.par_chunks_mut(cols * rows)
+            .enumerate()
+            .for_each(|(c, o)| {
+                for (k, orow) in o.chunks_mut(cols).enumerate() {
+                    let r = c * rows + k;
+                    let seen = past + r % t + 1;
+                    let xr = &xs[r * cols..r * cols + seen];
+                    let max = xr.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * sc;
+                    let mut sum = 0f32;
+                    for (oj, &x) in orow[..seen].iter_mut().zip(xr) {
+                        let e = (x * sc - max).exp();
+                        *oj = e;
+                        sum += e;
+                    }
+                    let inv = 1.0 / sum;
+                    orow[..seen].iter_mut().for_each(|oj| *oj *= inv);
+                }
+            });
+        out
+    });
+    match fused {
+        Some(v) => Tensor::from_vec(v, s.dims(), s.device()),
+        None => {
+            let mut x = (s * scale)?;
+            if t > 1 {
+                let rep = s.dim(D::Minus2)? / t;
+                x = x.broadcast_add(&causal_mask(t, past, rep, x.dtype(), x.device())?)?;
+            }
+            softmax_last_dim(&x)
+        }
+    }
+}
+
+/// Softmax backward: `dS = scale * P * (dP - sum(P * dP))` over the last dim (fused per row on
+/// the CPU); `scale` is the factor the scores were multiplied by before the softmax.
+pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
     use rayon::prelude::*;
     let d = p.dim(candle_core::D::Minus1)?;
     let fused = with_cpu_f32(&[p, dp], |s| {
         let (ps, dps) = (s[0], s[1]);
         let mut out = vec![0f32; ps.len()];
         let rows = par_rows(d);
+        let sc = scale as f32;
         out.par_chunks_mut(d * rows).enumerate().for_each(|(c, o)| {
             for (k, orow) in o.chunks_mut(d).enumerate() {
                 let i = (c * rows + k) * d;
                 let (pr, dr) = (&ps[i..i + d], &dps[i..i + d]);
                 let dot: f32 = pr.iter().zip(dr).map(|(a, b)| a * b).sum();
                 for j in 0..d {
-                    orow[j] = pr[j] * (dr[j] - dot);
+                    orow[j] = sc * pr[j] * (dr[j] - dot);
                 }
             }
         });
@@ -130,7 +180,7 @@ pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
     });
     match fused {
         Some(v) => Tensor::from_vec(v, p.dims(), p.device()),
-        None => softmax_backward_generic(p, dp),
+        None => softmax_backward_generic(p, dp)? * scale,
     }
 }
 

@@ -379,9 +379,30 @@ fn fused_cpu_kernels_match_generic_ops() {
     let p = candle_nn::ops::softmax_last_dim(&t(&[2, 3, 19, 19])).unwrap();
     let dp = t(&[2, 3, 19, 19]);
     close(
-        &ops::softmax_backward(&p, &dp).unwrap(),
-        &ops::softmax_backward_generic(&p, &dp).unwrap(),
-        "softmax",
+        &ops::softmax_backward(&p, &dp, 0.125).unwrap(),
+        &(ops::softmax_backward_generic(&p, &dp).unwrap() * 0.125).unwrap(),
+        "softmax backward",
+    );
+    // causal softmax: 2 grouped heads folded into the rows, 5 new positions after 3 cached
+    let s = t(&[2, 3, 2 * 5, 8]);
+    let mask = ops::causal_mask(5, 3, 2, DType::F32, &Device::Cpu).unwrap();
+    let want = candle_nn::ops::softmax_last_dim(&(&s * 0.3).unwrap().broadcast_add(&mask).unwrap())
+        .unwrap();
+    let got = ops::causal_softmax(&s, 0.3, 5, 3).unwrap();
+    close(&got, &want, "causal softmax");
+    let row: Vec<f32> = got
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(6)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(
+        &row[5..],
+        &[0.0, 0.0, 0.0],
+        "row 6 = position 3+1 sees keys 0..=4 only"
     );
     let (g, u, da) = (
         t(&[33, 70000 / 33]),
@@ -397,4 +418,56 @@ fn fused_cpu_kernels_match_generic_ops() {
     let (a2, b2) = ops::swiglu_backward_generic(&g, &u, &da).unwrap();
     close(&a1, &a2, "swiglu dg");
     close(&b1, &b2, "swiglu du");
+}
+
+/// The CPU f32 path (in-place GEMM accumulation, fused dropout, causal softmax and the other
+/// fused kernels) against the generic candle ops the f64 model takes, which the finite-difference
+/// test checks: same loss and LoRA gradients up to f32 rounding.
+#[test]
+fn fast_f32_path_matches_generic_f64_path() {
+    let cfg = tiny_config(true);
+    let ctx = TrainCtx {
+        seed: 5,
+        micro_step: 3,
+        checkpoint: false,
+    };
+    let bt = batch(2, 9, cfg.vocab_size as u32, 4);
+    let run = |dtype: DType| {
+        let mut model = tiny_model(&cfg, dtype);
+        random_lora(&mut model, crate::lora::TARGETABLE, 0.2, false, dtype);
+        let mut g = Grads::new(model.num_loras());
+        let loss = model
+            .forward_backward(&bt, &ctx, 0.1, &mut g)
+            .unwrap()
+            .loss_sum;
+        let flat = |v: &Vec<Option<Tensor>>| -> Vec<f64> {
+            v.iter()
+                .flat_map(|t| {
+                    t.as_ref()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                })
+                .collect()
+        };
+        (loss, flat(&g.a), flat(&g.b))
+    };
+    let (l32, a32, b32) = run(DType::F32);
+    let (l64, a64, b64) = run(DType::F64);
+    assert!((l32 - l64).abs() < 1e-4 * l64.abs(), "loss {l32} vs {l64}");
+    for (what, x, y) in [("A", a32, a64), ("B", b32, b64)] {
+        let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(&y)
+            .fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            scale > 0.0 && worst < 1e-4 * scale,
+            "grad {what}: {worst} vs max {scale}"
+        );
+    }
 }

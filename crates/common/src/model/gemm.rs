@@ -1,0 +1,238 @@
+//! 2-D matrix products for the training path. On the CPU in f32 they call the `gemm` crate (the
+//! one candle's own `matmul` calls) as candle custom ops, to get the two things `matmul` lacks:
+//!
+//! - `matmul`: the output is not zero-filled before the product overwrites it (candle's CPU
+//!   matmul memsets every output, serially on the calling thread);
+//! - `matmul_acc`: `C += α·A·B` into an existing output, so `y = xWᵀ + s·(hBᵀ)` or
+//!   `dx = dq·Wq + dk·Wk + dv·Wv` need no separate add passes and no temporaries.
+//!
+//! Operands may have any strides (a transposed view is not copied). Other devices and dtypes
+//! take candle's `matmul` and tensor adds, with the same results.
+
+use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Tensor};
+
+/// A strided 2-D f32 operand inside a CPU storage.
+struct Operand<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+fn operand<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Operand<'a>> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("gemm: {what} is not f32"),
+    };
+    let (dims, stride) = (l.dims(), l.stride());
+    if dims.len() != 2 {
+        candle_core::bail!("gemm: {what} must be 2-D, got {dims:?}");
+    }
+    let (rows, cols) = (dims[0], dims[1]);
+    let last = l.start_offset() + (rows.max(1) - 1) * stride[0] + (cols.max(1) - 1) * stride[1];
+    if rows > 0 && cols > 0 && last >= data.len() {
+        candle_core::bail!("gemm: {what} layout exceeds its storage");
+    }
+    Ok(Operand {
+        data,
+        offset: l.start_offset(),
+        rows,
+        cols,
+        rs: stride[0] as isize,
+        cs: stride[1] as isize,
+    })
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst = alpha·a·b` (`accumulate = false`: dst need not be initialised) or `dst += alpha·a·b`.
+/// `dst` is a contiguous row-major `[a.rows, b.cols]` buffer.
+///
+/// # Safety
+/// `dst` must be valid for writes of `a.rows * b.cols` f32 values and must not overlap `a` or
+/// `b`; operands are bounds-checked by `operand`.
+unsafe fn run(dst: *mut f32, a: &Operand, b: &Operand, accumulate: bool, alpha: f32) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if k == 0 {
+        if !accumulate {
+            std::ptr::write_bytes(dst, 0, m * n);
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        a.data.as_ptr().add(a.offset),
+        a.cs,
+        a.rs,
+        b.data.as_ptr().add(b.offset),
+        b.cs,
+        b.rs,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        parallelism(),
+    );
+}
+
+struct MatMul;
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "dialora-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (operand(s1, l1, "lhs")?, operand(s2, l2, "rhs")?);
+        if a.cols != b.rows {
+            candle_core::bail!(
+                "matmul: [{}, {}] x [{}, {}]",
+                a.rows,
+                a.cols,
+                b.rows,
+                b.cols
+            );
+        }
+        let len = a.rows * b.cols;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        // SAFETY: `out` has capacity `len`; `run` writes every element before `set_len`.
+        unsafe {
+            run(out.as_mut_ptr(), &a, &b, false, 1.0);
+            out.set_len(len);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((a.rows, b.cols))))
+    }
+}
+
+struct MatMulAcc {
+    alpha: f32,
+}
+
+impl InplaceOp3 for MatMulAcc {
+    fn name(&self) -> &'static str {
+        "dialora-matmul-acc"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (a, b) = (operand(s1, l1, "lhs")?, operand(s2, l2, "rhs")?);
+        let (m, n) = (a.rows, b.cols);
+        let off = dst_l.start_offset();
+        let CpuStorage::F32(d) = dst else {
+            candle_core::bail!("matmul_acc: accumulator is not f32");
+        };
+        if a.cols != b.rows || dst_l.dims() != [m, n] || !dst_l.is_contiguous() {
+            candle_core::bail!(
+                "matmul_acc: {:?} += [{}, {}] x [{}, {}]",
+                dst_l.dims(),
+                a.rows,
+                a.cols,
+                b.rows,
+                b.cols
+            );
+        }
+        if off + m * n > d.len() {
+            candle_core::bail!("matmul_acc: accumulator layout exceeds its storage");
+        }
+        // SAFETY: bounds checked above; the accumulator is a distinct storage (candle's in-place
+        // op takes it mutably while the sources are borrowed).
+        unsafe { run(d.as_mut_ptr().add(off), &a, &b, true, self.alpha) };
+        Ok(())
+    }
+}
+
+fn fast(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2)
+}
+
+/// `a·b` for 2-D tensors (any strides).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fast(&[a, b]) {
+        a.apply_op2_no_bwd(b, &MatMul)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// `acc + alpha·a·b`. On the CPU in f32 `acc` is updated in place and returned, so it must own
+/// its storage: pass a fresh result (of `matmul`, say), never a view or a clone of a tensor
+/// that is still used.
+pub fn matmul_acc(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    if fast(&[&acc, a, b]) && acc.is_contiguous() {
+        acc.inplace_op3(
+            a,
+            b,
+            &MatMulAcc {
+                alpha: alpha as f32,
+            },
+        )?;
+        Ok(acc)
+    } else {
+        let p = a.matmul(b)?;
+        let p = if alpha == 1.0 { p } else { (p * alpha)? };
+        acc + p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: &[f32], r: usize, c: usize) -> Tensor {
+        Tensor::from_vec(v.to_vec(), (r, c), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn matmul_and_accumulate_match_candle() {
+        let a = t(
+            &(0..12).map(|i| i as f32 * 0.5 - 2.0).collect::<Vec<_>>(),
+            3,
+            4,
+        );
+        let b = t(&(0..20).map(|i| (i as f32).sin()).collect::<Vec<_>>(), 5, 4);
+        // b is used transposed (a strided view): [3,4] x [4,5]
+        let want = a.matmul(&b.t().unwrap()).unwrap();
+        let got = matmul(&a, &b.t().unwrap()).unwrap();
+        let diff = |x: &Tensor, y: &Tensor| {
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&got, &want) < 1e-5);
+        let acc = matmul(&a, &b.t().unwrap()).unwrap();
+        let acc = matmul_acc(acc, &a, &b.t().unwrap(), 0.5).unwrap();
+        assert!(diff(&acc, &(&want * 1.5).unwrap()) < 1e-5, "{acc}");
+    }
+}
