@@ -1,5 +1,5 @@
 use super::linear::{LinearSaved, Lora, LoraLinear};
-use super::ops;
+use super::{gemm, ops};
 use super::{Grads, TrainCtx};
 use crate::config::ModelConfig;
 use crate::lora::LoraConfig;
@@ -625,9 +625,9 @@ impl Llama {
             let idx = Tensor::from_slice(&rows[start..end], n, h.device())?;
             let tgt = Tensor::from_slice(&tg[start..end], (n, 1), h.device())?;
             let hs = h.index_select(&idx, 0)?;
-            let logits = hs.matmul(&head.t()?)?;
+            let logits = gemm::matmul(&hs, &head.t()?)?;
             let dlogits = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-                let (l, g) = ops::cross_entropy_cpu_f32(&logits, &tg[start..end], grad_scale)?;
+                let (l, g) = ops::cross_entropy_cpu_f32(logits, &tg[start..end], grad_scale)?;
                 loss += l.iter().sum::<f64>();
                 g
             } else {
@@ -654,7 +654,7 @@ impl Llama {
                 }
             };
             if let (Some(dl), Some(dh)) = (dlogits, dh.as_mut()) {
-                let dhs = dl.to_dtype(h.dtype())?.matmul(head)?;
+                let dhs = gemm::matmul(&dl.to_dtype(h.dtype())?, head)?;
                 *dh = dh.index_add(&idx, &dhs, 0)?;
             }
         }

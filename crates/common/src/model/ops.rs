@@ -276,58 +276,90 @@ pub fn causal_mask(
 
 /// Fused cross-entropy over rows of f32 logits on the CPU: one multi-threaded pass per row
 /// computes the token loss `logsumexp(x) - x[target]` and, when `scale` is given, the gradient
-/// `scale * (softmax(x) - onehot(target))`. Returns (per-row losses, gradient `[rows, V]`).
+/// `scale * (softmax(x) - onehot(target))`, written over the logits in place (so `logits` must
+/// own its storage: a fresh matmul result). Returns (per-row losses, gradient `[rows, V]`).
 /// The generic path (`Llama::loss_head`) covers other devices and dtypes; the two agree
 /// (tested).
 pub fn cross_entropy_cpu_f32(
-    logits: &Tensor,
+    logits: Tensor,
     targets: &[u32],
     scale: Option<f64>,
 ) -> Result<(Vec<f64>, Option<Tensor>)> {
     use rayon::prelude::*;
-    let (c, v) = logits.dims2()?;
-    let data: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    let mut losses = vec![0f64; c];
-    let mut grad = if scale.is_some() {
-        vec![0f32; c * v]
-    } else {
-        Vec::new()
-    };
-    let row_loss = |row: &[f32], t: usize, g: Option<&mut [f32]>| -> f64 {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f64;
-        match g {
-            Some(g) => {
-                for (gj, &x) in g.iter_mut().zip(row) {
-                    let e = (x - max).exp();
-                    *gj = e;
+    let (c, _) = logits.dims2()?;
+    if targets.len() != c {
+        candle_core::bail!("cross_entropy: {} targets for {c} rows", targets.len());
+    }
+    match scale {
+        Some(scale) => {
+            let op = CrossEntropyGrad {
+                targets,
+                scale,
+                losses: std::sync::Mutex::new(Vec::new()),
+            };
+            logits.inplace_op1(&op)?;
+            let losses = op.losses.into_inner().unwrap_or_default();
+            Ok((losses, Some(logits)))
+        }
+        None => {
+            let losses = with_cpu_f32(&[&logits], |s| {
+                let v = s[0].len() / c.max(1);
+                (0..c)
+                    .into_par_iter()
+                    .map(|i| {
+                        let row = &s[0][i * v..(i + 1) * v];
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let sum: f64 = row.iter().map(|&x| ((x - max).exp()) as f64).sum();
+                        max as f64 + sum.ln() - row[targets[i] as usize] as f64
+                    })
+                    .collect::<Vec<f64>>()
+            });
+            match losses {
+                Some(l) => Ok((l, None)),
+                None => candle_core::bail!("cross_entropy_cpu_f32: contiguous f32 CPU logits only"),
+            }
+        }
+    }
+}
+
+struct CrossEntropyGrad<'a> {
+    targets: &'a [u32],
+    scale: f64,
+    losses: std::sync::Mutex<Vec<f64>>,
+}
+
+impl candle_core::InplaceOp1 for CrossEntropyGrad<'_> {
+    fn name(&self) -> &'static str {
+        "dialora-cross-entropy"
+    }
+    fn cpu_fwd(&self, st: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+        use rayon::prelude::*;
+        let (candle_core::CpuStorage::F32(data), Some((o0, o1))) = (st, l.contiguous_offsets())
+        else {
+            candle_core::bail!("cross_entropy_cpu_f32: contiguous f32 CPU logits only");
+        };
+        let v = l.dims()[1];
+        let mut losses = vec![0f64; self.targets.len()];
+        data[o0..o1]
+            .par_chunks_mut(v)
+            .zip(losses.par_iter_mut())
+            .zip(self.targets.par_iter())
+            .for_each(|((row, loss), &t)| {
+                let t = t as usize;
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let picked = row[t];
+                let mut sum = 0f64;
+                for x in row.iter_mut() {
+                    let e = (*x - max).exp();
+                    *x = e;
                     sum += e as f64;
                 }
-                let s = scale.unwrap_or(1.0);
-                let f = (s / sum) as f32;
-                g.iter_mut().for_each(|gj| *gj *= f);
-                g[t] -= s as f32;
-            }
-            None => sum = row.iter().map(|&x| ((x - max).exp()) as f64).sum(),
-        }
-        max as f64 + sum.ln() - row[t] as f64
-    };
-    if scale.is_some() {
-        grad.par_chunks_mut(v)
-            .zip(losses.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (g, l))| {
-                *l = row_loss(&data[i * v..(i + 1) * v], targets[i] as usize, Some(g))
+                *loss = max as f64 + sum.ln() - picked as f64;
+                let f = (self.scale / sum) as f32;
+                row.iter_mut().for_each(|g| *g *= f);
+                row[t] -= self.scale as f32;
             });
-    } else {
-        losses
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(i, l)| *l = row_loss(&data[i * v..(i + 1) * v], targets[i] as usize, None));
+        *self.losses.lock().unwrap() = losses;
+        Ok(())
     }
-    let grad = match scale {
-        Some(_) => Some(Tensor::from_vec(grad, (c, v), logits.device())?),
-        None => None,
-    };
-    Ok((losses, grad))
 }
