@@ -22,27 +22,50 @@ struct Operand<'a> {
 }
 
 fn operand<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Operand<'a>> {
+    let (batch, offsets, op) = batched(s, l, what)?;
+    if !batch.is_empty() || offsets.len() != 1 {
+        candle_core::bail!("gemm: {what} must be 2-D, got {:?}", l.dims());
+    }
+    Ok(op)
+}
+
+/// An operand `[..batch, rows, cols]`: its batch dims, the storage offset of each matrix (in
+/// row-major batch order) and the matrix (at the first offset). Every matrix is bounds-checked.
+fn batched<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<(Vec<usize>, Vec<usize>, Operand<'a>)> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         _ => candle_core::bail!("gemm: {what} is not f32"),
     };
     let (dims, stride) = (l.dims(), l.stride());
-    if dims.len() != 2 {
-        candle_core::bail!("gemm: {what} must be 2-D, got {dims:?}");
+    let r = dims.len();
+    if r < 2 {
+        candle_core::bail!("gemm: {what} must be at least 2-D, got {dims:?}");
     }
-    let (rows, cols) = (dims[0], dims[1]);
-    let last = l.start_offset() + (rows.max(1) - 1) * stride[0] + (cols.max(1) - 1) * stride[1];
-    if rows > 0 && cols > 0 && last >= data.len() {
+    let (rows, cols) = (dims[r - 2], dims[r - 1]);
+    let mut offsets = vec![l.start_offset()];
+    for (&d, &st) in dims[..r - 2].iter().zip(&stride[..r - 2]) {
+        offsets = offsets
+            .iter()
+            .flat_map(|&o| (0..d).map(move |i| o + i * st))
+            .collect();
+    }
+    let span = (rows.max(1) - 1) * stride[r - 2] + (cols.max(1) - 1) * stride[r - 1];
+    if rows > 0 && cols > 0 && offsets.iter().any(|&o| o + span >= data.len()) {
         candle_core::bail!("gemm: {what} layout exceeds its storage");
     }
-    Ok(Operand {
+    let op = Operand {
         data,
-        offset: l.start_offset(),
+        offset: offsets.first().copied().unwrap_or(0),
         rows,
         cols,
-        rs: stride[0] as isize,
-        cs: stride[1] as isize,
-    })
+        rs: stride[r - 2] as isize,
+        cs: stride[r - 1] as isize,
+    };
+    Ok((dims[..r - 2].to_vec(), offsets, op))
 }
 
 fn parallelism() -> gemm::Parallelism {
@@ -102,24 +125,26 @@ impl CustomOp2 for MatMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (operand(s1, l1, "lhs")?, operand(s2, l2, "rhs")?);
-        if a.cols != b.rows {
-            candle_core::bail!(
-                "matmul: [{}, {}] x [{}, {}]",
-                a.rows,
-                a.cols,
-                b.rows,
-                b.cols
-            );
+        let (ba, oa, mut a) = batched(s1, l1, "lhs")?;
+        let (bb, ob, mut b) = batched(s2, l2, "rhs")?;
+        if a.cols != b.rows || ba != bb {
+            candle_core::bail!("matmul: {:?} x {:?}", l1.dims(), l2.dims());
         }
-        let len = a.rows * b.cols;
+        let (m, n) = (a.rows, b.cols);
+        let len = oa.len() * m * n;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        // SAFETY: `out` has capacity `len`; `run` writes every element before `set_len`.
+        // SAFETY: `out` has capacity `len`; `run` writes each of the batch's `m * n` blocks
+        // before `set_len`.
         unsafe {
-            run(out.as_mut_ptr(), &a, &b, false, 1.0);
+            for (i, (&x, &y)) in oa.iter().zip(&ob).enumerate() {
+                (a.offset, b.offset) = (x, y);
+                run(out.as_mut_ptr().add(i * m * n), &a, &b, false, 1.0);
+            }
             out.set_len(len);
         }
-        Ok((CpuStorage::F32(out), Shape::from((a.rows, b.cols))))
+        let mut shape = ba;
+        shape.extend([m, n]);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 }
 
@@ -171,9 +196,11 @@ fn fast(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2)
 }
 
-/// `a·b` for 2-D tensors (any strides).
+/// `a·b` for 2-D tensors, or batched `[..batch, m, k]·[..batch, k, n]` with equal batch dims
+/// (any strides).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fast(&[a, b]) {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() >= 2;
+    if cpu_f32(a) && cpu_f32(b) && a.rank() == b.rank() {
         a.apply_op2_no_bwd(b, &MatMul)
     } else {
         a.matmul(b)
@@ -234,5 +261,21 @@ mod tests {
         let acc = matmul(&a, &b.t().unwrap()).unwrap();
         let acc = matmul_acc(acc, &a, &b.t().unwrap(), 0.5).unwrap();
         assert!(diff(&acc, &(&want * 1.5).unwrap()) < 1e-5, "{acc}");
+        // batched [2, 3, m, k] x [2, 3, k, n] with the rhs a transposed view
+        let x = Tensor::rand(-1f32, 1f32, (2, 3, 5, 4), &Device::Cpu).unwrap();
+        let y = Tensor::rand(-1f32, 1f32, (2, 3, 6, 4), &Device::Cpu).unwrap();
+        let want = x.matmul(&y.t().unwrap()).unwrap();
+        let got = matmul(&x, &y.t().unwrap()).unwrap();
+        assert_eq!(got.dims(), &[2, 3, 5, 6]);
+        assert!(diff(&got, &want) < 1e-5);
+        // a narrowed batch (non-zero start offset, strided batch dim)
+        let xs = x.narrow(1, 1, 2).unwrap();
+        let ys = y.narrow(1, 1, 2).unwrap().t().unwrap();
+        let want = xs
+            .contiguous()
+            .unwrap()
+            .matmul(&ys.contiguous().unwrap())
+            .unwrap();
+        assert!(diff(&matmul(&xs, &ys).unwrap(), &want) < 1e-5);
     }
 }

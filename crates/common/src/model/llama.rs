@@ -137,8 +137,8 @@ impl Attention {
         // a key/value head into the row dimension.
         let qg = q.reshape((b, kvh, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let p = ops::causal_softmax(&qg.matmul(&k.t()?)?, scale, t, past)?;
-        let og = p.matmul(&v)?; // [B, KVH, rep*T, hd]
+        let p = ops::causal_softmax(gemm::matmul(&qg, &k.t()?)?, scale, t, past)?;
+        let og = gemm::matmul(&p, &v)?; // [B, KVH, rep*T, hd]
         let o2 = og
             .reshape((b, self.heads, t, hd))?
             .transpose(1, 2)?
@@ -177,12 +177,12 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, kvh, rep * t, hd))?;
-        let dv = s.p.t()?.matmul(&dog)?; // [B, KVH, T, hd]
-        let dp = dog.matmul(&s.v.t()?)?;
+        let dv = gemm::matmul(&s.p.t()?, &dog)?; // [B, KVH, T, hd]
+        let dp = gemm::matmul(&dog, &s.v.t()?)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let ds = ops::softmax_backward(&s.p, &dp, scale)?;
-        let dq = ds.matmul(&s.k)?.reshape((b, self.heads, t, hd))?;
-        let dk = ds.t()?.matmul(&s.q)?;
+        let ds = ops::softmax_backward(&s.p, dp, scale)?;
+        let dq = gemm::matmul(&ds, &s.k)?.reshape((b, self.heads, t, hd))?;
+        let dk = gemm::matmul(&ds.t()?, &s.q)?;
         let (cos, sin) = rope.tables(0, t)?;
         let dq = ops::rope_backward(&dq, &cos, &sin)?;
         let dk = ops::rope_backward(&dk, &cos, &sin)?;

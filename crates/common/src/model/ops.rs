@@ -110,77 +110,123 @@ pub fn softmax_last_dim(s: &Tensor) -> Result<Tensor> {
 
 /// Causal softmax of attention scores `s: [.., rows, past + t]` whose rows are the `t` new
 /// query positions (repeated for grouped heads folded into the rows):
-/// `softmax(scale * s + mask)`, where row `r` sees keys `0..=past + r % t`. One fused
-/// multi-threaded pass per row on the CPU in f32 (masked entries come out exactly 0).
-pub fn causal_softmax(s: &Tensor, scale: f64, t: usize, past: usize) -> Result<Tensor> {
-    use rayon::prelude::*;
+/// `softmax(scale * s + mask)`, where row `r` sees keys `0..=past + r % t`. On the CPU in f32
+/// one fused multi-threaded pass per row, written over `s` in place (so `s` must own its
+/// storage: a fresh matmul result); masked entries come out exactly 0.
+pub fn causal_softmax(s: Tensor, scale: f64, t: usize, past: usize) -> Result<Tensor> {
     let cols = s.dim(D::Minus1)?;
     if cols != past + t {
         candle_core::bail!("causal_softmax: {cols} key columns for {past} + {t} positions");
     }
-    let fused = with_cpu_f32(&[s], |v| {
-        let xs = v[0];
-        let mut out = vec![0f32; xs.len()];
-        let rows = par_rows(cols);
-        let sc = scale as f32;
-        out.par_chunks_mut(cols * rows)
-            .enumerate()
-            .for_each(|(c, o)| {
-                for (k, orow) in o.chunks_mut(cols).enumerate() {
-                    let r = c * rows + k;
-                    let seen = past + r % t + 1;
-                    let xr = &xs[r * cols..r * cols + seen];
-                    let max = xr.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * sc;
-                    let mut sum = 0f32;
-                    for (oj, &x) in orow[..seen].iter_mut().zip(xr) {
-                        let e = (x * sc - max).exp();
-                        *oj = e;
-                        sum += e;
-                    }
-                    let inv = 1.0 / sum;
-                    orow[..seen].iter_mut().for_each(|oj| *oj *= inv);
-                }
-            });
-        out
-    });
-    match fused {
-        Some(v) => Tensor::from_vec(v, s.dims(), s.device()),
-        None => {
-            let mut x = (s * scale)?;
-            if t > 1 {
-                let rep = s.dim(D::Minus2)? / t;
-                x = x.broadcast_add(&causal_mask(t, past, rep, x.dtype(), x.device())?)?;
-            }
-            softmax_last_dim(&x)
-        }
+    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+        s.inplace_op1(&CausalSoftmax { scale, t, past })?;
+        return Ok(s);
+    }
+    let mut x = (s * scale)?;
+    if t > 1 {
+        let rep = x.dim(D::Minus2)? / t;
+        x = x.broadcast_add(&causal_mask(t, past, rep, x.dtype(), x.device())?)?;
+    }
+    softmax_last_dim(&x)
+}
+
+struct CausalSoftmax {
+    scale: f64,
+    t: usize,
+    past: usize,
+}
+
+/// The contiguous f32 data of a CPU storage, mutably (in-place kernels).
+fn f32_mut<'a>(
+    st: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> Result<&'a mut [f32]> {
+    match (st, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("in-place kernel: contiguous f32 CPU tensors only"),
     }
 }
 
-/// Softmax backward: `dS = scale * P * (dP - sum(P * dP))` over the last dim (fused per row on
-/// the CPU); `scale` is the factor the scores were multiplied by before the softmax.
-pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let d = p.dim(candle_core::D::Minus1)?;
-    let fused = with_cpu_f32(&[p, dp], |s| {
-        let (ps, dps) = (s[0], s[1]);
-        let mut out = vec![0f32; ps.len()];
-        let rows = par_rows(d);
-        let sc = scale as f32;
-        out.par_chunks_mut(d * rows).enumerate().for_each(|(c, o)| {
-            for (k, orow) in o.chunks_mut(d).enumerate() {
-                let i = (c * rows + k) * d;
-                let (pr, dr) = (&ps[i..i + d], &dps[i..i + d]);
-                let dot: f32 = pr.iter().zip(dr).map(|(a, b)| a * b).sum();
-                for j in 0..d {
-                    orow[j] = sc * pr[j] * (dr[j] - dot);
+impl candle_core::InplaceOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "dialora-causal-softmax"
+    }
+    fn cpu_fwd(&self, st: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+        use rayon::prelude::*;
+        let cols = self.past + self.t;
+        let data = f32_mut(st, l)?;
+        let sc = self.scale as f32;
+        data.par_chunks_mut(cols * par_rows(cols))
+            .enumerate()
+            .for_each(|(c, block)| {
+                for (k, row) in block.chunks_mut(cols).enumerate() {
+                    let r = c * par_rows(cols) + k;
+                    let seen = self.past + r % self.t + 1;
+                    let (live, masked) = row.split_at_mut(seen);
+                    let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * sc;
+                    let mut sum = 0f32;
+                    for x in live.iter_mut() {
+                        *x = (*x * sc - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    live.iter_mut().for_each(|x| *x *= inv);
+                    masked.fill(0.0);
                 }
-            }
-        });
-        out
-    });
-    match fused {
-        Some(v) => Tensor::from_vec(v, p.dims(), p.device()),
-        None => softmax_backward_generic(p, dp)? * scale,
+            });
+        Ok(())
+    }
+}
+
+/// Softmax backward: `dS = scale * P * (dP - sum(P * dP))` over the last dim; `scale` is the
+/// factor the scores were multiplied by before the softmax. On the CPU in f32 one fused pass
+/// per row, written over `dp` in place (so `dp` must own its storage).
+pub fn softmax_backward(p: &Tensor, dp: Tensor, scale: f64) -> Result<Tensor> {
+    let cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    if cpu(p) && cpu(&dp) && p.dims() == dp.dims() {
+        dp.inplace_op2(p, &SoftmaxBackward { scale })?;
+        return Ok(dp);
+    }
+    softmax_backward_generic(p, &dp)? * scale
+}
+
+struct SoftmaxBackward {
+    scale: f64,
+}
+
+impl candle_core::InplaceOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "dialora-softmax-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        st: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        ps: &candle_core::CpuStorage,
+        pl: &candle_core::Layout,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let d = l.dims().last().copied().unwrap_or(1);
+        let dps = f32_mut(st, l)?;
+        let ps = match (ps, pl.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("softmax_backward: contiguous f32 CPU tensors only"),
+        };
+        let sc = self.scale as f32;
+        let rows = par_rows(d);
+        dps.par_chunks_mut(d * rows)
+            .enumerate()
+            .for_each(|(c, block)| {
+                for (k, dr) in block.chunks_mut(d).enumerate() {
+                    let i = (c * rows + k) * d;
+                    let pr = &ps[i..i + d];
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (g, &pj) in dr.iter_mut().zip(pr) {
+                        *g = sc * pj * (*g - dot);
+                    }
+                }
+            });
+        Ok(())
     }
 }
 
