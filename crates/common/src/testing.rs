@@ -7,6 +7,13 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// Largest absolute element-wise difference of two tensors of the same shape and dtype.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+        .expect("tensors of the same shape and dtype")
+}
+
 /// The repository root (two levels above this crate).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::chat::{ChatTemplate, Message};
 use common::generate::{generate, stop_ids, SamplingParams};
-use common::testing::{real_model_dir, reference};
+use common::testing::{max_abs_diff, real_model_dir, reference};
 use common::{tokenizer, Llama};
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -135,13 +135,6 @@ fn kv_cache_logits_equal_full_forward_on_real_model() {
         );
     }
     let inc = Tensor::cat(&parts, 1).unwrap();
-    let d = (full - inc)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&full, &inc) as f32;
     assert!(d < 1e-3, "cache vs full {d}");
 }

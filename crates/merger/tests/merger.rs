@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::lora::{Adapter, LoraConfig};
-use common::testing::{real_model_dir, write_tiny_model};
+use common::testing::{max_abs_diff, real_model_dir, write_tiny_model};
 use common::weights::SafetensorsStore;
 use common::Llama;
 use std::collections::BTreeMap;
@@ -196,14 +196,7 @@ fn merged_real_model_matches_base_plus_adapter() {
         .unwrap()
         .forward(&x, None)
         .unwrap();
-    let effect = (&want - &base)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let effect = max_abs_diff(&want, &base);
     assert!(
         effect > 1e-2,
         "the trained adapter must change the logits ({effect})"
@@ -228,28 +221,14 @@ fn merged_real_model_matches_base_plus_adapter() {
             .unwrap()
             .forward(&x, None)
             .unwrap();
-        let diff = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = max_abs_diff(&got, &want);
         let got32 = Llama::from_dir(&out, DType::F32, &Device::Cpu)
             .unwrap()
             .forward(&x, None)
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();
-        let diff32 = (&got32 - &want32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff32 = max_abs_diff(&got32, &want32);
         eprintln!("{dtype}: max |merged - base+adapter| logit = {diff:.3e} (f64 forward), {diff32:.3e} (f32 forward)");
         assert!(diff < tol, "{dtype}: {diff}");
         let last = |t: &Tensor| {

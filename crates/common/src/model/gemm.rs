@@ -9,7 +9,8 @@
 //! Operands may have any strides (a transposed view is not copied). Other devices and dtypes
 //! take candle's `matmul` and tensor adds, with the same results.
 
-use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Tensor};
+use super::ops::is_cpu_f32;
+use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Result, Shape, Tensor};
 
 /// A strided 2-D f32 operand inside a CPU storage.
 struct Operand<'a> {
@@ -191,16 +192,10 @@ impl InplaceOp3 for MatMulAcc {
     }
 }
 
-fn fast(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2)
-}
-
 /// `a·b` for 2-D tensors, or batched `[..batch, m, k]·[..batch, k, n]` with equal batch dims
 /// (any strides).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() >= 2;
-    if cpu_f32(a) && cpu_f32(b) && a.rank() == b.rank() {
+    if is_cpu_f32(a) && is_cpu_f32(b) && a.rank() >= 2 && a.rank() == b.rank() {
         a.apply_op2_no_bwd(b, &MatMul)
     } else {
         a.matmul(b)
@@ -211,7 +206,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// its storage: pass a fresh result (of `matmul`, say), never a view or a clone of a tensor
 /// that is still used.
 pub fn matmul_acc(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
-    if fast(&[&acc, a, b]) && acc.is_contiguous() {
+    let two_d = |t: &Tensor| is_cpu_f32(t) && t.rank() == 2;
+    if two_d(&acc) && two_d(a) && two_d(b) && acc.is_contiguous() {
         acc.inplace_op3(
             a,
             b,
@@ -247,16 +243,7 @@ mod tests {
         // b is used transposed (a strided view): [3,4] x [4,5]
         let want = a.matmul(&b.t().unwrap()).unwrap();
         let got = matmul(&a, &b.t().unwrap()).unwrap();
-        let diff = |x: &Tensor, y: &Tensor| {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = |x: &Tensor, y: &Tensor| crate::testing::max_abs_diff(x, y);
         assert!(diff(&got, &want) < 1e-5);
         let acc = matmul(&a, &b.t().unwrap()).unwrap();
         let acc = matmul_acc(acc, &a, &b.t().unwrap(), 0.5).unwrap();

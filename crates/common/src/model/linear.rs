@@ -5,7 +5,7 @@
 //! gradient alone (`dx = dy W`), never `dW`.
 
 use super::{gemm, ops, Grads, TrainCtx};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rand::{Rng, SeedableRng};
 
 /// The trainable part of a LoRA linear layer.
@@ -228,7 +228,7 @@ fn dropout(ctx: &TrainCtx, l: &Lora, x: &Tensor) -> Result<Tensor> {
 /// `acc` must own its storage, as for `gemm::matmul_acc`).
 fn add_dropped(ctx: &TrainCtx, l: &Lora, acc: Tensor, t: &Tensor) -> Result<Tensor> {
     let mask = Mask::new(ctx, l);
-    if acc.device().is_cpu() && acc.dtype() == DType::F32 && acc.is_contiguous() {
+    if ops::is_cpu_f32(&acc) && acc.is_contiguous() {
         acc.inplace_op2(&t.contiguous()?, &AddDropped(mask))?;
         return Ok(acc);
     }
@@ -248,15 +248,7 @@ impl candle_core::InplaceOp2 for AddDropped {
         src: &candle_core::CpuStorage,
         sl: &candle_core::Layout,
     ) -> Result<()> {
-        use candle_core::CpuStorage::F32;
-        let (F32(d), F32(s)) = (dst, src) else {
-            candle_core::bail!("add_dropped: f32 only");
-        };
-        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
-        else {
-            candle_core::bail!("add_dropped: contiguous tensors only");
-        };
-        let (d, s) = (&mut d[d0..d1], &s[s0..s1]);
+        let (d, s) = (ops::f32_mut(dst, dl)?, ops::f32_slice(src, sl)?);
         if d.len() != s.len() {
             candle_core::bail!("add_dropped: {} vs {} elements", d.len(), s.len());
         }

@@ -626,7 +626,7 @@ impl Llama {
             let tgt = Tensor::from_slice(&tg[start..end], (n, 1), h.device())?;
             let hs = h.index_select(&idx, 0)?;
             let logits = gemm::matmul(&hs, &head.t()?)?;
-            let dlogits = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+            let dlogits = if ops::is_cpu_f32(&logits) {
                 let (l, g) = ops::cross_entropy_cpu_f32(logits, &tg[start..end], grad_scale)?;
                 loss += l.iter().sum::<f64>();
                 g

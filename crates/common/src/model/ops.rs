@@ -13,16 +13,41 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
 }
 
+/// Whether `t` is an f32 tensor on the CPU (the fused kernels' and fast GEMMs' domain).
+pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The contiguous f32 data of a CPU storage (custom-op kernels).
+pub(crate) fn f32_slice<'a>(
+    st: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    match (st, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("CPU kernel: contiguous f32 tensors only"),
+    }
+}
+
+/// The contiguous f32 data of a CPU storage, mutably (in-place kernels).
+pub(crate) fn f32_mut<'a>(
+    st: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> Result<&'a mut [f32]> {
+    match (st, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("in-place kernel: contiguous f32 CPU tensors only"),
+    }
+}
+
 /// Runs `f` over the contiguous f32 data of CPU tensors; `None` when any is not such a tensor
 /// (the caller then takes the generic path).
 pub(crate) fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
-    use candle_core::{CpuStorage, Storage};
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(ts.len());
     for (g, l) in &guards {
-        let (a, b) = l.contiguous_offsets()?;
         match &**g {
-            Storage::Cpu(CpuStorage::F32(v)) => slices.push(&v[a..b]),
+            candle_core::Storage::Cpu(st) => slices.push(f32_slice(st, l).ok()?),
             _ => return None,
         }
     }
@@ -118,7 +143,7 @@ pub fn causal_softmax(s: Tensor, scale: f64, t: usize, past: usize) -> Result<Te
     if cols != past + t {
         candle_core::bail!("causal_softmax: {cols} key columns for {past} + {t} positions");
     }
-    if s.device().is_cpu() && s.dtype() == DType::F32 && s.is_contiguous() {
+    if is_cpu_f32(&s) && s.is_contiguous() {
         s.inplace_op1(&CausalSoftmax { scale, t, past })?;
         return Ok(s);
     }
@@ -134,17 +159,6 @@ struct CausalSoftmax {
     scale: f64,
     t: usize,
     past: usize,
-}
-
-/// The contiguous f32 data of a CPU storage, mutably (in-place kernels).
-fn f32_mut<'a>(
-    st: &'a mut candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> Result<&'a mut [f32]> {
-    match (st, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("in-place kernel: contiguous f32 CPU tensors only"),
-    }
 }
 
 impl candle_core::InplaceOp1 for CausalSoftmax {
@@ -182,7 +196,7 @@ impl candle_core::InplaceOp1 for CausalSoftmax {
 /// factor the scores were multiplied by before the softmax. On the CPU in f32 one fused pass
 /// per row, written over `dp` in place (so `dp` must own its storage).
 pub fn softmax_backward(p: &Tensor, dp: Tensor, scale: f64) -> Result<Tensor> {
-    let cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    let cpu = |t: &Tensor| is_cpu_f32(t) && t.is_contiguous();
     if cpu(p) && cpu(&dp) && p.dims() == dp.dims() {
         dp.inplace_op2(p, &SoftmaxBackward { scale })?;
         return Ok(dp);
@@ -208,10 +222,7 @@ impl candle_core::InplaceOp2 for SoftmaxBackward {
         use rayon::prelude::*;
         let d = l.dims().last().copied().unwrap_or(1);
         let dps = f32_mut(st, l)?;
-        let ps = match (ps, pl.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("softmax_backward: contiguous f32 CPU tensors only"),
-        };
+        let ps = f32_slice(ps, pl)?;
         let sc = self.scale as f32;
         let rows = par_rows(d);
         dps.par_chunks_mut(d * rows)
@@ -380,14 +391,10 @@ impl candle_core::InplaceOp1 for CrossEntropyGrad<'_> {
     }
     fn cpu_fwd(&self, st: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
         use rayon::prelude::*;
-        let (candle_core::CpuStorage::F32(data), Some((o0, o1))) = (st, l.contiguous_offsets())
-        else {
-            candle_core::bail!("cross_entropy_cpu_f32: contiguous f32 CPU logits only");
-        };
+        let data = f32_mut(st, l)?;
         let v = l.dims()[1];
         let mut losses = vec![0f64; self.targets.len()];
-        data[o0..o1]
-            .par_chunks_mut(v)
+        data.par_chunks_mut(v)
             .zip(losses.par_iter_mut())
             .zip(self.targets.par_iter())
             .for_each(|((row, loss), &t)| {

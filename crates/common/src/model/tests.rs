@@ -14,7 +14,7 @@ pub(crate) fn tiny_config(tied: bool) -> ModelConfig {
     .unwrap()
 }
 
-use crate::testing::random_weights;
+use crate::testing::{max_abs_diff, random_weights};
 
 pub(crate) fn tiny_model(cfg: &ModelConfig, dtype: DType) -> Llama {
     let vb =
@@ -217,14 +217,7 @@ fn kv_cache_matches_full_forward() {
     }
     assert_eq!(cache.len(), 10);
     let inc = Tensor::cat(&parts, 1).unwrap();
-    let diff = (full - inc)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&full, &inc) as f32;
     assert!(diff < 1e-5, "cache vs full max diff {diff}");
 }
 
@@ -361,14 +354,7 @@ fn fused_cpu_kernels_match_generic_ops() {
         .unwrap()
     };
     let close = |a: &Tensor, b: &Tensor, what: &str| {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(a, b) as f32;
         assert!(d < 1e-5, "{what}: fused vs generic differ by {d}");
     };
     let (x, w, dy) = (t(&[37, 48]), t(&[48]), t(&[37, 48]));
