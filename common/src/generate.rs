@@ -1,0 +1,190 @@
+//! Token generation: greedy or sampled (temperature, top-k, top-p, repetition penalty, seed),
+//! with a KV cache, stopping at any of the stop ids.
+
+use crate::model::Llama;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: f32,
+    pub seed: u64,
+    /// Recompute the whole sequence at every step instead of using the KV cache (testing).
+    pub no_cache: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            repetition_penalty: 1.0,
+            seed: 42,
+            no_cache: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("--temperature must be >= 0, got {}", self.temperature);
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("--top-p must be in (0, 1], got {p}");
+            }
+        }
+        if self.top_k == Some(0) {
+            bail!("--top-k must be >= 1");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            bail!(
+                "--repetition-penalty must be > 0, got {}",
+                self.repetition_penalty
+            );
+        }
+        if self.max_new_tokens == 0 {
+            bail!("--max-new-tokens must be >= 1");
+        }
+        Ok(())
+    }
+
+    fn sampling(&self) -> Sampling {
+        let temperature = self.temperature;
+        if temperature == 0.0 {
+            return Sampling::ArgMax;
+        }
+        match (self.top_k, self.top_p) {
+            (None, None) => Sampling::All { temperature },
+            (Some(k), None) => Sampling::TopK { k, temperature },
+            (None, Some(p)) => Sampling::TopP { p, temperature },
+            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New tokens, including the stop token when one was produced.
+    pub ids: Vec<u32>,
+    /// Whether generation ended on a stop token (rather than on `max_new_tokens`).
+    pub stopped: bool,
+    pub prompt_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl Generation {
+    /// Decode speed in new tokens per second (prefill excluded).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let n = self.ids.len().saturating_sub(1);
+        if self.decode_secs > 0.0 {
+            n as f64 / self.decode_secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Generates after `prompt`, calling `on_token` for every new token as it is produced.
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    params: &SamplingParams,
+    stop_ids: &[u32],
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    params.validate()?;
+    let max_pos = model.config.max_position_embeddings;
+    if prompt.is_empty() {
+        bail!("empty prompt");
+    }
+    if prompt.len() + params.max_new_tokens > max_pos {
+        bail!(
+            "prompt is {} tokens; with --max-new-tokens {} that exceeds the model's context of {max_pos} tokens",
+            prompt.len(),
+            params.max_new_tokens
+        );
+    }
+    let mut lp = LogitsProcessor::from_sampling(params.seed, params.sampling());
+    let mut cache = model.new_cache();
+    let mut all: Vec<u32> = prompt.to_vec();
+    let mut out = Vec::new();
+    let t0 = std::time::Instant::now();
+    let mut prefill_secs = 0.0;
+    let mut stopped = false;
+    for step in 0..params.max_new_tokens {
+        let logits = if params.no_cache {
+            let ids = Tensor::new(all.as_slice(), &model.device)?.unsqueeze(0)?;
+            model.forward_last(&ids, None)?
+        } else {
+            let new = if step == 0 {
+                &all[..]
+            } else {
+                &all[all.len() - 1..]
+            };
+            let ids = Tensor::new(new, &model.device)?.unsqueeze(0)?;
+            model.forward_last(&ids, Some(&mut cache))?
+        };
+        let mut logits = logits.squeeze(0)?;
+        if params.repetition_penalty != 1.0 {
+            logits = candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                params.repetition_penalty,
+                &all,
+            )?;
+        }
+        let next = lp.sample(&logits)?;
+        if step == 0 {
+            prefill_secs = t0.elapsed().as_secs_f64();
+        }
+        all.push(next);
+        out.push(next);
+        on_token(next)?;
+        if stop_ids.contains(&next) {
+            stopped = true;
+            break;
+        }
+    }
+    let decode_secs = t0.elapsed().as_secs_f64() - prefill_secs;
+    Ok(Generation {
+        ids: out,
+        stopped,
+        prompt_tokens: prompt.len(),
+        prefill_secs,
+        decode_secs,
+    })
+}
+
+/// Stop ids of a model: `generation_config.json`'s eos ids, config.json's, and the chat
+/// template's end-of-turn token (`ChatTemplate::end_of_turn`, the same marker dataprep labels).
+pub fn stop_ids(dir: &std::path::Path, eot: &crate::chat::EndOfTurn) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let read = |name: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+    };
+    for f in ["generation_config.json", "config.json"] {
+        if let Some(v) = read(f).and_then(|v| v.get("eos_token_id").cloned()) {
+            match v {
+                serde_json::Value::Number(n) => ids.extend(n.as_u64().map(|x| x as u32)),
+                serde_json::Value::Array(a) => {
+                    ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+                }
+                _ => {}
+            }
+        }
+    }
+    ids.extend(eot.single_id());
+    ids.sort();
+    ids.dedup();
+    ids
+}

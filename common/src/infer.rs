@@ -1,0 +1,222 @@
+//! Inference sessions: a model (base, base + adapter, or merged), its tokenizer, chat template
+//! and stop ids; answering a conversation turn by turn; and the base-vs-fine-tuned comparison
+//! written by `infer --compare`. Conversations come from `data::formats` (the reader dataprep
+//! uses), read for prompting.
+
+use crate::chat::{ChatTemplate, EndOfTurn, Message};
+use crate::data::formats::Conversation;
+use crate::generate::{generate, stop_ids, Generation, SamplingParams};
+use crate::model::Llama;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+pub struct Session {
+    pub model: Llama,
+    pub tok: Tokenizer,
+    pub template: ChatTemplate,
+    pub end_of_turn: EndOfTurn,
+    pub stops: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+/// One generated reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub text: String,
+    pub tokens: usize,
+    /// Ended on an end-of-turn/eos token (rather than on --max-new-tokens).
+    pub stopped: bool,
+    pub tokens_per_s: f64,
+}
+
+impl Session {
+    /// Loads a model directory, with an optional adapter attached (checked against the base)
+    /// and an optional template file instead of the model's own.
+    pub fn open(
+        model_dir: &Path,
+        adapter: Option<&Path>,
+        template: Option<&Path>,
+        dtype: DType,
+        device: &Device,
+        params: SamplingParams,
+    ) -> Result<Self> {
+        params.validate()?;
+        let mut model = Llama::from_dir(model_dir, dtype, device)?;
+        if let Some(a) = adapter {
+            let ad = crate::lora::Adapter::load(a, dtype, device)?;
+            model.attach_adapter(&ad).with_context(|| {
+                format!(
+                    "adapter {} does not fit the model in {}",
+                    a.display(),
+                    model_dir.display()
+                )
+            })?;
+        }
+        let tok = crate::tokenizer::load(model_dir)?;
+        let template = ChatTemplate::resolve(model_dir, template)?;
+        let end_of_turn = template.end_of_turn(&tok)?;
+        let stops = stop_ids(model_dir, &end_of_turn);
+        if stops.is_empty() {
+            bail!(
+                "{}: no eos/end-of-turn token id found (generation_config.json eos_token_id, or a single-token end of turn in the chat template)",
+                model_dir.display()
+            );
+        }
+        Ok(Session {
+            model,
+            tok,
+            template,
+            end_of_turn,
+            stops,
+            params,
+        })
+    }
+
+    /// Prompt ids for a history ending on a user turn (same template call as dataprep's).
+    pub fn prompt_ids(&self, history: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(history, true)?;
+        crate::tokenizer::encode(&self.tok, &text)
+    }
+
+    /// Generates the assistant reply to `history`; `on_text` receives the text as it grows.
+    pub fn reply(
+        &self,
+        history: &[Message],
+        mut on_text: impl FnMut(&str),
+    ) -> Result<(Reply, Generation)> {
+        let prompt = self.prompt_ids(history)?;
+        let mut printed = 0usize;
+        let mut ids: Vec<u32> = Vec::new();
+        let tok = &self.tok;
+        let g = generate(&self.model, &prompt, &self.params, &self.stops, |id| {
+            if self.stops.contains(&id) {
+                return Ok(());
+            }
+            ids.push(id);
+            let text = tok.decode(&ids, true).map_err(|e| anyhow!("decode: {e}"))?;
+            // print only complete characters (a token may end inside a UTF-8 sequence)
+            if text.len() > printed && !text.ends_with('\u{fffd}') {
+                on_text(&text[printed..]);
+                printed = text.len();
+            }
+            Ok(())
+        })?;
+        let content: Vec<u32> = g
+            .ids
+            .iter()
+            .copied()
+            .filter(|i| !self.stops.contains(i))
+            .collect();
+        let text = tok
+            .decode(&content, true)
+            .map_err(|e| anyhow!("decode: {e}"))?;
+        if text.len() > printed {
+            on_text(&text[printed..]);
+        }
+        let reply = Reply {
+            text: text.trim().to_string(),
+            tokens: g.ids.len(),
+            stopped: g.stopped,
+            tokens_per_s: g.decode_tokens_per_s(),
+        };
+        Ok((reply, g))
+    }
+
+    /// Answers every user turn of `conv` in order, feeding the model's own earlier answers back
+    /// (`default_system` when the conversation has no system prompt).
+    pub fn answer_conversation(
+        &self,
+        conv: &Conversation,
+        default_system: Option<&str>,
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<Reply>> {
+        let mut history = Vec::new();
+        if let Some(s) = conv.system().or(default_system) {
+            history.push(Message::new("system", s));
+        }
+        let mut replies = Vec::new();
+        for (i, u) in conv.user_turns().into_iter().enumerate() {
+            history.push(Message::new("user", u));
+            let (r, _) = self.reply(&history, |t| on_text(i, t))?;
+            history.push(Message::new("assistant", &r.text));
+            replies.push(r);
+        }
+        Ok(replies)
+    }
+
+    /// Answers `conv` with the adapter attached and then with the base model alone (the
+    /// adapter is detached for the second pass and put back whatever happens).
+    pub fn compare(
+        &mut self,
+        conv: &Conversation,
+        default_system: Option<&str>,
+    ) -> Result<Comparison> {
+        let tuned = self.answer_conversation(conv, default_system, |_, _| {})?;
+        let loras = self.model.take_loras();
+        let base = self.answer_conversation(conv, default_system, |_, _| {});
+        self.model.put_loras(loras);
+        let base = base?;
+        Ok(Comparison {
+            id: conv.id.clone().unwrap_or_else(|| conv.at.index.to_string()),
+            system: conv.system().or(default_system).map(str::to_string),
+            turns: conv
+                .user_turns()
+                .into_iter()
+                .zip(base.into_iter().zip(tuned))
+                .map(|(u, (b, t))| ComparedTurn {
+                    user: u.to_string(),
+                    base: b,
+                    adapter: t,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// One conversation answered by the base model and by base + adapter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    pub id: String,
+    pub system: Option<String>,
+    pub turns: Vec<ComparedTurn>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ComparedTurn {
+    pub user: String,
+    pub base: Reply,
+    pub adapter: Reply,
+}
+
+/// The comparison as a readable Markdown table.
+pub fn comparison_markdown(items: &[Comparison], base_name: &str, adapter_name: &str) -> String {
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
+    let mut md =
+        format!("# Base vs fine-tuned\n\nBase: `{base_name}` — adapter: `{adapter_name}`\n\n");
+    md += "| # | user | base | fine-tuned |\n|---|---|---|---|\n";
+    for c in items {
+        for (i, t) in c.turns.iter().enumerate() {
+            let flag = |r: &Reply| {
+                if r.stopped {
+                    String::new()
+                } else {
+                    " *(hit max tokens)*".to_string()
+                }
+            };
+            md += &format!(
+                "| {}.{} | {} | {}{} | {}{} |\n",
+                c.id,
+                i + 1,
+                cell(&t.user),
+                cell(&t.base.text),
+                flag(&t.base),
+                cell(&t.adapter.text),
+                flag(&t.adapter)
+            );
+        }
+    }
+    md
+}

@@ -1,0 +1,44 @@
+//! dialora's shared library: the Llama-family model with LoRA, the formats between stages,
+//! tokenizer and chat templates, and the work of every stage. The binaries (dataprep, trainer,
+//! merger, infer and their helpers) parse arguments and call into this crate.
+//!
+//! | module | concept |
+//! |---|---|
+//! | `config` | a model directory's `config.json` |
+//! | `weights` | memory-mapped safetensors in, safetensors out |
+//! | `atomic` | every output written under a temporary name and renamed into place |
+//! | `gguf` | importing a llama.cpp GGUF file as a model directory |
+//! | `tokenizer`, `chat` | tokenizers and chat templates (with the end-of-turn marker) |
+//! | `data` | dataprep: conversation formats, labels, shards |
+//! | `model` | the decoder with LoRA, forward and backward |
+//! | `lora` | PEFT adapter config and files, LoRA initialisation |
+//! | `train` | the training loop, its arguments and records |
+//! | `merge` | folding an adapter into its base |
+//! | `generate`, `infer` | generation and inference sessions, base-vs-tuned comparison |
+//! | `report` | the HTML run comparison |
+//! | `bench` | the LoRA training benchmark |
+//! | `device`, `progress` | device/dtype arguments, CPU threads, memory; progress output |
+
+pub mod atomic;
+pub mod bench;
+pub mod chat;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod generate;
+pub mod gguf;
+pub mod infer;
+pub mod lora;
+pub mod merge;
+pub mod model;
+pub mod progress;
+pub mod report;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod tokenizer;
+pub mod train;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use lora::{Adapter, LoraConfig};
+pub use model::{Batch, Grads, KvCache, Llama, TrainCtx};

@@ -1,0 +1,308 @@
+//! Folding LoRA adapters into base weights: `W' = W + scale * B A`, computed in f32 and stored
+//! in the base dtype (or a requested one), streamed tensor by tensor from the memory-mapped
+//! base so peak memory stays about one tensor. Output is sharded past `max_shard_size`.
+
+use crate::lora::Adapter;
+use crate::weights::SafetensorsStore;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub base: PathBuf,
+    pub adapter: PathBuf,
+    pub output: PathBuf,
+    /// Output dtype; `None` keeps each tensor's base dtype.
+    pub dtype: Option<DType>,
+    pub max_shard_size: u64,
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MergeReport {
+    pub merged_modules: usize,
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Parses sizes like `5GB`, `500MB`, `2GiB`, `1000000`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("invalid size '{s}' (e.g. 5GB, 500MB)"))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("invalid size unit '{other}' in '{s}'"),
+    };
+    Ok((n * mult) as u64)
+}
+
+/// Checks the adapter fits the base: every module's weight exists with matching shapes.
+fn check_fit(
+    adapter: &Adapter,
+    store: &SafetensorsStore,
+    base: &Path,
+    cfg: &crate::config::ModelConfig,
+) -> Result<()> {
+    for (m, (a, b)) in &adapter.weights {
+        let key = format!("{m}.weight");
+        let Some(shape) = store.shape(&key) else {
+            let layer = m.split('.').nth(2).and_then(|s| s.parse::<usize>().ok());
+            if let Some(l) = layer.filter(|&l| l >= cfg.num_hidden_layers) {
+                bail!(
+                    "adapter targets layer {l} ('{m}') but the base in {} has {} layers: adapter for a different base?",
+                    base.display(),
+                    cfg.num_hidden_layers
+                );
+            }
+            bail!("adapter module '{m}' has no weight '{key}' in the base {}: adapter for a different base?", base.display());
+        };
+        let (r, inp) = a.dims2()?;
+        let (out, r2) = b.dims2()?;
+        if shape != [out, inp] || r != r2 {
+            bail!(
+                "adapter module '{m}': lora_A {:?} and lora_B {:?} do not fit the base weight {shape:?} in {}: adapter for a different base?",
+                a.dims(),
+                b.dims(),
+                base.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The delta `scale · B A` of a module, in f32.
+pub fn lora_delta(a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    Ok((b.matmul(&a)? * scale)?)
+}
+
+/// One output tensor, produced only when the safetensors writer asks for its bytes: the merged
+/// `W + scale·B·A` in f32 converted to the output dtype, or the base tensor passed through.
+/// Peak memory is about one tensor.
+struct LazyTensor<'a> {
+    store: &'a SafetensorsStore,
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// (A, B, scale) when the tensor is a merged module's weight.
+    delta: Option<(&'a Tensor, &'a Tensor, f64)>,
+    /// The first error met while producing bytes (`View::data` cannot fail).
+    error: &'a std::cell::RefCell<Option<anyhow::Error>>,
+    progress: &'a std::cell::RefCell<&'a mut dyn FnMut()>,
+}
+
+impl LazyTensor<'_> {
+    fn bytes(&self) -> Result<Vec<u8>> {
+        use safetensors::View;
+        let (raw, st, _) = self.store.raw(&self.name)?;
+        let file = self
+            .store
+            .file_of(&self.name)
+            .expect("tensor is in the store");
+        let src = crate::weights::candle_dtype(st, file, &self.name)?;
+        let bytes = match self.delta {
+            None if src == self.dtype => {
+                // straight from the map, then drop its pages
+                let v = raw.to_vec();
+                self.store.release(&self.name);
+                v
+            }
+            None => {
+                let t = self.store.load(&self.name, self.dtype, &Device::Cpu)?;
+                View::data(&t).into_owned()
+            }
+            Some((a, b, scale)) => {
+                let w = self.store.load(&self.name, DType::F32, &Device::Cpu)?;
+                let merged = (w + lora_delta(a, b, scale)?)?.to_dtype(self.dtype)?;
+                View::data(&merged).into_owned()
+            }
+        };
+        Ok(bytes)
+    }
+}
+
+impl safetensors::View for LazyTensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype.into()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        (self.progress.borrow_mut())();
+        match self.bytes() {
+            Ok(b) if b.len() == self.data_len() => std::borrow::Cow::Owned(b),
+            other => {
+                let e = other
+                    .err()
+                    .unwrap_or_else(|| anyhow!("tensor '{}': wrong byte count", self.name));
+                self.error.borrow_mut().get_or_insert(e);
+                std::borrow::Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+pub fn merge(o: &MergeOptions, mut progress: impl FnMut(usize, usize)) -> Result<MergeReport> {
+    let t0 = std::time::Instant::now();
+    crate::atomic::refuse_inside(&o.output, &o.base, "base model directory")?;
+    crate::atomic::refuse_inside(&o.output, &o.adapter, "adapter directory")?;
+    crate::atomic::check_output_dir(&o.output, o.overwrite)?;
+    let cfg = crate::config::ModelConfig::from_dir(&o.base)?;
+    let adapter = Adapter::load(&o.adapter, DType::F32, &Device::Cpu)?;
+    let store = SafetensorsStore::open_dir(&o.base)?;
+    check_fit(&adapter, &store, &o.base, &cfg)?;
+
+    // plan: tensor -> (output dtype, shape, byte size), then shards by size
+    let names: Vec<String> = store.names().cloned().collect();
+    let mut plan = Vec::with_capacity(names.len());
+    for n in &names {
+        let (_, st, shape) = store.raw(n)?;
+        let src = crate::weights::candle_dtype(st, store.file_of(n).unwrap(), n)?;
+        let dt = if src.is_float() {
+            o.dtype.unwrap_or(src)
+        } else {
+            src
+        };
+        let bytes = shape.iter().product::<usize>() as u64 * dt.size_in_bytes() as u64;
+        plan.push((n.clone(), dt, shape.to_vec(), bytes));
+    }
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut cur = 0u64;
+    for (i, (_, _, _, bytes)) in plan.iter().enumerate() {
+        if cur > 0 && cur + bytes > o.max_shard_size {
+            shards.push(vec![]);
+            cur = 0;
+        }
+        shards.last_mut().unwrap().push(i);
+        cur += bytes;
+    }
+    let n_shards = shards.len();
+    let out = crate::atomic::OutputDir::create(&o.output)?;
+    let error = std::cell::RefCell::new(None);
+    let mut done = 0;
+    let total_tensors = plan.len();
+    let mut tick = || {
+        done += 1;
+        progress(done, total_tensors);
+    };
+    let tick: std::cell::RefCell<&mut dyn FnMut()> = std::cell::RefCell::new(&mut tick);
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    let mut merged = 0;
+    for (si, idxs) in shards.iter().enumerate() {
+        let fname = if n_shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", si + 1, n_shards)
+        };
+        let mut views = Vec::with_capacity(idxs.len());
+        for &i in idxs {
+            let (n, dt, shape, bytes) = &plan[i];
+            let module = n.strip_suffix(".weight").unwrap_or(n);
+            let delta = adapter
+                .weights
+                .get(module)
+                .map(|(a, b)| (a, b, adapter.config.scale_for(module)));
+            merged += usize::from(delta.is_some());
+            weight_map.insert(n.clone(), serde_json::Value::String(fname.clone()));
+            total += bytes;
+            views.push((
+                n.clone(),
+                LazyTensor {
+                    store: &store,
+                    name: n.clone(),
+                    dtype: *dt,
+                    shape: shape.clone(),
+                    delta,
+                    error: &error,
+                    progress: &tick,
+                },
+            ));
+        }
+        crate::weights::save_views(views, &out.path().join(&fname))?;
+        if let Some(e) = error.borrow_mut().take() {
+            return Err(e.context(format!("merging into {}", o.output.display())));
+        }
+    }
+    if n_shards > 1 {
+        let idx = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        crate::atomic::write_json(&out.path().join("model.safetensors.index.json"), &idx)?;
+    }
+    copy_side_files(&o.base, out.path(), o.dtype)?;
+    if merged != adapter.weights.len() {
+        bail!(
+            "merged {merged} of {} adapter modules",
+            adapter.weights.len()
+        );
+    }
+    let record = serde_json::json!({
+        "merged_by": format!("dialora merger {}", env!("CARGO_PKG_VERSION")),
+        "base": o.base.display().to_string(),
+        "adapter": o.adapter.display().to_string(),
+        "lora_config": adapter.config,
+        "merged_modules": merged,
+        "formula": "W' = W + scale * B A (f32), scale = lora_alpha/r (alpha/sqrt(r) with use_rslora)",
+        "dtype": o.dtype.map(|d| format!("{d:?}")).unwrap_or_else(|| "base".into()),
+    });
+    crate::atomic::write_json(&out.path().join("dialora_merge.json"), &record)?;
+    out.commit()?;
+    Ok(MergeReport {
+        merged_modules: merged,
+        tensors: plan.len(),
+        shards: n_shards,
+        bytes: total,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Copies the base's non-weight files (config, tokenizer, templates...): regular files only,
+/// never through a symbolic link. config.json's torch_dtype follows a `--dtype` change.
+fn copy_side_files(base: &Path, out: &Path, dtype: Option<DType>) -> Result<()> {
+    for e in std::fs::read_dir(base).with_context(|| format!("{}: cannot read", base.display()))? {
+        let e = e?;
+        let meta = std::fs::symlink_metadata(e.path())?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.ends_with(".safetensors")
+            || name == "model.safetensors.index.json"
+            || name.starts_with('.')
+            || name == "dialora_merge.json"
+        {
+            continue;
+        }
+        if name == "config.json" {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(e.path())?)?;
+            if let Some(d) = dtype {
+                v["torch_dtype"] = serde_json::json!(crate::config::torch_dtype_name(d));
+            }
+            crate::atomic::write_json(&out.join(&name), &v)?;
+        } else {
+            std::fs::copy(e.path(), out.join(&name))
+                .with_context(|| format!("{}: cannot copy", e.path().display()))?;
+        }
+    }
+    Ok(())
+}

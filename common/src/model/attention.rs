@@ -1,0 +1,214 @@
+//! Self-attention of a Llama block: q/k/v/o projections (each a `LoraLinear`), rotary position
+//! embedding, grouped-query attention with a causal mask, and its hand-written backward.
+//!
+//! Forward, per batch element and key/value head group (the `rep = heads / kv_heads` query heads
+//! that share one key/value head are folded into the rows, so K and V are never repeated):
+//!
+//! ```text
+//! Q = rope(x Wqᵀ)   K = rope(x Wkᵀ)   V = x Wvᵀ
+//! S = Q Kᵀ                      scores, [rep·T, T]
+//! P = softmax(c · S + M)        c = 1/sqrt(head_dim), M = 0 on and below the diagonal, -inf above
+//! O = P V                       then y = O Woᵀ
+//! ```
+//!
+//! Backward, from `dO` (the output projection's input gradient):
+//!
+//! ```text
+//! dV = Pᵀ dO
+//! dP = dO Vᵀ
+//! dS = c · P ⊙ (dP − rowsum(P ⊙ dP))      softmax backward; masked entries have P = 0
+//! dQ = dS K          dK = dSᵀ Q           (Q, K as roped)
+//! dQ, dK ← rope⁻¹(dQ), rope⁻¹(dK)         the rotation by the opposite angle
+//! dx = dQ Wq + dK Wk + dV Wv              summed in one buffer by the GEMMs
+//! ```
+
+use super::linear::{LinearSaved, LoraLinear};
+use super::{matmul, ops, Grads, TrainCtx};
+use crate::config::ModelConfig;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Rotary tables: `cos`/`sin` of position × inverse frequency, `[max_positions, head_dim/2]`.
+pub(crate) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub(crate) fn new(cfg: &ModelConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let inv = cfg.rope_inv_freq();
+        let n = cfg.max_position_embeddings;
+        let inv = Tensor::from_vec(inv.clone(), (1, inv.len()), dev)?;
+        let pos = Tensor::arange(0u32, n as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// The tables of positions `pos..pos + t`.
+    fn tables(&self, pos: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let max = self.cos.dim(0)?;
+        if pos + t > max {
+            candle_core::bail!(
+                "sequence of {} positions exceeds max_position_embeddings {max}",
+                pos + t
+            );
+        }
+        Ok((self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?))
+    }
+}
+
+pub(crate) struct Attention {
+    pub(crate) q: LoraLinear,
+    pub(crate) k: LoraLinear,
+    pub(crate) v: LoraLinear,
+    pub(crate) o: LoraLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// What the backward needs from the forward.
+pub(crate) struct AttnSaved {
+    lq: LinearSaved,
+    lk: LinearSaved,
+    lv: LinearSaved,
+    lo: LinearSaved,
+    /// roped queries `[B, KVH, rep*T, hd]`, roped keys and values `[B, KVH, T, hd]`
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// attention probabilities `[B, KVH, rep*T, T]`
+    p: Tensor,
+}
+
+/// A layer's key/value cache: roped keys and values `[B, KVH, positions, hd]`.
+pub(crate) type LayerCache = Option<(Tensor, Tensor)>;
+
+impl Attention {
+    pub(crate) fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, kv, hd, d) = (
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+            cfg.hidden_size,
+        );
+        let qb = cfg.qkv_bias();
+        Ok(Self {
+            q: LoraLinear::load(&vb, "q_proj", d, h * hd, qb)?,
+            k: LoraLinear::load(&vb, "k_proj", d, kv * hd, qb)?,
+            v: LoraLinear::load(&vb, "v_proj", d, kv * hd, qb)?,
+            o: LoraLinear::load(&vb, "o_proj", h * hd, d, cfg.o_bias())?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x: [B, T, D]` at positions `pos..pos+T`. With a cache, keys/values are appended to it.
+    /// With `ctx` (training) the activations the backward needs are returned.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        pos: usize,
+        rope: &Rope,
+        cache: Option<&mut LayerCache>,
+        ctx: Option<&TrainCtx>,
+    ) -> Result<(Tensor, Option<AttnSaved>)> {
+        let (b, t, d) = x.dims3()?;
+        let (hd, kvh) = (self.head_dim, self.kv_heads);
+        let rep = self.heads / kvh;
+        let x2 = x.reshape((b * t, d))?;
+        let (q, lq) = self.q.forward_t(&x2, ctx)?;
+        let (k, lk) = self.k.forward_t(&x2, ctx)?;
+        let (v, lv) = self.v.forward_t(&x2, ctx)?;
+        let (cos, sin) = rope.tables(pos, t)?;
+        let q = ops::rope(
+            &q.reshape((b, t, self.heads, hd))?.transpose(1, 2)?,
+            &cos,
+            &sin,
+        )?;
+        let mut k = ops::rope(&k.reshape((b, t, kvh, hd))?.transpose(1, 2)?, &cos, &sin)?;
+        let mut v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+        let mut past = 0;
+        if let Some(c) = cache {
+            if let Some((pk, pv)) = c.as_ref() {
+                past = pk.dim(2)?;
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *c = Some((k.clone(), v.clone()));
+        }
+        // grouped-query attention without repeating K/V: the `rep` query heads that share a
+        // key/value head become rows
+        let qg = q.reshape((b, kvh, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let p = ops::causal_softmax(matmul::matmul(&qg, &k.t()?)?, scale, t, past)?;
+        let og = matmul::matmul(&p, &v)?; // [B, KVH, rep*T, hd]
+        let o2 = og
+            .reshape((b, self.heads, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, self.heads * hd))?;
+        let (y, lo) = self.o.forward_t(&o2, ctx)?;
+        let y = y.reshape((b, t, d))?;
+        let saved = ctx.map(|_| AttnSaved {
+            lq,
+            lk,
+            lv,
+            lo,
+            q: qg,
+            k,
+            v,
+            p,
+        });
+        Ok((y, saved))
+    }
+
+    /// Input gradient from the output gradient `dy: [B, T, D]` (see the module doc); LoRA
+    /// gradients go into `grads`.
+    pub(crate) fn backward(
+        &self,
+        s: &AttnSaved,
+        dy: &Tensor,
+        rope: &Rope,
+        ctx: &TrainCtx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let (b, t, d) = dy.dims3()?;
+        let (hd, kvh) = (self.head_dim, self.kv_heads);
+        let rep = self.heads / kvh;
+        let do2 = self
+            .o
+            .backward(&s.lo, &dy.reshape((b * t, d))?, ctx, grads, None)?;
+        let dog = do2
+            .reshape((b, t, self.heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, kvh, rep * t, hd))?;
+        let dv = matmul::matmul(&s.p.t()?, &dog)?; // [B, KVH, T, hd]
+        let dp = matmul::matmul(&dog, &s.v.t()?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let ds = ops::softmax_backward(&s.p, dp, scale)?;
+        let dq = matmul::matmul(&ds, &s.k)?.reshape((b, self.heads, t, hd))?;
+        let dk = matmul::matmul(&ds.t()?, &s.q)?;
+        let (cos, sin) = rope.tables(0, t)?;
+        let dq = ops::rope_backward(&dq, &cos, &sin)?;
+        let dk = ops::rope_backward(&dk, &cos, &sin)?;
+        let flat = |x: Tensor, h: usize| x.transpose(1, 2)?.reshape((b * t, h * hd));
+        // the three input gradients are summed into one buffer by the GEMMs
+        let dx = self
+            .q
+            .backward(&s.lq, &flat(dq, self.heads)?, ctx, grads, None)?;
+        let dx = self
+            .k
+            .backward(&s.lk, &flat(dk, kvh)?, ctx, grads, Some(dx))?;
+        let dx = self
+            .v
+            .backward(&s.lv, &flat(dv, kvh)?, ctx, grads, Some(dx))?;
+        dx.reshape((b, t, d))
+    }
+}

@@ -1,0 +1,440 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2-style q/k/v bias; GQA; tied or untied head)
+//! with LoRA on any subset of q,k,v,o,gate,up,down_proj: loading (`Llama::load(vb, cfg)`), the
+//! inference forward with a KV cache, and the training forward/backward.
+//!
+//! A block is `h = x + attn(rmsnorm(x))`, `out = h + mlp(rmsnorm(h))`; its backward is
+//!
+//! ```text
+//! dh = dout + rmsnorm_backward(h, mlp_backward(dout))
+//! dx = dh + rmsnorm_backward(x, attn_backward(dh))
+//! ```
+//!
+//! with RMSNorm's input gradient (weight `w` frozen, `r = 1/sqrt(mean(x²) + eps)`,
+//! `x̂ = x r`): `dx = r (dy ⊙ w − x̂ · mean(dy ⊙ w ⊙ x̂))`.
+
+use super::attention::{Attention, AttnSaved, LayerCache, Rope};
+use super::linear::{Lora, LoraLinear};
+use super::loss::{loss_head, targets, Batch, LossStats};
+use super::mlp::{Mlp, MlpSaved};
+use super::ops;
+use super::{Grads, TrainCtx};
+use crate::config::ModelConfig;
+use crate::lora::LoraConfig;
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_nn::VarBuilder;
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.weight, self.eps)
+    }
+    fn backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        ops::rms_norm_backward(x, &self.weight, self.eps, dy)
+    }
+}
+
+struct Block {
+    ln1: RmsNorm,
+    attn: Attention,
+    ln2: RmsNorm,
+    mlp: Mlp,
+}
+
+struct BlockSaved {
+    x: Tensor,
+    h: Tensor,
+    attn: AttnSaved,
+    mlp: MlpSaved,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            ln1: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            ln2: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: usize,
+        rope: &Rope,
+        cache: Option<&mut LayerCache>,
+        ctx: Option<&TrainCtx>,
+    ) -> Result<(Tensor, Option<BlockSaved>)> {
+        let (a, sa) = self
+            .attn
+            .forward(&self.ln1.forward(x)?, pos, rope, cache, ctx)?;
+        let h = (x + a)?;
+        let (m, sm) = self.mlp.forward(&self.ln2.forward(&h)?, ctx)?;
+        let out = (&h + m)?;
+        let saved = match (sa, sm) {
+            (Some(attn), Some(mlp)) => Some(BlockSaved {
+                x: x.clone(),
+                h,
+                attn,
+                mlp,
+            }),
+            _ => None,
+        };
+        Ok((out, saved))
+    }
+
+    fn backward(
+        &self,
+        s: &BlockSaved,
+        dout: &Tensor,
+        rope: &Rope,
+        ctx: &TrainCtx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let dm = self.mlp.backward(&s.mlp, dout, ctx, grads)?;
+        let dh = (dout + self.ln2.backward(&s.h, &dm)?)?;
+        let da = self.attn.backward(&s.attn, &dh, rope, ctx, grads)?;
+        dh + self.ln1.backward(&s.x, &da)?
+    }
+
+    fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        [
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut a.o,
+            &mut m.gate,
+            &mut m.up,
+            &mut m.down,
+        ]
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding.
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+}
+
+pub struct Llama {
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    pub config: ModelConfig,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Llama {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            None
+        } else {
+            Some(
+                vb.pp("lm_head")
+                    .get((cfg.vocab_size, cfg.hidden_size), "weight")?,
+            )
+        };
+        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Self {
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            config: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
+    pub fn from_dir(dir: &std::path::Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let store = crate::weights::SafetensorsStore::open_dir(dir)?;
+        let vb = VarBuilder::from_backend(Box::new(store), dtype, device.clone());
+        Ok(Self::load(vb, &cfg)?)
+    }
+
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+        }
+    }
+
+    /// Every linear layer, in a fixed order (layer by layer: q,k,v,o,gate,up,down).
+    pub fn linears(&self) -> impl Iterator<Item = &LoraLinear> {
+        self.blocks.iter().flat_map(|b| {
+            [
+                &b.attn.q,
+                &b.attn.k,
+                &b.attn.v,
+                &b.attn.o,
+                &b.mlp.gate,
+                &b.mlp.up,
+                &b.mlp.down,
+            ]
+        })
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        self.blocks.iter_mut().flat_map(|b| b.linears_mut())
+    }
+
+    /// The LoRA modules in id order.
+    pub fn loras(&self) -> Vec<(&str, &Lora)> {
+        let mut v: Vec<(&str, &Lora)> = self
+            .linears()
+            .filter_map(|l| l.lora.as_ref().map(|x| (l.name.as_str(), x)))
+            .collect();
+        v.sort_by_key(|(_, l)| l.id);
+        v
+    }
+
+    /// The LoRA modules in id order, mutable (optimizer updates, loading weights).
+    pub fn loras_mut(&mut self) -> Vec<&mut Lora> {
+        let mut v: Vec<&mut Lora> = self.linears_mut().filter_map(|l| l.lora.as_mut()).collect();
+        v.sort_by_key(|l| l.id);
+        v
+    }
+
+    pub fn num_loras(&self) -> usize {
+        self.linears().filter(|l| l.lora.is_some()).count()
+    }
+
+    /// Number of trainable (LoRA A and B) parameters.
+    pub fn trainable_parameters(&self) -> usize {
+        self.loras()
+            .iter()
+            .map(|(_, l)| l.a.elem_count() + l.b.elem_count())
+            .sum()
+    }
+
+    /// Attaches LoRA branches per `cfg`, with (A, B) from `init(module, r, in, out)`.
+    /// Returns the number of modules that got one.
+    pub fn attach_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        mut init: impl FnMut(&str, usize, usize, usize) -> anyhow::Result<(Tensor, Tensor)>,
+    ) -> anyhow::Result<usize> {
+        let targets = cfg.targets()?;
+        let mut id = 0;
+        for l in self.linears_mut() {
+            let kind = l.name.rsplit('.').next().unwrap_or_default();
+            if !targets.iter().any(|t| t == kind) {
+                continue;
+            }
+            let r = cfg.rank_for(&l.name);
+            let (a, b) = init(&l.name, r, l.in_dim(), l.out_dim())?;
+            if a.dims() != [r, l.in_dim()] || b.dims() != [l.out_dim(), r] {
+                anyhow::bail!(
+                    "LoRA for '{}': A {:?} / B {:?} do not fit the layer (expected [{r}, {}] and [{}, {r}])",
+                    l.name, a.dims(), b.dims(), l.in_dim(), l.out_dim()
+                );
+            }
+            l.lora = Some(Lora {
+                id,
+                a,
+                b,
+                scale: cfg.scale_for(&l.name),
+                dropout: cfg.lora_dropout,
+            });
+            id += 1;
+        }
+        Ok(id)
+    }
+
+    /// Attaches a loaded adapter; every adapter module must exist in the model with fitting shapes.
+    pub fn attach_adapter(&mut self, adapter: &crate::lora::Adapter) -> anyhow::Result<usize> {
+        let names: std::collections::HashSet<String> =
+            self.linears().map(|l| l.name.clone()).collect();
+        if let Some(m) = adapter.weights.keys().find(|m| !names.contains(*m)) {
+            anyhow::bail!(
+                "adapter module '{m}' does not exist in the base model ({} layers): adapter for a different base?",
+                self.blocks.len()
+            );
+        }
+        let mut id = 0;
+        for l in self.linears_mut() {
+            if let Some((a, b)) = adapter.weights.get(&l.name) {
+                if a.dim(1)? != l.in_dim() || b.dim(0)? != l.out_dim() {
+                    anyhow::bail!(
+                        "adapter module '{}': A {:?} / B {:?} do not fit the base weight [{}, {}]: adapter for a different base?",
+                        l.name, a.dims(), b.dims(), l.out_dim(), l.in_dim()
+                    );
+                }
+                l.lora = Some(Lora {
+                    id,
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale: adapter.config.scale_for(&l.name),
+                    dropout: 0.0,
+                });
+                id += 1;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Removes every LoRA branch (returned in module order), leaving the base model.
+    pub fn take_loras(&mut self) -> Vec<Option<Lora>> {
+        self.linears_mut().map(|l| l.lora.take()).collect()
+    }
+
+    /// Puts back LoRA branches taken with `take_loras`.
+    pub fn put_loras(&mut self, loras: Vec<Option<Lora>>) {
+        for (l, lo) in self.linears_mut().zip(loras) {
+            l.lora = lo;
+        }
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))
+    }
+
+    /// Hidden states after the final norm, `[B, T, D]`. With a cache, positions continue from it.
+    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let pos = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let mut x = self.embed(ids)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let c = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = blk.forward(&x, pos, &self.rope, c, None)?.0;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits for every position, `[B, T, V]`.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache)?;
+        h.broadcast_matmul(&self.head().t()?)
+    }
+
+    /// Logits of the last position only, `[B, V]` in f32 (generation).
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache)?;
+        let t = h.dim(1)?;
+        h.i((.., t - 1, ..))?
+            .matmul(&self.head().t()?)?
+            .to_dtype(DType::F32)
+    }
+
+    /// Loss of a batch without gradients (evaluation).
+    pub fn eval_loss(&self, batch: &Batch) -> Result<LossStats> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let (rows, tg) = targets(b, t, &batch.labels);
+        if rows.is_empty() {
+            return Ok(LossStats::default());
+        }
+        let h = self
+            .forward_hidden(&batch.input_ids, None)?
+            .reshape((b * t, self.config.hidden_size))?;
+        let (loss_sum, _) = loss_head(&h, self.head(), &rows, &tg, None)?;
+        Ok(LossStats {
+            loss_sum,
+            tokens: rows.len(),
+        })
+    }
+
+    /// Forward and backward of one micro-batch. The loss whose gradient is accumulated into
+    /// `grads` is `grad_scale * sum(token losses)`; pass `1 / (label tokens in the whole
+    /// accumulated batch)` to normalise over the accumulated batch.
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        ctx: &TrainCtx,
+        grad_scale: f64,
+        grads: &mut Grads,
+    ) -> Result<LossStats> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let (rows, tg) = targets(b, t, &batch.labels);
+        if rows.is_empty() {
+            return Ok(LossStats::default());
+        }
+        let mut x = self.embed(&batch.input_ids)?;
+        let mut saved: Vec<Option<BlockSaved>> = Vec::with_capacity(self.blocks.len());
+        let mut inputs: Vec<Tensor> = Vec::new();
+        for blk in &self.blocks {
+            if ctx.gradient_checkpointing {
+                inputs.push(x.clone());
+                // no activations kept: recomputed in the backward
+                x = blk
+                    .forward(&x, 0, &self.rope, None, Some(ctx))
+                    .map(|(y, _)| y)?;
+                saved.push(None);
+            } else {
+                let (y, s) = blk.forward(&x, 0, &self.rope, None, Some(ctx))?;
+                saved.push(s);
+                x = y;
+            }
+        }
+        let d = self.config.hidden_size;
+        let x2 = x.reshape((b * t, d))?;
+        let h = self.norm.forward(&x2)?;
+        let (loss_sum, dh) = loss_head(&h, self.head(), &rows, &tg, Some(grad_scale))?;
+        let dh = dh.expect("gradient requested");
+        let mut dx = self.norm.backward(&x2, &dh)?.reshape((b, t, d))?;
+        drop(h);
+        for (i, blk) in self.blocks.iter().enumerate().rev() {
+            let s = match saved.pop().flatten() {
+                Some(s) => s,
+                None => blk
+                    .forward(&inputs[i], 0, &self.rope, None, Some(ctx))?
+                    .1
+                    .expect("training forward saves"),
+            };
+            dx = blk.backward(&s, &dx, &self.rope, ctx, grads)?;
+        }
+        Ok(LossStats {
+            loss_sum,
+            tokens: rows.len(),
+        })
+    }
+}

@@ -1,0 +1,120 @@
+//! The language-model loss: ignore-index token cross-entropy over the label positions, computed
+//! chunk by chunk through the output head so the full `[tokens, vocab]` logits never exist at
+//! once, with its gradient with respect to the final hidden states.
+//!
+//! For a label position with hidden state `h` and target `y`, logits `z = h Hᵀ` (`H` the output
+//! head, `[V, D]`):
+//!
+//! ```text
+//! loss = logsumexp(z) − z[y]
+//! dz   = s · (softmax(z) − onehot(y))       s = the caller's grad_scale
+//! dh   = dz H
+//! ```
+//!
+//! `s` is `1 / (label tokens of the whole accumulated batch)`: the loss is normalised over the
+//! accumulated batch, not per micro-batch.
+
+use super::{matmul, ops};
+use candle_core::{DType, Result, Tensor, D};
+
+/// A training micro-batch: `input_ids [B, T]` and labels aligned with them (`-100` = ignored;
+/// the loss at position t predicts `labels[t+1]`, as in HF).
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub labels: Vec<i64>,
+}
+
+/// Sum of token losses and the number of label tokens that contributed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossStats {
+    pub loss_sum: f64,
+    pub tokens: usize,
+}
+
+/// Positions with a target: (flat row index, target id) for every `t` with `labels[t+1] != -100`.
+pub(crate) fn targets(b: usize, t: usize, labels: &[i64]) -> (Vec<u32>, Vec<u32>) {
+    let (mut rows, mut tg) = (Vec::new(), Vec::new());
+    for bi in 0..b {
+        for ti in 0..t.saturating_sub(1) {
+            let l = labels[bi * t + ti + 1];
+            if l >= 0 {
+                rows.push((bi * t + ti) as u32);
+                tg.push(l as u32);
+            }
+        }
+    }
+    (rows, tg)
+}
+
+/// Cross-entropy over the rows `rows` of `h: [N, D]` (final-normed hidden states) against
+/// `tg`, through `head: [V, D]`. With `grad_scale`, also returns `dL/dh` for the loss
+/// `grad_scale * sum(token losses)`. Returns the summed token loss.
+pub(crate) fn loss_head(
+    h: &Tensor,
+    head: &Tensor,
+    rows: &[u32],
+    tg: &[u32],
+    grad_scale: Option<f64>,
+) -> Result<(f64, Option<Tensor>)> {
+    let v = head.dim(0)?;
+    // ~8M logits per chunk: bounded memory whatever the vocabulary and batch
+    let chunk = (8 * 1024 * 1024 / v).max(1);
+    let mut loss = 0f64;
+    let mut dh = match grad_scale {
+        Some(_) => Some(h.zeros_like()?),
+        None => None,
+    };
+    for start in (0..rows.len()).step_by(chunk) {
+        let end = (start + chunk).min(rows.len());
+        let n = end - start;
+        let idx = Tensor::from_slice(&rows[start..end], n, h.device())?;
+        let hs = h.index_select(&idx, 0)?;
+        let logits = matmul::matmul(&hs, &head.t()?)?;
+        let dlogits = if ops::is_cpu_f32(&logits) {
+            let (l, g) = ops::cross_entropy_cpu_f32(logits, &tg[start..end], grad_scale)?;
+            loss += l.iter().sum::<f64>();
+            g
+        } else {
+            let tgt = Tensor::from_slice(&tg[start..end], (n, 1), h.device())?;
+            let (l, g) = cross_entropy_generic(&logits, &tgt, grad_scale)?;
+            loss += l;
+            g
+        };
+        if let (Some(dl), Some(dh)) = (dlogits, dh.as_mut()) {
+            let dhs = matmul::matmul(&dl.to_dtype(h.dtype())?, head)?;
+            *dh = dh.index_add(&idx, &dhs, 0)?;
+        }
+    }
+    Ok((loss, dh))
+}
+
+/// Cross-entropy from candle ops (any device; f32 accumulation for half precision): the summed
+/// loss and, with `grad_scale`, the logits gradient.
+fn cross_entropy_generic(
+    logits: &Tensor,
+    tgt: &Tensor,
+    grad_scale: Option<f64>,
+) -> Result<(f64, Option<Tensor>)> {
+    let logits = if logits.dtype() == DType::F64 {
+        logits.clone()
+    } else {
+        logits.to_dtype(DType::F32)?
+    };
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(tgt, 1)?;
+    let loss = (lse.clone() - picked)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let grad = match grad_scale {
+        Some(scale) => {
+            let p = shifted.broadcast_sub(&lse)?.exp()?;
+            let minus = Tensor::full(-1f32, tgt.dims(), logits.device())?.to_dtype(p.dtype())?;
+            Some((p.scatter_add(tgt, &minus, 1)? * scale)?)
+        }
+        None => None,
+    };
+    Ok((loss, grad))
+}

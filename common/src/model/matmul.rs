@@ -1,0 +1,268 @@
+//! Matrix products for the training and inference paths. On the CPU in f32 they call the `gemm` crate (the
+//! one candle's own `matmul` calls) as candle custom ops, to get the two things `matmul` lacks:
+//!
+//! - `matmul`: the output is not zero-filled before the product overwrites it (candle's CPU
+//!   matmul memsets every output, serially on the calling thread);
+//! - `matmul_acc`: `C += α·A·B` into an existing output, so `y = xWᵀ + s·(hBᵀ)` or
+//!   `dx = dq·Wq + dk·Wk + dv·Wv` need no separate add passes and no temporaries.
+//!
+//! Operands may have any strides (a transposed view is not copied). Other devices and dtypes
+//! take candle's `matmul` and tensor adds, with the same results.
+
+use super::ops::is_cpu_f32;
+use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Result, Shape, Tensor};
+
+/// A strided 2-D f32 operand inside a CPU storage.
+struct Operand<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+fn operand<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Operand<'a>> {
+    let (batch, offsets, op) = batched(s, l, what)?;
+    if !batch.is_empty() || offsets.len() != 1 {
+        candle_core::bail!("gemm: {what} must be 2-D, got {:?}", l.dims());
+    }
+    Ok(op)
+}
+
+/// An operand `[..batch, rows, cols]`: its batch dims, the storage offset of each matrix (in
+/// row-major batch order) and the matrix (at the first offset). Every matrix is bounds-checked.
+fn batched<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<(Vec<usize>, Vec<usize>, Operand<'a>)> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("gemm: {what} is not f32"),
+    };
+    let (dims, stride) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r < 2 {
+        candle_core::bail!("gemm: {what} must be at least 2-D, got {dims:?}");
+    }
+    let (rows, cols) = (dims[r - 2], dims[r - 1]);
+    let mut offsets = vec![l.start_offset()];
+    for (&d, &st) in dims[..r - 2].iter().zip(&stride[..r - 2]) {
+        offsets = offsets
+            .iter()
+            .flat_map(|&o| (0..d).map(move |i| o + i * st))
+            .collect();
+    }
+    let span = (rows.max(1) - 1) * stride[r - 2] + (cols.max(1) - 1) * stride[r - 1];
+    if rows > 0 && cols > 0 && offsets.iter().any(|&o| o + span >= data.len()) {
+        candle_core::bail!("gemm: {what} layout exceeds its storage");
+    }
+    let op = Operand {
+        data,
+        offset: offsets.first().copied().unwrap_or(0),
+        rows,
+        cols,
+        rs: stride[r - 2] as isize,
+        cs: stride[r - 1] as isize,
+    };
+    Ok((dims[..r - 2].to_vec(), offsets, op))
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst = alpha·a·b` (`accumulate = false`: dst need not be initialised) or `dst += alpha·a·b`.
+/// `dst` is a contiguous row-major `[a.rows, b.cols]` buffer.
+///
+/// # Safety
+/// `dst` must be valid for writes of `a.rows * b.cols` f32 values and must not overlap `a` or
+/// `b`; operands are bounds-checked by `operand`.
+unsafe fn run(dst: *mut f32, a: &Operand, b: &Operand, accumulate: bool, alpha: f32) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if k == 0 {
+        if !accumulate {
+            std::ptr::write_bytes(dst, 0, m * n);
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        a.data.as_ptr().add(a.offset),
+        a.cs,
+        a.rs,
+        b.data.as_ptr().add(b.offset),
+        b.cs,
+        b.rs,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        parallelism(),
+    );
+}
+
+struct MatMul;
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "dialora-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (ba, oa, mut a) = batched(s1, l1, "lhs")?;
+        let (bb, ob, mut b) = batched(s2, l2, "rhs")?;
+        if a.cols != b.rows || ba != bb {
+            candle_core::bail!("matmul: {:?} x {:?}", l1.dims(), l2.dims());
+        }
+        let (m, n) = (a.rows, b.cols);
+        let len = oa.len() * m * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        // SAFETY: `out` has capacity `len`; `run` writes each of the batch's `m * n` blocks
+        // before `set_len`.
+        unsafe {
+            for (i, (&x, &y)) in oa.iter().zip(&ob).enumerate() {
+                (a.offset, b.offset) = (x, y);
+                run(out.as_mut_ptr().add(i * m * n), &a, &b, false, 1.0);
+            }
+            out.set_len(len);
+        }
+        let mut shape = ba;
+        shape.extend([m, n]);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+struct MatMulAcc {
+    alpha: f32,
+}
+
+impl InplaceOp3 for MatMulAcc {
+    fn name(&self) -> &'static str {
+        "dialora-matmul-acc"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (a, b) = (operand(s1, l1, "lhs")?, operand(s2, l2, "rhs")?);
+        let (m, n) = (a.rows, b.cols);
+        let off = dst_l.start_offset();
+        let CpuStorage::F32(d) = dst else {
+            candle_core::bail!("matmul_acc: accumulator is not f32");
+        };
+        if a.cols != b.rows || dst_l.dims() != [m, n] || !dst_l.is_contiguous() {
+            candle_core::bail!(
+                "matmul_acc: {:?} += [{}, {}] x [{}, {}]",
+                dst_l.dims(),
+                a.rows,
+                a.cols,
+                b.rows,
+                b.cols
+            );
+        }
+        if off + m * n > d.len() {
+            candle_core::bail!("matmul_acc: accumulator layout exceeds its storage");
+        }
+        // SAFETY: bounds checked above; the accumulator is a distinct storage (candle's in-place
+        // op takes it mutably while the sources are borrowed).
+        unsafe { run(d.as_mut_ptr().add(off), &a, &b, true, self.alpha) };
+        Ok(())
+    }
+}
+
+/// `a·b` for 2-D tensors, or batched `[..batch, m, k]·[..batch, k, n]` with equal batch dims
+/// (any strides).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if is_cpu_f32(a) && is_cpu_f32(b) && a.rank() >= 2 && a.rank() == b.rank() {
+        a.apply_op2_no_bwd(b, &MatMul)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// `acc + alpha·a·b`. On the CPU in f32 `acc` is updated in place and returned, so it must own
+/// its storage: pass a fresh result (of `matmul`, say), never a view or a clone of a tensor
+/// that is still used.
+pub fn matmul_acc(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    let two_d = |t: &Tensor| is_cpu_f32(t) && t.rank() == 2;
+    if two_d(&acc) && two_d(a) && two_d(b) && acc.is_contiguous() {
+        acc.inplace_op3(
+            a,
+            b,
+            &MatMulAcc {
+                alpha: alpha as f32,
+            },
+        )?;
+        Ok(acc)
+    } else {
+        let p = a.matmul(b)?;
+        let p = if alpha == 1.0 { p } else { (p * alpha)? };
+        acc + p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: &[f32], r: usize, c: usize) -> Tensor {
+        Tensor::from_vec(v.to_vec(), (r, c), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn matmul_and_accumulate_match_candle() {
+        let a = t(
+            &(0..12).map(|i| i as f32 * 0.5 - 2.0).collect::<Vec<_>>(),
+            3,
+            4,
+        );
+        let b = t(&(0..20).map(|i| (i as f32).sin()).collect::<Vec<_>>(), 5, 4);
+        // b is used transposed (a strided view): [3,4] x [4,5]
+        let want = a.matmul(&b.t().unwrap()).unwrap();
+        let got = matmul(&a, &b.t().unwrap()).unwrap();
+        let diff = |x: &Tensor, y: &Tensor| crate::testing::max_abs_diff(x, y);
+        assert!(diff(&got, &want) < 1e-5);
+        let acc = matmul(&a, &b.t().unwrap()).unwrap();
+        let acc = matmul_acc(acc, &a, &b.t().unwrap(), 0.5).unwrap();
+        assert!(diff(&acc, &(&want * 1.5).unwrap()) < 1e-5, "{acc}");
+        // batched [2, 3, m, k] x [2, 3, k, n] with the rhs a transposed view
+        let x = Tensor::rand(-1f32, 1f32, (2, 3, 5, 4), &Device::Cpu).unwrap();
+        let y = Tensor::rand(-1f32, 1f32, (2, 3, 6, 4), &Device::Cpu).unwrap();
+        let want = x.matmul(&y.t().unwrap()).unwrap();
+        let got = matmul(&x, &y.t().unwrap()).unwrap();
+        assert_eq!(got.dims(), &[2, 3, 5, 6]);
+        assert!(diff(&got, &want) < 1e-5);
+        // a narrowed batch (non-zero start offset, strided batch dim)
+        let xs = x.narrow(1, 1, 2).unwrap();
+        let ys = y.narrow(1, 1, 2).unwrap().t().unwrap();
+        let want = xs
+            .contiguous()
+            .unwrap()
+            .matmul(&ys.contiguous().unwrap())
+            .unwrap();
+        assert!(diff(&matmul(&xs, &ys).unwrap(), &want) < 1e-5);
+    }
+}

@@ -1,0 +1,86 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2-style q/k/v bias; GQA; tied or untied head)
+//! with LoRA on any subset of q,k,v,o,gate,up,down_proj.
+//!
+//! One forward serves inference (with a KV cache) and training; training additionally keeps
+//! what each op's hand-written backward needs, and only LoRA matrices get gradients (candle's
+//! autograd would also compute `dW` of every frozen weight).
+//!
+//! | file | what |
+//! |---|---|
+//! | `llama.rs` | the decoder: embedding, blocks (RMSNorm + attention + MLP), head, KV cache |
+//! | `attention.rs` | RoPE and grouped-query causal attention, forward and backward |
+//! | `mlp.rs` | SwiGLU feed-forward, forward and backward |
+//! | `linear.rs` | frozen linear + LoRA branch with dropout |
+//! | `loss.rs` | chunked ignore-index cross-entropy and its gradient |
+//! | `ops.rs` | fused kernels (softmax, RMSNorm, SwiGLU, cross-entropy) with their backward |
+//! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output |
+//! | `init.rs` | random weights for a config (benchmarks, tests) |
+
+mod attention;
+pub mod init;
+mod linear;
+mod llama;
+mod loss;
+mod matmul;
+mod mlp;
+pub mod ops;
+
+pub use linear::{Lora, LoraLinear};
+pub use llama::{KvCache, Llama};
+pub use loss::{Batch, LossStats};
+
+use candle_core::{Result, Tensor};
+
+/// Per-micro-step training context.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainCtx {
+    /// Run seed (dropout streams derive from it).
+    pub seed: u64,
+    /// Global micro-step counter: selects the dropout masks.
+    pub micro_step: u64,
+    /// Gradient checkpointing: recompute each block's activations in the backward instead of
+    /// keeping them.
+    pub gradient_checkpointing: bool,
+}
+
+/// Accumulated LoRA gradients, indexed by `Lora::id`.
+#[derive(Default)]
+pub struct Grads {
+    pub a: Vec<Option<Tensor>>,
+    pub b: Vec<Option<Tensor>>,
+}
+
+impl Grads {
+    pub fn new(n: usize) -> Self {
+        Grads {
+            a: vec![None; n],
+            b: vec![None; n],
+        }
+    }
+
+    pub fn add(&mut self, id: usize, da: &Tensor, db: &Tensor) -> Result<()> {
+        for (slot, g) in [(&mut self.a[id], da), (&mut self.b[id], db)] {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The gradients as one list `[dA_0, dB_0, dA_1, dB_1, ...]` (the optimizer's parameter
+    /// order); every module must have received one.
+    pub fn into_flat(self) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(2 * self.a.len());
+        for (id, (a, b)) in self.a.into_iter().zip(self.b).enumerate() {
+            match (a, b) {
+                (Some(a), Some(b)) => out.extend([a, b]),
+                _ => candle_core::bail!("no gradient for LoRA module {id}"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,461 @@
+use super::*;
+use crate::config::ModelConfig;
+use crate::lora::LoraConfig;
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+pub(crate) fn tiny_config(tied: bool) -> ModelConfig {
+    serde_json::from_value(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 40, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 64, "tie_word_embeddings": tied
+    }))
+    .unwrap()
+}
+
+use crate::model::init::random_weights;
+use crate::testing::max_abs_diff;
+
+pub(crate) fn tiny_model(cfg: &ModelConfig, dtype: DType) -> Llama {
+    let vb =
+        candle_nn::VarBuilder::from_tensors(random_weights(cfg, 7, dtype), dtype, &Device::Cpu);
+    Llama::load(vb, cfg).unwrap()
+}
+
+fn random_lora(model: &mut Llama, targets: &[&str], dropout: f64, b_zero: bool, dtype: DType) {
+    let lc = LoraConfig::new(
+        3,
+        6.0,
+        dropout,
+        targets.iter().map(|s| s.to_string()).collect(),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    model
+        .attach_lora(&lc, |_, r, i, o| {
+            let mut mk = |rows: usize, cols: usize, zero: bool| {
+                let v: Vec<f64> = (0..rows * cols)
+                    .map(|_| {
+                        if zero {
+                            0.0
+                        } else {
+                            rng.random::<f64>() * 0.6 - 0.3
+                        }
+                    })
+                    .collect();
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            Ok((mk(r, i, false), mk(o, r, b_zero)))
+        })
+        .unwrap();
+}
+
+fn batch(b: usize, t: usize, vocab: u32, seed: u64) -> Batch {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab)).collect();
+    // mask roughly a third of the labels, like prompt tokens
+    let labels: Vec<i64> = ids
+        .iter()
+        .map(|&i| {
+            if rng.random::<f64>() < 0.33 {
+                -100
+            } else {
+                i as i64
+            }
+        })
+        .collect();
+    Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap(),
+        labels,
+    }
+}
+
+fn loss_of(model: &Llama, bt: &Batch, ctx: &TrainCtx) -> f64 {
+    let mut g = Grads::new(model.num_loras());
+    model
+        .forward_backward(bt, ctx, 1.0, &mut g)
+        .unwrap()
+        .loss_sum
+}
+
+fn set_lora_entry(model: &mut Llama, id: usize, which: char, idx: usize, delta: f64) {
+    for l in model.linears_mut() {
+        if let Some(lo) = l.lora.as_mut() {
+            if lo.id == id {
+                let t = if which == 'A' { &mut lo.a } else { &mut lo.b };
+                let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                v[idx] += delta;
+                *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    for tied in [true, false] {
+        let cfg = tiny_config(tied);
+        let mut model = tiny_model(&cfg, DType::F64);
+        random_lora(&mut model, crate::lora::TARGETABLE, 0.1, false, DType::F64);
+        let bt = batch(2, 7, cfg.vocab_size as u32, 3);
+        let ctx = TrainCtx {
+            seed: 5,
+            micro_step: 9,
+            gradient_checkpointing: false,
+        };
+        let mut grads = Grads::new(model.num_loras());
+        model.forward_backward(&bt, &ctx, 1.0, &mut grads).unwrap();
+        let names: Vec<(String, usize, usize, usize)> = model
+            .loras()
+            .iter()
+            .map(|(n, l)| (n.to_string(), l.id, l.a.elem_count(), l.b.elem_count()))
+            .collect();
+        assert_eq!(names.len(), 14, "7 module kinds x 2 layers");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let eps = 1e-5;
+        let mut worst = 0f64;
+        for (name, id, na, nb) in &names {
+            for (which, n) in [('A', *na), ('B', *nb)] {
+                let g = if which == 'A' {
+                    &grads.a[*id]
+                } else {
+                    &grads.b[*id]
+                };
+                let g = g
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("no gradient for {name} {which}"));
+                let gv = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                assert!(
+                    gv.iter().any(|x| x.abs() > 1e-8),
+                    "{name} {which}: gradient is zero"
+                );
+                for _ in 0..3 {
+                    let idx = rng.random_range(0..n);
+                    set_lora_entry(&mut model, *id, which, idx, eps);
+                    let lp = loss_of(&model, &bt, &ctx);
+                    set_lora_entry(&mut model, *id, which, idx, -2.0 * eps);
+                    let lm = loss_of(&model, &bt, &ctx);
+                    set_lora_entry(&mut model, *id, which, idx, eps);
+                    let fd = (lp - lm) / (2.0 * eps);
+                    let err = (fd - gv[idx]).abs() / (fd.abs().max(gv[idx].abs()).max(1e-3));
+                    worst = worst.max(err);
+                    assert!(
+                        err < 1e-5,
+                        "{name} lora_{which}[{idx}]: analytic {} vs finite-difference {fd}",
+                        gv[idx]
+                    );
+                }
+            }
+        }
+        // layer 0 receives gradient through every op of layer 1 and of itself
+        assert!(names[0].0.starts_with("model.layers.0."));
+        eprintln!("tied={tied}: worst relative FD error {worst:.2e}");
+    }
+}
+
+#[test]
+fn zero_b_gives_base_logits_exactly() {
+    let cfg = tiny_config(true);
+    let base = tiny_model(&cfg, DType::F32);
+    let mut lora = tiny_model(&cfg, DType::F32);
+    random_lora(&mut lora, crate::lora::TARGETABLE, 0.0, true, DType::F32);
+    let bt = batch(1, 9, cfg.vocab_size as u32, 4);
+    let a = base
+        .forward(&bt.input_ids, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = lora
+        .forward(&bt.input_ids, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(a, b);
+    // and a non-zero B does change them (the test can fail)
+    let mut lora2 = tiny_model(&cfg, DType::F32);
+    random_lora(&mut lora2, &["q_proj"], 0.0, false, DType::F32);
+    let c = lora2
+        .forward(&bt.input_ids, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_ne!(a, c);
+}
+
+#[test]
+fn kv_cache_matches_full_forward() {
+    let cfg = tiny_config(false);
+    let mut model = tiny_model(&cfg, DType::F32);
+    random_lora(
+        &mut model,
+        &["q_proj", "v_proj", "down_proj"],
+        0.0,
+        false,
+        DType::F32,
+    );
+    let bt = batch(1, 10, cfg.vocab_size as u32, 8);
+    let full = model.forward(&bt.input_ids, None).unwrap();
+    let mut cache = model.new_cache();
+    let first = model
+        .forward(&bt.input_ids.narrow(1, 0, 6).unwrap(), Some(&mut cache))
+        .unwrap();
+    let mut parts = vec![first];
+    for i in 6..10 {
+        parts.push(
+            model
+                .forward(&bt.input_ids.narrow(1, i, 1).unwrap(), Some(&mut cache))
+                .unwrap(),
+        );
+    }
+    assert_eq!(cache.len(), 10);
+    let inc = Tensor::cat(&parts, 1).unwrap();
+    let diff = max_abs_diff(&full, &inc) as f32;
+    assert!(diff < 1e-5, "cache vs full max diff {diff}");
+}
+
+#[test]
+fn checkpointing_gives_identical_gradients_and_eval_matches_train_loss() {
+    let cfg = tiny_config(true);
+    let mut model = tiny_model(&cfg, DType::F32);
+    random_lora(&mut model, crate::lora::TARGETABLE, 0.2, false, DType::F32);
+    let bt = batch(2, 6, cfg.vocab_size as u32, 2);
+    let mut g1 = Grads::new(model.num_loras());
+    let mut g2 = Grads::new(model.num_loras());
+    let c1 = TrainCtx {
+        seed: 1,
+        micro_step: 0,
+        gradient_checkpointing: false,
+    };
+    let c2 = TrainCtx {
+        gradient_checkpointing: true,
+        ..c1
+    };
+    let s1 = model.forward_backward(&bt, &c1, 0.5, &mut g1).unwrap();
+    let s2 = model.forward_backward(&bt, &c2, 0.5, &mut g2).unwrap();
+    assert_eq!(s1.loss_sum, s2.loss_sum);
+    for (a, b) in
+        g1.a.iter()
+            .chain(g1.b.iter())
+            .zip(g2.a.iter().chain(g2.b.iter()))
+    {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+    // without dropout the training loss equals the evaluation loss
+    let mut m0 = tiny_model(&cfg, DType::F32);
+    random_lora(&mut m0, crate::lora::TARGETABLE, 0.0, false, DType::F32);
+    let mut g = Grads::new(m0.num_loras());
+    let tr = m0.forward_backward(&bt, &c1, 1.0, &mut g).unwrap();
+    let ev = m0.eval_loss(&bt).unwrap();
+    assert_eq!(tr.tokens, ev.tokens);
+    assert!(
+        (tr.loss_sum - ev.loss_sum).abs() < 1e-4 * ev.loss_sum.abs(),
+        "{} vs {}",
+        tr.loss_sum,
+        ev.loss_sum
+    );
+}
+
+#[test]
+fn adapter_for_another_base_is_refused() {
+    let cfg = tiny_config(true);
+    let mut model = tiny_model(&cfg, DType::F32);
+    let mut w = std::collections::BTreeMap::new();
+    w.insert(
+        "model.layers.5.self_attn.q_proj".to_string(),
+        (
+            Tensor::zeros((2, 16), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((16, 2), DType::F32, &Device::Cpu).unwrap(),
+        ),
+    );
+    let ad = crate::lora::Adapter {
+        config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]),
+        weights: w,
+    };
+    let e = model.attach_adapter(&ad).unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.5.self_attn.q_proj") && e.contains("different base"),
+        "{e}"
+    );
+    let mut w = std::collections::BTreeMap::new();
+    w.insert(
+        "model.layers.0.self_attn.q_proj".to_string(),
+        (
+            Tensor::zeros((2, 17), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((16, 2), DType::F32, &Device::Cpu).unwrap(),
+        ),
+    );
+    let ad = crate::lora::Adapter {
+        config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]),
+        weights: w,
+    };
+    let e = model.attach_adapter(&ad).unwrap_err().to_string();
+    assert!(e.contains("do not fit"), "{e}");
+}
+
+#[test]
+fn fused_cpu_cross_entropy_matches_reference() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (c, v) = (7usize, 301usize);
+    let x: Vec<f32> = (0..c * v)
+        .map(|_| rng.random::<f32>() * 20.0 - 10.0)
+        .collect();
+    let t: Vec<u32> = (0..c).map(|_| rng.random_range(0..v as u32)).collect();
+    let logits = Tensor::from_vec(x.clone(), (c, v), &Device::Cpu).unwrap();
+    let (losses, grad) =
+        ops::cross_entropy_cpu_f32(logits.copy().unwrap(), &t, Some(0.25)).unwrap();
+    let g: Vec<f32> = grad.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for i in 0..c {
+        let row: Vec<f64> = x[i * v..(i + 1) * v].iter().map(|&a| a as f64).collect();
+        let m = row.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = row.iter().map(|a| (a - m).exp()).sum();
+        let want = m + z.ln() - row[t[i] as usize];
+        assert!(
+            (losses[i] - want).abs() < 1e-4,
+            "row {i}: {} vs {want}",
+            losses[i]
+        );
+        for j in 0..v {
+            let p = (row[j] - m).exp() / z;
+            let wg = 0.25 * (p - if j == t[i] as usize { 1.0 } else { 0.0 });
+            assert!((g[i * v + j] as f64 - wg).abs() < 1e-6, "grad [{i},{j}]");
+        }
+    }
+    let (l2, none) = ops::cross_entropy_cpu_f32(logits, &t, None).unwrap();
+    assert!(none.is_none());
+    for (a, b) in l2.iter().zip(&losses) {
+        assert!((a - b).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn fused_cpu_kernels_match_generic_ops() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut t = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            (0..n)
+                .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+                .collect::<Vec<f32>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let d = max_abs_diff(a, b) as f32;
+        assert!(d < 1e-5, "{what}: fused vs generic differ by {d}");
+    };
+    let (x, w, dy) = (t(&[37, 48]), t(&[48]), t(&[37, 48]));
+    close(
+        &ops::rms_norm_backward(&x, &w, 1e-5, &dy).unwrap(),
+        &ops::rms_norm_backward_generic(&x, &w, 1e-5, &dy).unwrap(),
+        "rmsnorm",
+    );
+    let p = candle_nn::ops::softmax_last_dim(&t(&[2, 3, 19, 19])).unwrap();
+    let dp = t(&[2, 3, 19, 19]);
+    close(
+        &ops::softmax_backward(&p, dp.copy().unwrap(), 0.125).unwrap(),
+        &(ops::softmax_backward_generic(&p, &dp).unwrap() * 0.125).unwrap(),
+        "softmax backward",
+    );
+    // causal softmax: 2 grouped heads folded into the rows, 5 new positions after 3 cached
+    let s = t(&[2, 3, 2 * 5, 8]);
+    let mask = ops::causal_mask(5, 3, 2, DType::F32, &Device::Cpu).unwrap();
+    let want = candle_nn::ops::softmax_last_dim(&(&s * 0.3).unwrap().broadcast_add(&mask).unwrap())
+        .unwrap();
+    let got = ops::causal_softmax(s.copy().unwrap(), 0.3, 5, 3).unwrap();
+    close(&got, &want, "causal softmax");
+    let row: Vec<f32> = got
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(6)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(
+        &row[5..],
+        &[0.0, 0.0, 0.0],
+        "row 6 = position 3+1 sees keys 0..=4 only"
+    );
+    let (g, u, da) = (
+        t(&[33, 70000 / 33]),
+        t(&[33, 70000 / 33]),
+        t(&[33, 70000 / 33]),
+    );
+    close(
+        &ops::swiglu(&g, &u).unwrap(),
+        &(g.silu().unwrap() * &u).unwrap(),
+        "swiglu",
+    );
+    let (a1, b1) = ops::swiglu_backward(&g, &u, &da).unwrap();
+    let (a2, b2) = ops::swiglu_backward_generic(&g, &u, &da).unwrap();
+    close(&a1, &a2, "swiglu dg");
+    close(&b1, &b2, "swiglu du");
+}
+
+/// The CPU f32 path (in-place GEMM accumulation, fused dropout, causal softmax and the other
+/// fused kernels) against the generic candle ops the f64 model takes, which the finite-difference
+/// test checks: same loss and LoRA gradients up to f32 rounding.
+#[test]
+fn fast_f32_path_matches_generic_f64_path() {
+    let cfg = tiny_config(true);
+    let ctx = TrainCtx {
+        seed: 5,
+        micro_step: 3,
+        gradient_checkpointing: false,
+    };
+    let bt = batch(2, 9, cfg.vocab_size as u32, 4);
+    let run = |dtype: DType| {
+        let mut model = tiny_model(&cfg, dtype);
+        random_lora(&mut model, crate::lora::TARGETABLE, 0.2, false, dtype);
+        let mut g = Grads::new(model.num_loras());
+        let loss = model
+            .forward_backward(&bt, &ctx, 0.1, &mut g)
+            .unwrap()
+            .loss_sum;
+        let flat = |v: &Vec<Option<Tensor>>| -> Vec<f64> {
+            v.iter()
+                .flat_map(|t| {
+                    t.as_ref()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                })
+                .collect()
+        };
+        (loss, flat(&g.a), flat(&g.b))
+    };
+    let (l32, a32, b32) = run(DType::F32);
+    let (l64, a64, b64) = run(DType::F64);
+    assert!((l32 - l64).abs() < 1e-4 * l64.abs(), "loss {l32} vs {l64}");
+    for (what, x, y) in [("A", a32, a64), ("B", b32, b64)] {
+        let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(&y)
+            .fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            scale > 0.0 && worst < 1e-4 * scale,
+            "grad {what}: {worst} vs max {scale}"
+        );
+    }
+}

@@ -1,0 +1,122 @@
+//! Test helpers shared by the test suites (feature `testing`; never in a release binary): the
+//! repository's location, the real test model, the HF oracle fixture, tiny random models and
+//! sample shards.
+//!
+//! Paths are found at run time from the test's own crate directory (cargo sets
+//! `CARGO_MANIFEST_DIR` for `cargo test`) or the current directory, never baked in at build
+//! time, and never outside the repository.
+
+use crate::config::ModelConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use std::path::{Path, PathBuf};
+
+/// Largest absolute element-wise difference of two tensors of the same shape and dtype.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+        .expect("tensors of the same shape and dtype")
+}
+
+/// The repository root: the nearest directory at or above the running test's crate (or the
+/// current directory) whose Cargo.toml declares the workspace.
+pub fn repo_root() -> PathBuf {
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::current_dir().expect("current directory"));
+    let mut dir = start.as_path();
+    loop {
+        let manifest = dir.join("Cargo.toml");
+        if std::fs::read_to_string(&manifest).is_ok_and(|s| s.contains("[workspace]")) {
+            return dir.to_path_buf();
+        }
+        dir = dir
+            .parent()
+            .unwrap_or_else(|| panic!("no workspace Cargo.toml above {}", start.display()));
+    }
+}
+
+/// The imported SmolLM2 directory (`DIALORA_MODEL_DIR`, default `models/smollm2-135m-instruct`
+/// in the repository). Fails with the command to run when it is missing: the real-model tests
+/// must not pass silently without the model.
+pub fn real_model_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("DIALORA_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/smollm2-135m-instruct"));
+    if !dir.join("config.json").exists() {
+        bail!(
+            "{}: real model missing; run scripts/fetch-model.sh (make test does)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// Path of the HF transformers oracle for SmolLM2 (token ids, greedy text, logits), a fixture
+/// in the repository made by `scripts/make-reference.py`.
+pub fn reference_path() -> PathBuf {
+    repo_root().join("common/tests/fixtures/smollm2_hf_reference.json")
+}
+
+/// The HF oracle fixture, parsed.
+pub fn reference() -> Result<serde_json::Value> {
+    let path = reference_path();
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: reference fixture missing", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Writes a small random Llama model directory that uses the real model's tokenizer and chat
+/// template (so dataprep shards from the real tokenizer fit it).
+pub fn write_tiny_model(
+    dir: &Path,
+    hidden: usize,
+    layers: usize,
+    seed: u64,
+) -> Result<ModelConfig> {
+    let real = real_model_dir()?;
+    std::fs::create_dir_all(dir)?;
+    let real_cfg = ModelConfig::from_dir(&real)?;
+    let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": hidden * 2, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": real_cfg.vocab_size, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": true,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2
+    }))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    let w: std::collections::BTreeMap<String, Tensor> =
+        crate::model::init::random_weights(&cfg, seed, DType::F32)
+            .into_iter()
+            .collect();
+    crate::weights::save(&w, &dir.join("model.safetensors"))?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
+        if real.join(f).exists() {
+            std::fs::copy(real.join(f), dir.join(f))?;
+        }
+    }
+    Ok(cfg)
+}
+
+/// Shards of the project's sample dialogues (data/counsel_train.jsonl), made with the real
+/// model's tokenizer into `dir/shards`.
+pub fn sample_shards(dir: &Path, max_seq_len: usize, val_split: f64) -> Result<PathBuf> {
+    let out = dir.join("shards");
+    let opts = crate::data::PrepOptions {
+        inputs: vec![repo_root().join("data/counsel_train.jsonl")],
+        model_dir: real_model_dir()?,
+        output: out.clone(),
+        max_seq_len,
+        val_split,
+        seed: 1,
+        strict: true,
+        ..crate::data::PrepOptions::default()
+    };
+    crate::data::prepare(&opts, &mut |_| {})?;
+    Ok(out)
+}

@@ -1,0 +1,313 @@
+//! Training arguments: HF TrainingArguments / LoraConfig names and defaults. Also the
+//! `--config FILE` (JSON or TOML) whose keys are the same names; flags override it.
+
+use super::schedule::SchedulerType;
+use crate::device::DtypeArg;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InitArg {
+    /// PEFT default: A Kaiming-uniform, B zero.
+    True,
+    /// A ~ N(0, 1/r), B zero.
+    Gaussian,
+    /// A and B both Kaiming-uniform (the adapter is not a no-op at start).
+    False,
+}
+
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainArgs {
+    // ---- inputs and outputs
+    /// Base model directory (Hugging Face layout).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Shard directory written by dataprep.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where the adapter, metrics.csv, run.json and checkpoints go.
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// Allow writing into a non-empty output directory that holds no run to resume.
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
+    /// Resume from a checkpoint directory, or `latest` (the newest in --output-dir).
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+    /// A name for the run, shown in logs and reports (default: the output directory's name).
+    #[arg(long)]
+    pub run_name: Option<String>,
+
+    // ---- LoRA
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    /// LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --use-rslora).
+    #[arg(long, default_value_t = 8.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA branch input.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Comma-separated modules among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,
+    /// or all-linear.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub target_modules: String,
+    /// Rank-stabilised LoRA: scale alpha/sqrt(r).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// LoRA initialisation.
+    #[arg(long, value_enum, default_value = "true")]
+    pub init_lora_weights: InitArg,
+
+    // ---- optimisation
+    /// Peak learning rate of AdamW (reached after warmup).
+    #[arg(long, default_value_t = 5e-5)]
+    pub learning_rate: f64,
+    /// Epochs (ignored when --max-steps > 0).
+    #[arg(long, default_value_t = 3.0)]
+    pub num_train_epochs: f64,
+    /// Total optimizer steps; overrides --num-train-epochs when > 0.
+    #[arg(long, default_value_t = -1)]
+    pub max_steps: i64,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub per_device_train_batch_size: usize,
+    /// Sequences per evaluation batch.
+    #[arg(long, default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    /// Micro-batches per optimizer step (the loss is normalised over all their label tokens).
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub lr_scheduler_type: SchedulerType,
+    /// Warmup as a fraction of the total steps.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+    /// Warmup steps (overrides --warmup-ratio when > 0).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Decoupled (AdamW) weight decay on the LoRA matrices.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Seed of LoRA initialisation, data order and dropout (a run is reproducible from it).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Group sequences of similar length into batches (less padding).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub group_by_length: bool,
+
+    // ---- logging, evaluation, checkpoints
+    /// Log a metrics.csv row every N optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: usize,
+    /// Evaluate on the validation split every N steps (0 = only at the start and the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_steps: usize,
+    /// Save a checkpoint every N steps (0 = never, except on interruption).
+    #[arg(long, default_value_t = 500)]
+    pub save_steps: usize,
+    /// Keep at most N checkpoints (0 = keep all).
+    #[arg(long, default_value_t = 0)]
+    pub save_total_limit: usize,
+    /// Stop after this many optimizer steps in a row skipped for non-finite loss or gradient.
+    #[arg(long, default_value_t = 3)]
+    pub max_nonfinite_steps: usize,
+
+    // ---- compute
+    /// Compute dtype of the frozen model (LoRA master weights and optimizer state stay f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Recompute each block's activations in the backward: less memory, ~1/3 more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl Default for TrainArgs {
+    /// The command line's defaults (the clap attributes are the one source), with empty paths.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let required = [
+            "trainer",
+            "--model",
+            "-",
+            "--data",
+            "-",
+            "--output-dir",
+            "-",
+        ];
+        let mut a = <Defaults as clap::Parser>::try_parse_from(required)
+            .expect("the defaults parse")
+            .args;
+        (a.model, a.data, a.output_dir) = Default::default();
+        a
+    }
+}
+
+impl TrainArgs {
+    pub fn lora_config(&self) -> Result<crate::lora::LoraConfig> {
+        let targets = if self.target_modules.trim() == "all-linear" {
+            crate::lora::TargetModules::One("all-linear".into())
+        } else {
+            crate::lora::TargetModules::List(
+                self.target_modules
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            )
+        };
+        let mut c =
+            crate::lora::LoraConfig::new(self.lora_r, self.lora_alpha, self.lora_dropout, vec![]);
+        c.target_modules = targets;
+        c.use_rslora = self.use_rslora;
+        c.init_lora_weights = match self.init_lora_weights {
+            InitArg::True => crate::lora::InitLoraWeights::Bool(true),
+            InitArg::False => crate::lora::InitLoraWeights::Bool(false),
+            InitArg::Gaussian => crate::lora::InitLoraWeights::Name("gaussian".into()),
+        };
+        c.base_model_name_or_path = Some(self.model.display().to_string());
+        c.validate()
+            .map_err(|e| anyhow!("invalid LoRA arguments: {e}"))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.lora_config()?;
+        let pos = |v: f64, name: &str| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(anyhow!("--{name} must be > 0, got {v}"))
+            }
+        };
+        pos(self.learning_rate, "learning-rate")?;
+        if self.per_device_train_batch_size == 0 {
+            bail!("--per-device-train-batch-size must be >= 1");
+        }
+        if self.per_device_eval_batch_size == 0 {
+            bail!("--per-device-eval-batch-size must be >= 1");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            bail!("--gradient-accumulation-steps must be >= 1");
+        }
+        if self.max_steps <= 0 {
+            pos(self.num_train_epochs, "num-train-epochs")?;
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            bail!(
+                "--warmup-ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            );
+        }
+        for (v, n) in [
+            (self.adam_beta1, "adam-beta1"),
+            (self.adam_beta2, "adam-beta2"),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("--{n} must be in [0, 1), got {v}");
+            }
+        }
+        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 || self.adam_epsilon <= 0.0 {
+            bail!("--weight-decay and --max-grad-norm must be >= 0 and --adam-epsilon > 0");
+        }
+        if self.logging_steps == 0 {
+            bail!("--logging-steps must be >= 1");
+        }
+        if self.max_nonfinite_steps == 0 {
+            bail!("--max-nonfinite-steps must be >= 1");
+        }
+        crate::device::parse(&self.device)?;
+        Ok(())
+    }
+}
+
+/// Expands `--config FILE` (JSON or TOML; keys are the flag names with `_` or `-`) into flags
+/// placed before the command line's own, so that explicit flags win.
+pub fn expand_config_file(argv: Vec<String>) -> Result<Vec<String>> {
+    let Some(pos) = argv
+        .iter()
+        .position(|a| a == "--config" || a.starts_with("--config="))
+    else {
+        return Ok(argv);
+    };
+    let (path, skip) = match argv[pos].strip_prefix("--config=") {
+        Some(p) => (p.to_string(), 1),
+        None => (
+            argv.get(pos + 1)
+                .cloned()
+                .ok_or_else(|| anyhow!("--config needs a file"))?,
+            2,
+        ),
+    };
+    let file_args = config_to_args(Path::new(&path))?;
+    let mut out = vec![argv[0].clone()];
+    out.extend(file_args);
+    out.extend(argv[1..pos].iter().cloned());
+    out.extend(argv[pos + skip..].iter().cloned());
+    Ok(out)
+}
+
+fn config_to_args(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read config", path.display()))?;
+    let v: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
+        let t: toml::Value =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        serde_json::to_value(t)?
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?
+    };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: must be a table/object of arguments", path.display()))?;
+    let mut args = Vec::new();
+    for (k, v) in obj {
+        let flag = format!("--{}", k.replace('_', "-"));
+        match v {
+            serde_json::Value::Bool(true) => args.push(flag),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
+            serde_json::Value::String(s) => args.extend([flag, s.clone()]),
+            serde_json::Value::Number(n) => args.extend([flag, n.to_string()]),
+            serde_json::Value::Array(a) => {
+                let items: Vec<String> = a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect();
+                args.extend([flag, items.join(",")]);
+            }
+            serde_json::Value::Object(_) => bail!(
+                "{}: key '{k}': nested tables are not arguments",
+                path.display()
+            ),
+        }
+    }
+    Ok(args)
+}

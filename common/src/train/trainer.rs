@@ -1,0 +1,545 @@
+//! The LoRA training loop: data, loss normalised over the accumulated batch, AdamW with a
+//! schedule and clipping, evaluation, checkpoints and resume, signals, the divergence guard,
+//! and the run's records (`metrics.csv` rows, `run.json`).
+
+use super::args::TrainArgs;
+use super::batches;
+use super::checkpoint::{self, TrainerState};
+use super::metrics::{MetricsLog, MetricsRow};
+use super::optim::{self, AdamW, AdamWConfig};
+use super::run::{file_sha256, DataInfo, ModelInfo, RunRecord, RunStatus, Versions};
+use super::schedule::Schedule;
+use crate::data::shards::{check_tokenizer, Meta, ShardReader};
+use crate::lora::{Adapter, LoraConfig};
+use crate::model::{Grads, Llama, TrainCtx};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How a training run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Completed {
+        adapter_dir: PathBuf,
+        final_eval_loss: Option<f64>,
+        first_eval_loss: Option<f64>,
+    },
+    /// Stopped by SIGINT/SIGTERM after saving this checkpoint.
+    Interrupted { checkpoint: PathBuf },
+}
+
+/// Messages for the user; the binary decides where they go (a bar, log lines).
+pub trait Reporter {
+    /// A log line.
+    fn line(&mut self, s: &str);
+    /// What the run is doing now: "training", "evaluating", "saving".
+    fn phase(&mut self, _what: &str) {}
+    /// After every optimizer step, with the time left (evaluations included) when known.
+    fn step(&mut self, _state: &TrainerState, _loss: f64, _eta: Option<Duration>) {}
+}
+
+/// Time left in a run, from the measured cost of a training step and of an evaluation.
+#[derive(Debug, Default)]
+struct Eta {
+    step_s: f64,
+    steps: usize,
+    eval_s: f64,
+    evals: usize,
+}
+
+impl Eta {
+    fn remaining(&self, steps_left: usize, evals_left: usize) -> Option<Duration> {
+        if self.steps == 0 {
+            return None;
+        }
+        let per_step = self.step_s / self.steps as f64;
+        let per_eval = if self.evals > 0 {
+            self.eval_s / self.evals as f64
+        } else {
+            0.0
+        };
+        Some(Duration::from_secs_f64(
+            steps_left as f64 * per_step + evals_left as f64 * per_eval,
+        ))
+    }
+}
+
+pub struct Trainer {
+    pub args: TrainArgs,
+    pub model: Llama,
+    pub lora_cfg: LoraConfig,
+    pub train: ShardReader,
+    pub val: Option<ShardReader>,
+    pub meta: Meta,
+    pad_id: u32,
+    module_names: Vec<String>,
+    opt: AdamW,
+    pub state: TrainerState,
+    schedule: Schedule,
+    batches_per_epoch: usize,
+}
+
+impl Trainer {
+    /// Loads model and data, attaches LoRA (fresh or from a checkpoint) and validates the run.
+    pub fn new(args: TrainArgs) -> Result<Self> {
+        args.validate()?;
+        let device = crate::device::parse(&args.device)?;
+        let lora_cfg = args.lora_config()?;
+        let meta = Meta::load(&args.data)?;
+        let tok = crate::tokenizer::load(&args.model)?;
+        check_tokenizer(
+            &meta,
+            &args.data,
+            &crate::tokenizer::fingerprint(&tok)?,
+            &args.model,
+        )?;
+        let train = ShardReader::open(&args.data, &meta, "train")?;
+        if train.is_empty() {
+            bail!("{}: the train split is empty", args.data.display());
+        }
+        let val = if meta.val.sequences > 0 {
+            Some(ShardReader::open(&args.data, &meta, "val")?)
+        } else {
+            None
+        };
+        let mut model = Llama::from_dir(&args.model, args.dtype.dtype(), &device)?;
+        let max_pos = model.config.max_position_embeddings;
+        if meta.max_seq_len > max_pos {
+            bail!(
+                "shards allow sequences of {} tokens but the model's context is {max_pos}",
+                meta.max_seq_len
+            );
+        }
+        let pad_id = model
+            .config
+            .pad_token_id
+            .as_ref()
+            .and_then(|p| p.to_vec().first().copied())
+            .or_else(|| model.config.eos_token_ids().first().copied())
+            .unwrap_or(0);
+
+        // output directory policy
+        let out = &args.output_dir;
+        let resume = args
+            .resume_from_checkpoint
+            .as_deref()
+            .map(|s| checkpoint::resolve(out, s))
+            .transpose()?;
+        if resume.is_none()
+            && out.exists()
+            && std::fs::read_dir(out)?.next().is_some()
+            && !args.overwrite_output_dir
+        {
+            bail!(
+                "{}: output directory is not empty; resume with --resume-from-checkpoint latest, or pass --overwrite-output-dir",
+                out.display()
+            );
+        }
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("{}: cannot create", out.display()))?;
+
+        let n = model.attach_lora(
+            &lora_cfg,
+            crate::lora::initializer(&lora_cfg.init_lora_weights, args.seed, &device),
+        )?;
+        if n == 0 {
+            bail!(
+                "no module of the model matches --target-modules {}",
+                args.target_modules
+            );
+        }
+        let module_names: Vec<String> = model.loras().iter().map(|(n, _)| n.to_string()).collect();
+        let opt_cfg = AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        };
+        let mut opt = AdamW::new(opt_cfg, 2 * n);
+
+        let bs = args.per_device_train_batch_size;
+        let batches_per_epoch = train.len().div_ceil(bs);
+        let steps_per_epoch = batches_per_epoch
+            .div_ceil(args.gradient_accumulation_steps)
+            .max(1);
+        let total_steps = if args.max_steps > 0 {
+            args.max_steps as usize
+        } else {
+            ((args.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
+        };
+        let warmup = if args.warmup_steps > 0 {
+            args.warmup_steps
+        } else {
+            (args.warmup_ratio * total_steps as f64).ceil() as usize
+        };
+        let schedule = Schedule {
+            kind: args.lr_scheduler_type,
+            lr: args.learning_rate,
+            warmup_steps: warmup,
+            total_steps,
+        };
+
+        let mut state = TrainerState {
+            total_steps,
+            ..Default::default()
+        };
+        if let Some(dir) = &resume {
+            let (st, adapter) = checkpoint::load(dir, &mut opt, &module_names, &device)?;
+            if st.total_steps != total_steps {
+                bail!(
+                    "{}: checkpoint was made for {} total steps but these arguments give {total_steps}; resume with the same arguments",
+                    dir.display(),
+                    st.total_steps
+                );
+            }
+            for l in model.linears_mut() {
+                if let (Some(lo), Some((a, b))) = (l.lora.as_mut(), adapter.weights.get(&l.name)) {
+                    lo.a = a.clone();
+                    lo.b = b.clone();
+                }
+            }
+            state = st;
+        }
+        Ok(Trainer {
+            args,
+            model,
+            lora_cfg,
+            train,
+            val,
+            meta,
+            pad_id,
+            module_names,
+            opt,
+            state,
+            schedule,
+            batches_per_epoch,
+        })
+    }
+
+    fn lora_weights(&self) -> BTreeMap<String, (Tensor, Tensor)> {
+        self.model
+            .loras()
+            .iter()
+            .map(|(n, l)| (n.to_string(), (l.a.clone(), l.b.clone())))
+            .collect()
+    }
+
+    /// Whether the evaluation schedule evaluates after optimizer step `step` (the last step
+    /// always does when there is a validation split).
+    fn evaluates_at(&self, step: usize) -> bool {
+        self.val.is_some()
+            && (step == self.state.total_steps
+                || (self.args.eval_steps > 0 && step.is_multiple_of(self.args.eval_steps)))
+    }
+
+    /// Evaluations still to come after step `step`.
+    fn evals_after(&self, step: usize) -> usize {
+        (step + 1..=self.state.total_steps)
+            .filter(|&s| self.evaluates_at(s))
+            .count()
+    }
+
+    /// `evaluate`, timed for the ETA and shown as a phase.
+    fn timed_eval(&self, rep: &mut dyn Reporter, eta: &mut Eta) -> Result<Option<f64>> {
+        rep.phase("evaluating");
+        let t = Instant::now();
+        let e = self.evaluate()?;
+        eta.eval_s += t.elapsed().as_secs_f64();
+        eta.evals += 1;
+        rep.phase("training");
+        Ok(e)
+    }
+
+    /// Mean token loss over the validation split.
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        let Some(val) = &self.val else {
+            return Ok(None);
+        };
+        let (mut sum, mut n) = (0f64, 0usize);
+        let idx: Vec<usize> = (0..val.len()).collect();
+        for chunk in idx.chunks(self.args.per_device_eval_batch_size) {
+            let b = batches::make_batch(val, chunk, self.pad_id, &self.model.device)?;
+            let s = self.model.eval_loss(&b)?;
+            sum += s.loss_sum;
+            n += s.tokens;
+        }
+        Ok((n > 0).then(|| sum / n as f64))
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf> {
+        let mut st = self.state.clone();
+        st.adam_t = self.opt.t;
+        checkpoint::save(
+            &self.args.output_dir,
+            &st,
+            &self.lora_cfg,
+            &self.lora_weights(),
+            &self.opt,
+            &self.module_names,
+            self.args.save_total_limit,
+        )
+    }
+
+    /// The run record as of now.
+    fn record(&self, status: RunStatus) -> RunRecord {
+        let a = &self.args;
+        RunRecord {
+            status,
+            run_name: a.run_name.clone().unwrap_or_else(|| {
+                a.output_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default()
+            }),
+            args: a.clone(),
+            lora_config: Some(self.lora_cfg.clone()),
+            total_steps: self.state.total_steps,
+            warmup_steps: self.schedule.warmup_steps,
+            batches_per_epoch: self.batches_per_epoch,
+            trainable_parameters: self.model.trainable_parameters(),
+            model: ModelInfo {
+                dir: a.model.display().to_string(),
+                config_sha256: file_sha256(&a.model.join("config.json")),
+                tokenizer_fingerprint: self.meta.tokenizer_fingerprint.clone(),
+                architecture: self.model.config.architecture(),
+            },
+            data: DataInfo {
+                dir: a.data.display().to_string(),
+                meta_sha256: file_sha256(&a.data.join("meta.json")),
+                train_sequences: self.meta.train.sequences,
+                val_sequences: self.meta.val.sequences,
+                label_mode: self.meta.label_mode.as_str().into(),
+            },
+            versions: Versions::default(),
+            device: a.device.clone(),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            global_step: self.state.global_step,
+            elapsed_s: self.state.elapsed_s,
+            peak_mem_mib: crate::device::peak_rss_mib(),
+            best_eval_loss: self.state.best_eval_loss,
+            ..Default::default()
+        }
+    }
+
+    fn write_run_json(&self, status: RunStatus) -> Result<()> {
+        self.record(status).save(&self.args.output_dir)
+    }
+
+    /// Runs to completion, interruption (flag set by a signal handler) or divergence.
+    pub fn run(&mut self, stop: Arc<AtomicBool>, rep: &mut dyn Reporter) -> Result<Outcome> {
+        let resumed = self.state.global_step;
+        let mut metrics =
+            MetricsLog::open(&self.args.output_dir, (resumed > 0).then_some(resumed))?;
+        self.write_run_json(RunStatus::Running)?;
+        let bs = self.args.per_device_train_batch_size;
+        let gas = self.args.gradient_accumulation_steps;
+        let mut first_eval = None;
+        let mut eta = Eta::default();
+        if self.state.global_step == 0 {
+            first_eval = self.timed_eval(rep, &mut eta)?;
+            if let Some(e) = first_eval {
+                self.state.best_eval_loss = Some(e);
+                metrics.append(&MetricsRow {
+                    peak_mem_mib: crate::device::peak_rss_mib(),
+                    eval_loss: Some(e),
+                    ..Default::default()
+                })?;
+                rep.line(&format!("step 0: eval_loss {e:.4}"));
+            }
+        }
+        let mut epoch_batches = batches::epoch_batches(
+            &self.train,
+            bs,
+            self.args.seed,
+            self.state.epoch,
+            self.args.group_by_length,
+        );
+        let t_start = Instant::now();
+        let elapsed0 = self.state.elapsed_s;
+        let (mut win_loss, mut win_tokens, mut win_labels) = (0f64, 0usize, 0usize);
+        let mut win_t = Instant::now();
+        rep.phase("training");
+        let mut last_norm = f64::NAN;
+        // the last step always evaluates when there is a validation split
+        let mut final_eval = None;
+        while self.state.global_step < self.state.total_steps {
+            let t_step = Instant::now();
+            // gather the accumulated batch
+            let mut micro = Vec::with_capacity(gas);
+            for _ in 0..gas {
+                if self.state.batch_in_epoch >= epoch_batches.len() {
+                    self.state.epoch += 1;
+                    self.state.batch_in_epoch = 0;
+                    epoch_batches = batches::epoch_batches(
+                        &self.train,
+                        bs,
+                        self.args.seed,
+                        self.state.epoch,
+                        self.args.group_by_length,
+                    );
+                }
+                micro.push(epoch_batches[self.state.batch_in_epoch].clone());
+                self.state.batch_in_epoch += 1;
+            }
+            let labels: usize = micro
+                .iter()
+                .map(|m| batches::label_count(&self.train, m))
+                .sum();
+            let scale = 1.0 / labels.max(1) as f64;
+            let mut grads = Grads::new(self.module_names.len());
+            let mut loss_sum = 0f64;
+            for m in &micro {
+                let batch = batches::make_batch(&self.train, m, self.pad_id, &self.model.device)?;
+                let ctx = TrainCtx {
+                    seed: self.args.seed,
+                    micro_step: self.state.micro_step,
+                    gradient_checkpointing: self.args.gradient_checkpointing,
+                };
+                loss_sum += self
+                    .model
+                    .forward_backward(&batch, &ctx, scale, &mut grads)?
+                    .loss_sum;
+                self.state.micro_step += 1;
+                let toks: usize = m.iter().map(|&i| self.train.seq_len(i)).sum();
+                self.state.tokens_seen += toks;
+                win_tokens += toks;
+            }
+            let loss = loss_sum / labels.max(1) as f64;
+            let step = self.state.global_step;
+            let lr = self.schedule.lr_at(step);
+            let mut gs = grads.into_flat()?;
+            let norm = {
+                let mut refs: Vec<&mut Tensor> = gs.iter_mut().collect();
+                optim::clip_grad_norm(&mut refs, self.args.max_grad_norm)?
+            };
+            if !loss.is_finite() || !norm.is_finite() {
+                self.state.nonfinite_in_a_row += 1;
+                rep.line(&format!(
+                    "step {}: non-finite loss ({loss}) or gradient norm ({norm}); update skipped",
+                    step + 1
+                ));
+                if self.state.nonfinite_in_a_row >= self.args.max_nonfinite_steps {
+                    self.write_run_json(RunStatus::Diverged)?;
+                    bail!(
+                        "training diverged: {} steps in a row with a non-finite loss or gradient, the last at step {} (learning rate {lr:.3e}); lower --learning-rate (LoRA runs on 7B models are known to explode at 1e-2; 1e-4 to 2e-4 is typical) or set --max-grad-norm. Checkpoints already saved are intact.",
+                        self.state.nonfinite_in_a_row,
+                        step + 1
+                    );
+                }
+            } else {
+                self.state.nonfinite_in_a_row = 0;
+                self.opt.step_loras(&mut self.model, &gs, lr)?;
+                win_loss += loss;
+                win_labels += 1;
+                last_norm = norm;
+            }
+            self.state.global_step += 1;
+            self.state.adam_t = self.opt.t;
+            self.state.elapsed_s = elapsed0 + t_start.elapsed().as_secs_f64();
+            eta.step_s += t_step.elapsed().as_secs_f64();
+            eta.steps += 1;
+            let step = self.state.global_step;
+            let time_left =
+                eta.remaining(self.state.total_steps - step, self.evals_after(step - 1));
+            rep.step(&self.state, loss, time_left);
+            let last = step == self.state.total_steps;
+            let win_secs = win_t.elapsed().as_secs_f64();
+            let eval = if self.evaluates_at(step) {
+                self.timed_eval(rep, &mut eta)?
+            } else {
+                None
+            };
+            if last {
+                final_eval = eval;
+            }
+            if let Some(e) = eval {
+                if self.state.best_eval_loss.is_none_or(|b| e < b) {
+                    self.state.best_eval_loss = Some(e);
+                }
+            }
+            if step.is_multiple_of(self.args.logging_steps) || last || eval.is_some() {
+                let secs = win_secs;
+                let mean_loss = if win_labels > 0 {
+                    win_loss / win_labels as f64
+                } else {
+                    f64::NAN
+                };
+                let epoch = self.state.epoch as f64
+                    + self.state.batch_in_epoch as f64 / self.batches_per_epoch as f64;
+                let tps = win_tokens as f64 / secs.max(1e-9);
+                metrics.append(&MetricsRow {
+                    step,
+                    epoch,
+                    loss: Some(mean_loss),
+                    grad_norm: Some(last_norm),
+                    learning_rate: Some(lr),
+                    tokens: self.state.tokens_seen,
+                    tokens_per_s: Some(tps),
+                    elapsed_s: self.state.elapsed_s,
+                    peak_mem_mib: crate::device::peak_rss_mib(),
+                    eval_loss: eval,
+                })?;
+                let left = eta.remaining(self.state.total_steps - step, self.evals_after(step));
+                rep.line(&format!(
+                    "step {step}/{}: loss {mean_loss:.4} grad_norm {last_norm:.3} lr {lr:.2e} {tps:.0} tok/s{}{}",
+                    self.state.total_steps,
+                    eval.map(|e| format!(" eval_loss {e:.4}")).unwrap_or_default(),
+                    match left {
+                        Some(d) if !last => format!(" eta {}", crate::progress::eta(d)),
+                        _ => String::new(),
+                    }
+                ));
+                (win_loss, win_tokens, win_labels) = (0.0, 0, 0);
+                win_t = Instant::now();
+            } else if eval.is_some() {
+                win_t = Instant::now();
+            }
+            if self.args.save_steps > 0 && step.is_multiple_of(self.args.save_steps) && !last {
+                rep.phase("saving");
+                let d = self.save_checkpoint()?;
+                rep.phase("training");
+                rep.line(&format!("saved {}", d.display()));
+            }
+            if stop.load(Ordering::SeqCst) && !last {
+                let d = if self.args.save_steps > 0 && step.is_multiple_of(self.args.save_steps) {
+                    checkpoint::checkpoint_dir(&self.args.output_dir, step)
+                } else {
+                    self.save_checkpoint()?
+                };
+                self.write_run_json(RunStatus::Interrupted)?;
+                return Ok(Outcome::Interrupted { checkpoint: d });
+            }
+        }
+        let weights = self.lora_weights();
+        let mut cfg = self.lora_cfg.clone();
+        cfg.inference_mode = true;
+        Adapter::save(&cfg, &weights, &self.args.output_dir)?;
+        self.write_run_json(RunStatus::Completed)?;
+        Ok(Outcome::Completed {
+            adapter_dir: self.args.output_dir.clone(),
+            final_eval_loss: final_eval,
+            first_eval_loss: first_eval,
+        })
+    }
+}
+
+/// Installs SIGINT/SIGTERM handlers that set the returned flag (the loop saves and exits).
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt received: finishing this step and saving a checkpoint (interrupt again to abort)");
+    })
+    .map_err(|e| anyhow!("cannot install signal handler: {e}"))?;
+    Ok(flag)
+}

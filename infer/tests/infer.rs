@@ -1,0 +1,347 @@
+//! infer on the real SmolLM2: the oracle answer, adapter vs merged generation, multi-turn
+//! input, chat REPL, sampling determinism, and clear errors.
+
+use candle_core::{DType, Device, Tensor};
+use common::data::formats::{parse_record, Location, Purpose};
+use common::generate::SamplingParams;
+use common::infer::Session;
+use common::lora::{Adapter, LoraConfig};
+use common::testing::real_model_dir;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn infer(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_infer"));
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn oracle_prompt_with_and_without_kv_cache() {
+    let m = real_model_dir().unwrap();
+    for extra in [None, Some("--no-kv-cache")] {
+        let mut a = vec![
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "What is the capital of France?",
+        ];
+        a.extend(extra);
+        let (code, out, err) = infer(&a, None);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, "The capital of France is Paris.\n");
+        assert!(
+            err.contains("stopped at end of turn") && err.contains("tokens/s"),
+            "{err}"
+        );
+    }
+}
+
+/// A random adapter with a visible effect.
+fn random_adapter(dir: &std::path::Path, model: &common::Llama) {
+    let mut w = BTreeMap::new();
+    let mut k = 0u32;
+    for l in model.linears() {
+        if !(l.name.ends_with("q_proj") || l.name.ends_with("v_proj")) {
+            continue;
+        }
+        k += 1;
+        let (o, i) = (l.out_dim(), l.in_dim());
+        let a: Vec<f32> = (0..4 * i)
+            .map(|j| {
+                ((((j as u32).wrapping_mul(2654435761) ^ k) % 1000) as f32 / 1000.0 - 0.5) * 0.1
+            })
+            .collect();
+        let b: Vec<f32> = (0..o * 4)
+            .map(|j| ((((j as u32).wrapping_mul(40503) ^ k) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+            .collect();
+        w.insert(
+            l.name.clone(),
+            (
+                Tensor::from_vec(a, (4, i), &Device::Cpu).unwrap(),
+                Tensor::from_vec(b, (o, 4), &Device::Cpu).unwrap(),
+            ),
+        );
+    }
+    Adapter::save(
+        &LoraConfig::new(4, 8.0, 0.0, vec!["q_proj".into(), "v_proj".into()]),
+        &w,
+        dir,
+    )
+    .unwrap();
+}
+
+#[test]
+fn adapter_generation_equals_merged_generation() {
+    let m = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ad = tmp.path().join("adapter");
+    let base = common::Llama::from_dir(&m, DType::F32, &Device::Cpu).unwrap();
+    random_adapter(&ad, &base);
+    drop(base);
+    let merged = tmp.path().join("merged");
+    common::merge::merge(
+        &common::merge::MergeOptions {
+            base: m.clone(),
+            adapter: ad.clone(),
+            output: merged.clone(),
+            dtype: None,
+            max_shard_size: u64::MAX,
+            overwrite: false,
+        },
+        |_, _| {},
+    )
+    .unwrap();
+    let p = SamplingParams {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let with_adapter =
+        Session::open(&m, Some(&ad), None, DType::F32, &Device::Cpu, p.clone()).unwrap();
+    let merged_s = Session::open(&merged, None, None, DType::F32, &Device::Cpu, p.clone()).unwrap();
+    let base = Session::open(&m, None, None, DType::F32, &Device::Cpu, p).unwrap();
+    let conv = parse_record(
+        &serde_json::json!({"turns": ["What is the capital of France?", "Tell me one fact about it.", "I feel tired today."]}),
+        Location {
+            file: "t".into(),
+            index: 1,
+            is_line: true,
+        },
+        Purpose::Prompting,
+    )
+    .unwrap();
+    let a = with_adapter
+        .answer_conversation(&conv, None, |_, _| {})
+        .unwrap();
+    let b = merged_s
+        .answer_conversation(&conv, None, |_, _| {})
+        .unwrap();
+    let c = base.answer_conversation(&conv, None, |_, _| {}).unwrap();
+    for i in 0..3 {
+        assert_eq!(a[i].text, b[i].text, "turn {i}: adapter vs merged");
+    }
+    assert!(
+        (0..3).any(|i| a[i].text != c[i].text),
+        "the adapter changes generations"
+    );
+}
+
+#[test]
+fn multi_turn_input_chat_and_sampling() {
+    let m = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"conversation\":[{\"input\":\"What is the capital of France?\",\"output\":\"\"},{\"input\":\"And of Italy?\",\"output\":\"\"}]}\n{\"turns\":[\"Say hello.\",\"Say goodbye.\"]}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let (code, _, err) = infer(
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "40",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let turns = l["turns"].as_array().unwrap();
+        assert_eq!(turns.len(), 2);
+        for t in turns {
+            assert!(!t["assistant"].as_str().unwrap().is_empty(), "{l}");
+        }
+    }
+    assert!(lines[0]["turns"][0]["assistant"]
+        .as_str()
+        .unwrap()
+        .contains("Paris"));
+    assert!(
+        lines[0]["turns"][1]["assistant"]
+            .as_str()
+            .unwrap()
+            .contains("Rome"),
+        "the history carries the model's first answer: {}",
+        lines[0]
+    );
+    assert!(
+        err.contains("replies") && err.contains("end-of-turn token"),
+        "{err}"
+    );
+
+    // chat REPL on piped stdin
+    let (code, out, err) = infer(
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "--chat",
+            "--max-new-tokens",
+            "30",
+        ],
+        Some("What is the capital of France?\n/reset\n/system You are terse.\n/quit\n"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Paris"), "{out}");
+    assert!(
+        err.contains("history cleared") && err.contains("system prompt set"),
+        "{err}"
+    );
+
+    // sampling is deterministic for a seed, and differs across seeds
+    let sample = |seed: &str| {
+        let (code, out, err) = infer(
+            &[
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "Write a word.",
+                "--temperature",
+                "1.2",
+                "--top-p",
+                "0.95",
+                "--top-k",
+                "50",
+                "--seed",
+                seed,
+                "--max-new-tokens",
+                "12",
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    assert_eq!(sample("7"), sample("7"));
+    assert!(
+        (1..6).any(|s| sample(&s.to_string()) != sample("7")),
+        "different seeds give different samples"
+    );
+}
+
+#[test]
+fn errors_are_clear() {
+    let m = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = m.to_str().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--model".into(),
+                tmp.path().to_str().unwrap().into(),
+                "--prompt".into(),
+                "hi".into(),
+            ],
+            "config.json: cannot read model config",
+        ),
+        (
+            vec![
+                "--model".into(),
+                ms.into(),
+                "--prompt".into(),
+                "hi".into(),
+                "--temperature=-1".into(),
+            ],
+            "--temperature must be >= 0",
+        ),
+        (
+            vec![
+                "--model".into(),
+                ms.into(),
+                "--prompt".into(),
+                "hi".into(),
+                "--top-p".into(),
+                "1.5".into(),
+            ],
+            "--top-p must be in (0, 1]",
+        ),
+        (
+            vec![
+                "--model".into(),
+                ms.into(),
+                "--prompt".into(),
+                "hi".into(),
+                "--top-k".into(),
+                "0".into(),
+            ],
+            "--top-k must be >= 1",
+        ),
+        (
+            vec![
+                "--model".into(),
+                ms.into(),
+                "--prompt".into(),
+                "word ".repeat(9000),
+            ],
+            "exceeds the model's context of 8192 tokens",
+        ),
+        (
+            vec!["--model".into(), ms.into()],
+            "give one of --prompt TEXT, --chat or --input FILE",
+        ),
+    ];
+    for (args, want) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = infer(&a, None);
+        assert_ne!(code, 0, "{want}");
+        assert!(err.contains(want), "want '{want}' in {err}");
+    }
+    // an adapter for a different base (wider layers)
+    let ad = tmp.path().join("wide");
+    let mut w = BTreeMap::new();
+    w.insert(
+        "model.layers.0.self_attn.q_proj".to_string(),
+        (
+            Tensor::zeros((2, 1024), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((1024, 2), DType::F32, &Device::Cpu).unwrap(),
+        ),
+    );
+    Adapter::save(
+        &LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]),
+        &w,
+        &ad,
+    )
+    .unwrap();
+    let (code, _, err) = infer(
+        &[
+            "--model",
+            ms,
+            "--adapter",
+            ad.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("does not fit") && err.contains("different base"),
+        "{err}"
+    );
+}

@@ -1,0 +1,146 @@
+//! trainer: LoRA fine-tuning of a Llama-family model on dataprep shards.
+
+use anyhow::Result;
+use clap::Parser;
+use common::progress::{eta, Progress};
+use common::train::args::{expand_config_file, TrainArgs};
+use common::train::checkpoint::TrainerState;
+use common::train::{stop_flag, Outcome, Reporter, Trainer};
+use std::time::{Duration, Instant};
+
+/// Train a LoRA adapter. Writes adapter_model.safetensors + adapter_config.json (PEFT layout),
+/// metrics.csv, run.json and checkpoint-<step>/ directories to --output-dir.
+///
+/// Flags follow HF TrainingArguments / peft LoraConfig names. `--config FILE` (JSON or TOML,
+/// same names with `_` or `-`) supplies defaults; flags on the command line override it.
+/// SIGINT/SIGTERM (e.g. Slurm preemption) finish the current step, save a checkpoint and exit
+/// with status 130; resume with `--resume-from-checkpoint latest`.
+#[derive(Parser)]
+#[command(
+    name = "trainer",
+    version,
+    allow_negative_numbers = true,
+    args_override_self = true
+)]
+struct Cli {
+    /// JSON or TOML file of arguments (keys as the flag names).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+/// Progress on a terminal (a bar that says what the run is doing, with an ETA that counts
+/// evaluations), log lines otherwise.
+struct Report {
+    progress: Progress,
+    phase: String,
+    eta: Option<Duration>,
+    loss: Option<f64>,
+}
+
+impl Report {
+    fn refresh(&self) {
+        let mut msg = self.phase.clone();
+        if let Some(l) = self.loss {
+            msg += &format!(" loss {l:.4}");
+        }
+        if let Some(d) = self.eta {
+            msg += &format!(" eta {}", eta(d));
+        }
+        self.progress.set_message(&msg);
+    }
+}
+
+impl Reporter for Report {
+    fn line(&mut self, s: &str) {
+        self.progress.println(&format!("trainer: {s}"));
+    }
+    fn phase(&mut self, what: &str) {
+        self.phase = what.to_string();
+        self.refresh();
+    }
+    fn step(&mut self, st: &TrainerState, loss: f64, eta: Option<Duration>) {
+        self.progress.set_position(st.global_step as u64);
+        (self.loss, self.eta) = (Some(loss), eta);
+        self.refresh();
+    }
+}
+
+fn main() {
+    let argv = match expand_config_file(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("trainer: error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
+    match common::device::run_compute(|| run(cli.args)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("trainer: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: TrainArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    let stop = stop_flag()?;
+    let mut progress = Progress::new(0, "trainer");
+    progress.set_message("loading model and data");
+    let mut t = Trainer::new(args)?;
+    let resumed = t.state.global_step;
+    progress.println(&format!(
+        "trainer: {} LoRA modules, {} trainable parameters; {} train / {} val sequences; {} steps{}",
+        t.model.num_loras(),
+        t.model.trainable_parameters(),
+        t.train.len(),
+        t.val.as_ref().map(|v| v.len()).unwrap_or(0),
+        t.state.total_steps,
+        if resumed > 0 {
+            format!(" (resuming at step {resumed})")
+        } else {
+            String::new()
+        }
+    ));
+    progress.set_length(t.state.total_steps as u64);
+    progress.set_position(resumed as u64);
+    let mut rep = Report {
+        progress,
+        phase: "training".into(),
+        eta: None,
+        loss: None,
+    };
+    let outcome = t.run(stop, &mut rep)?;
+    rep.progress.finish();
+    let wall = common::report::duration(t0.elapsed().as_secs_f64());
+    match outcome {
+        Outcome::Completed {
+            adapter_dir,
+            final_eval_loss,
+            first_eval_loss,
+        } => {
+            let ev = match (first_eval_loss, final_eval_loss) {
+                (Some(a), Some(b)) => format!("; eval loss {a:.4} -> {b:.4}"),
+                (None, Some(b)) => format!("; eval loss {b:.4}"),
+                _ => String::new(),
+            };
+            println!(
+                "trainer: done in {wall}, {} steps{ev}; adapter in {}",
+                t.state.global_step,
+                adapter_dir.display()
+            );
+            Ok(0)
+        }
+        Outcome::Interrupted { checkpoint } => {
+            eprintln!(
+                "trainer: interrupted at step {} after {wall}; checkpoint saved in {}; resume with --resume-from-checkpoint latest",
+                t.state.global_step,
+                checkpoint.display()
+            );
+            Ok(130)
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! trainer end to end: resume after SIGTERM and kill -9, gradient accumulation, the
+//! divergence guard, argument errors, and learning on the sample data.
+
+use common::lora::Adapter;
+use common::testing::{real_model_dir, write_tiny_model};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+fn trainer(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    c.args(args).env("DIALORA_NO_BAR", "1");
+    c
+}
+
+fn out(c: &mut Command) -> (i32, String) {
+    let o: Output = c.output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout),
+    )
+}
+
+/// Shards of the project's sample data made with the real tokenizer.
+fn shards(dir: &Path, max_len: usize) -> PathBuf {
+    common::testing::sample_shards(dir, max_len, 0.15).unwrap()
+}
+
+fn adapter_values(dir: &Path) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let a = Adapter::load(dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    a.weights
+        .iter()
+        .map(|(k, (a, b))| {
+            (
+                k.clone(),
+                a.flatten_all().unwrap().to_vec1().unwrap(),
+                b.flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn wait_for(path: &Path, child: &mut Child) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "trainer ended before {}",
+            path.display()
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "timeout waiting for {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn interrupted_runs_resume_to_the_identical_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 64, 2, 3).unwrap();
+    let data = shards(tmp.path(), 128);
+    let common_args = |o: &Path| -> Vec<String> {
+        [
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            o.to_str().unwrap(),
+            "--max-steps",
+            "12",
+            "--save-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--lora-r",
+            "4",
+            "--lora-dropout",
+            "0.1",
+            "--target-modules",
+            "all-linear",
+            "--warmup-ratio",
+            "0.2",
+            "--lr-scheduler-type",
+            "cosine",
+            "--logging-steps",
+            "1",
+            "--eval-steps",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let straight = tmp.path().join("straight");
+    let a: Vec<String> = common_args(&straight);
+    let (code, log) = out(&mut trainer(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert_eq!(code, 0, "{log}");
+    let want = adapter_values(&straight);
+
+    for (sig, wait_ckpt) in [("TERM", "checkpoint-4"), ("KILL", "checkpoint-6")] {
+        let o = tmp.path().join(format!("run-{sig}"));
+        let a = common_args(&o);
+        let mut child = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(&o.join(wait_ckpt), &mut child);
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let st = child.wait().unwrap();
+        if sig == "TERM" {
+            assert_eq!(st.code(), Some(130), "SIGTERM saves and exits with 130");
+            let run: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap())
+                    .unwrap();
+            assert_eq!(run["status"], "interrupted");
+        }
+        assert!(
+            !o.join("adapter_model.safetensors").exists(),
+            "{sig}: finished before the signal; test is not testing resume"
+        );
+        // starting again without --resume is refused rather than clobbering the run
+        let (code, log) = out(&mut trainer(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        assert_ne!(code, 0);
+        assert!(log.contains("--resume-from-checkpoint latest"), "{log}");
+        let mut r = a.clone();
+        r.extend(["--resume-from-checkpoint".to_string(), "latest".to_string()]);
+        let (code, log) = out(&mut trainer(
+            &r.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        assert_eq!(code, 0, "{log}");
+        assert!(log.contains("resuming at step"), "{log}");
+        let got = adapter_values(&o);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(
+                g, w,
+                "{sig}: module {} differs from the uninterrupted run",
+                g.0
+            );
+        }
+        // metrics.csv has each step exactly once
+        let m = std::fs::read_to_string(o.join("metrics.csv")).unwrap();
+        let steps: Vec<&str> = m
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap())
+            .collect();
+        let mut dedup = steps.clone();
+        dedup.dedup();
+        assert_eq!(steps, dedup, "{m}");
+        assert_eq!(steps.last(), Some(&"12"));
+    }
+}
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 2, 5).unwrap();
+    let data = shards(tmp.path(), 96);
+    let run = |name: &str, bs: &str, gas: &str, lr: &str| -> Vec<(String, Vec<f32>, Vec<f32>)> {
+        let o = tmp.path().join(name);
+        let (code, log) = out(&mut trainer(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            o.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--per-device-train-batch-size",
+            bs,
+            "--gradient-accumulation-steps",
+            gas,
+            "--learning-rate",
+            lr,
+            "--lora-r",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj,down_proj",
+            "--group-by-length",
+            "false",
+            "--init-lora-weights",
+            "false",
+            "--max-grad-norm",
+            "0",
+        ]));
+        assert_eq!(code, 0, "{log}");
+        adapter_values(&o)
+    };
+    let big = run("b4", "4", "1", "1e-2");
+    let acc = run("b2x2", "2", "2", "1e-2");
+    let one = run("b1x4", "1", "4", "1e-2");
+    let mut worst = 0f32;
+    for ((b, a), o) in big.iter().zip(&acc).zip(&one) {
+        for (x, (y, z)) in
+            b.1.iter()
+                .chain(&b.2)
+                .zip(a.1.iter().chain(&a.2).zip(o.1.iter().chain(&o.2)))
+        {
+            worst = worst.max((x - y).abs()).max((x - z).abs());
+        }
+    }
+    assert!(worst < 2e-5, "accumulated and full batch differ by {worst}");
+    // the comparison is sensitive: a different learning rate gives a clearly different adapter
+    let slow = run("b4-slow", "4", "1", "1e-3");
+    let mut diff = 0f32;
+    for (b, s) in big.iter().zip(&slow) {
+        for (x, y) in b.1.iter().chain(&b.2).zip(s.1.iter().chain(&s.2)) {
+            diff = diff.max((x - y).abs());
+        }
+    }
+    assert!(diff > 1e-3, "updates too small to compare: {diff}");
+}
+
+#[test]
+fn divergence_guard_stops_and_keeps_saved_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 2, 6).unwrap();
+    let data = shards(tmp.path(), 64);
+    // poison the base model: a non-finite norm weight makes every loss NaN
+    let store = common::weights::SafetensorsStore::open_dir(&model).unwrap();
+    let mut w = std::collections::BTreeMap::new();
+    for n in store.names() {
+        w.insert(
+            n.clone(),
+            store
+                .load(n, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        );
+    }
+    drop(store);
+    let n = w["model.norm.weight"].dims()[0];
+    w.insert(
+        "model.norm.weight".into(),
+        candle_core::Tensor::full(f32::NAN, n, &candle_core::Device::Cpu).unwrap(),
+    );
+    common::weights::save(&w, &model.join("model.safetensors")).unwrap();
+    let o = tmp.path().join("run");
+    let (code, log) = out(&mut trainer(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        o.to_str().unwrap(),
+        "--max-steps",
+        "10",
+        "--per-device-train-batch-size",
+        "2",
+        "--max-nonfinite-steps",
+        "2",
+        "--learning-rate",
+        "1e-2",
+    ]));
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("step 1: non-finite loss"), "{log}");
+    assert!(
+        log.contains("training diverged")
+            && log.contains("the last at step 2")
+            && log.contains("lower --learning-rate"),
+        "{log}"
+    );
+    assert!(
+        !o.join("adapter_model.safetensors").exists(),
+        "no adapter from a diverged run"
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["status"], "diverged");
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 64);
+    let base = |extra: &[&str]| -> (i32, String) {
+        let o = tmp.path().join("o");
+        let mut a = vec![
+            "--model",
+            real.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            o.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        out(&mut trainer(&a))
+    };
+    for (extra, want) in [
+        (vec!["--lora-r", "0"], "r (--lora-r) must be at least 1"),
+        (
+            vec!["--target-modules", "q_proj,qkv_proj"],
+            "unknown target module 'qkv_proj'",
+        ),
+        (vec!["--learning-rate", "-1"], "--learning-rate must be > 0"),
+        (
+            vec!["--lora-dropout", "1.5"],
+            "lora_dropout must be in [0, 1)",
+        ),
+        (vec!["--device", "tpu"], "--device must be cpu or cuda:N"),
+        (
+            vec!["--gradient-accumulation-steps", "0"],
+            "--gradient-accumulation-steps must be >= 1",
+        ),
+        (
+            vec!["--resume-from-checkpoint", "latest"],
+            "no checkpoint in",
+        ),
+    ] {
+        let (code, log) = base(&extra);
+        assert_ne!(code, 0, "{extra:?}");
+        assert!(log.contains(want), "{extra:?}: want '{want}' in {log}");
+        assert_eq!(
+            log.lines().filter(|l| l.contains("error")).count(),
+            1,
+            "one error line: {log}"
+        );
+    }
+    // shards made with another tokenizer
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "chat_template.jinja",
+        "tokenizer_config.json",
+    ] {
+        std::os::unix::fs::symlink(real.join(f), other.join(f)).unwrap();
+    }
+    let mut tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(real.join("tokenizer.json")).unwrap())
+            .unwrap();
+    tj["pre_tokenizer"] = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    std::fs::write(other.join("tokenizer.json"), tj.to_string()).unwrap();
+    let o = tmp.path().join("o2");
+    let (code, log) = out(&mut trainer(&[
+        "--model",
+        other.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        o.to_str().unwrap(),
+    ]));
+    assert_ne!(code, 0);
+    assert!(log.contains("another tokenizer"), "{log}");
+    // a --config file supplies arguments; flags override it
+    let cfg = tmp.path().join("cfg.toml");
+    std::fs::write(&cfg, "lora_r = 0\nlearning_rate = 1e-3\n").unwrap();
+    let (code, log) = base(&["--config", cfg.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(log.contains("--lora-r"), "{log}");
+    let (code, log) = base(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--lora-r",
+        "2",
+        "--max-steps",
+        "1",
+        "--per-device-train-batch-size",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{log}");
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("o/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run["args"]["lora_r"], 2);
+    assert_eq!(run["args"]["learning_rate"], 1e-3);
+}
+
+#[test]
+fn training_on_the_sample_dialogues_lowers_eval_loss() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 256);
+    let o = tmp.path().join("run");
+    let (code, log) = out(&mut trainer(&[
+        "--model",
+        real.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        o.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--per-device-train-batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--target-modules",
+        "all-linear",
+        "--logging-steps",
+        "2",
+    ]));
+    assert_eq!(code, 0, "{log}");
+    let rows = common::train::metrics::read(&o).unwrap();
+    let evals: Vec<f64> = rows.iter().filter_map(|r| r.eval_loss).collect();
+    assert!(evals.len() >= 2, "{rows:?}");
+    let (first, last) = (evals[0], *evals.last().unwrap());
+    eprintln!("eval loss {first:.4} -> {last:.4}");
+    assert!(last < 0.9 * first, "eval loss {first} -> {last}");
+    // the record says how it ended, with the versions that ran
+    let rec = common::train::run::RunRecord::load(&o).unwrap();
+    assert_eq!(rec.status, common::train::run::RunStatus::Completed);
+    let best = evals.iter().copied().reduce(f64::min).unwrap();
+    assert!((rec.best_eval_loss.unwrap() - best).abs() < 1e-6, "{rec:?}");
+    assert!(rec.versions.candle.starts_with("0."), "{:?}", rec.versions);
+}
