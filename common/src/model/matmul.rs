@@ -13,6 +13,7 @@ use super::ops::is_cpu_f32;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Result, Shape, Tensor};
 
 /// A strided 2-D f32 operand inside a CPU storage.
+#[derive(Clone, Copy)]
 struct Operand<'a> {
     data: &'a [f32],
     offset: usize,
@@ -83,6 +84,70 @@ fn parallelism() -> gemm::Parallelism {
 /// `dst` must be valid for writes of `a.rows * b.cols` f32 values and must not overlap `a` or
 /// `b`; operands are bounds-checked by `operand`.
 unsafe fn run(dst: *mut f32, a: &Operand, b: &Operand, accumulate: bool, alpha: f32) {
+    if a.rows == 1 && b.cols >= GEMV_SPLIT_MIN_COLS && b.cs > 0 && get_threads() > 1 {
+        return run_row(dst, a, b, accumulate, alpha);
+    }
+    run_with(dst, a, b, accumulate, alpha, parallelism())
+}
+
+/// Columns below which a one-row product stays on one thread.
+const GEMV_SPLIT_MIN_COLS: usize = 256;
+
+fn get_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// A destination pointer shared by the parallel column blocks (each writes its own columns).
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: the blocks write disjoint column ranges of one row.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+/// `[1, k]·[k, n]`, the product of decoding one token: the gemm crate runs it as a GEMV on one
+/// thread, so the columns are split into blocks run in parallel, each a GEMV of its own.
+///
+/// # Safety
+/// As `run`.
+unsafe fn run_row(dst: *mut f32, a: &Operand, b: &Operand, accumulate: bool, alpha: f32) {
+    use rayon::prelude::*;
+    let n = b.cols;
+    let block = n.div_ceil(4 * get_threads()).max(64);
+    let dst = Dst(dst);
+    (0..n.div_ceil(block)).into_par_iter().for_each(|i| {
+        let (j0, j1) = (i * block, ((i + 1) * block).min(n));
+        let sub = Operand {
+            offset: b.offset + j0 * b.cs as usize,
+            cols: j1 - j0,
+            ..*b
+        };
+        let d = dst;
+        // SAFETY: columns j0..j1 of the one destination row, inside it
+        unsafe {
+            run_with(
+                d.0.add(j0),
+                a,
+                &sub,
+                accumulate,
+                alpha,
+                gemm::Parallelism::None,
+            )
+        };
+    });
+}
+
+/// `run` with a given parallelism.
+///
+/// # Safety
+/// As `run`.
+unsafe fn run_with(
+    dst: *mut f32,
+    a: &Operand,
+    b: &Operand,
+    accumulate: bool,
+    alpha: f32,
+    parallelism: gemm::Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if k == 0 {
         if !accumulate {
@@ -109,7 +174,7 @@ unsafe fn run(dst: *mut f32, a: &Operand, b: &Operand, accumulate: bool, alpha: 
         false,
         false,
         false,
-        parallelism(),
+        parallelism,
     );
 }
 
@@ -264,5 +329,18 @@ mod tests {
             .matmul(&ys.contiguous().unwrap())
             .unwrap();
         assert!(diff(&matmul(&xs, &ys).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn one_row_products_split_across_threads_match_candle() {
+        // decoding one token: [1, k] x [k, n] with n past the split threshold, the weight
+        // transposed (a strided view), plain and accumulating
+        let x = Tensor::rand(-1f32, 1f32, (1, 96), &Device::Cpu).unwrap();
+        let w = Tensor::rand(-1f32, 1f32, (1000, 96), &Device::Cpu).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        let got = matmul(&x, &w.t().unwrap()).unwrap();
+        assert!(crate::testing::max_abs_diff(&got, &want) < 1e-4);
+        let acc = matmul_acc(got, &x, &w.t().unwrap(), -1.0).unwrap();
+        assert!(crate::testing::max_abs_diff(&acc, &want.zeros_like().unwrap()) < 1e-4);
     }
 }
