@@ -15,7 +15,7 @@ model: build
 	DIALORA_BIN=$(BIN) scripts/fetch-model.sh $(MODEL)
 
 test: model
-	$(CARGO) test --release --workspace
+	scripts/test.sh
 
 pipeline: model
 	scripts/pipeline.sh

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # make bench: one summary line per benchmark (trainer, dataprep, infer, merger) on the real
-# SmolLM2. When HF_PYTHON points at a Python with torch+transformers+peft, the reference side
-# (../shared/reference/bench_lora.py and HF generate) is measured in the same run, alternating.
-#   HF_PYTHON=/tmp/hfref/venv/bin/python scripts/bench.sh
+# SmolLM2, with the reference stack (HF transformers + peft: scripts/bench_lora.py and HF
+# generate) measured in the same run, alternating with dialora.
+#   scripts/bench.sh                   # the reference Python from scripts/hf-env.sh
+#   HF_PYTHON=/path/to/python scripts/bench.sh
+#   BENCH_PYTORCH=0 scripts/bench.sh   # dialora only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${DIALORA_BIN:-target/release}
 MODEL=${MODEL:-models/smollm2-135m-instruct}
-REF=${REF:-../shared/reference}
 OUT=${BENCH_OUT:-runs/bench}
+if [ "${BENCH_PYTORCH:-1}" != 0 ]; then HF_PYTHON=$(scripts/hf-env.sh); else HF_PYTHON=""; fi
 mkdir -p "$OUT"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1 /proc/loadavg)"
 field() { python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(' '.join(f'{k}={r[k]:.1f}' if isinstance(r[k], float) else f'{k}={r[k]}' for k in sys.argv[2:]))" "$@"; }
@@ -18,7 +20,7 @@ for shape in "256 1" "512 2"; do
   set -- $shape
   for ck in "" "--grad-ckpt"; do
     if [ -n "${HF_PYTHON:-}" ]; then
-      r=$("$HF_PYTHON" "$REF/bench_lora.py" --model "$MODEL" --seq "$1" --batch "$2" --steps 8 --warmup 2 ${ck:+--grad-ckpt} 2>/dev/null | grep '^RESULT' | cut -d' ' -f2-)
+      r=$("$HF_PYTHON" scripts/bench_lora.py --model "$MODEL" --seq "$1" --batch "$2" --steps 8 --warmup 2 ${ck:+--grad-ckpt} 2>/dev/null | grep '^RESULT' | cut -d' ' -f2-)
       echo "trainer  pytorch+peft seq=$1 batch=$2 ${ck:-} $(field "$r" tokens_per_s peak_rss_mib median_step_s)"
     fi
     r=$("$BIN/bench-lora" --model "$MODEL" --seq "$1" --batch "$2" --steps 8 --warmup 2 $ck 2>/dev/null | grep '^RESULT' | cut -d' ' -f2-)

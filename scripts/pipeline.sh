@@ -20,7 +20,7 @@ scripts/prepare-data.sh "$MODEL" "$RUN/shards" data/counsel_train.jsonl -- \
   --val-split 0.15 --max-seq-len 256 --overwrite
 step "train"
 rm -rf "$RUN/adapter"
-scripts/train.sh "$MODEL" "$RUN/shards" "$RUN/adapter" \
+scripts/train.sh "$MODEL" "$RUN/shards" "$RUN/adapter" --run-name "$(basename "$RUN")" \
   --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 --target-modules all-linear \
   --learning-rate "$LR" --num-train-epochs "$EPOCHS" --per-device-train-batch-size 4 \
   --lr-scheduler-type cosine --warmup-ratio 0.1 --logging-steps 2 --eval-steps 7 --save-steps 14

@@ -42,21 +42,58 @@ pub(crate) fn set_mode(path: &Path, dir: bool) {
     let _ = (path, dir);
 }
 
+/// A file output under construction: written under a temporary name next to `target`, which
+/// `commit` renames into place. Dropped without `commit`, it is removed.
+pub struct AtomicFile {
+    tmp: std::io::BufWriter<tempfile::NamedTempFile>,
+    target: PathBuf,
+}
+
+impl AtomicFile {
+    pub fn create(target: &Path) -> Result<Self> {
+        let parent = parent_of(target)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&temp_prefix(target))
+            .tempfile_in(&parent)
+            .with_context(|| format!("{}: cannot create a temporary file", parent.display()))?;
+        Ok(AtomicFile {
+            tmp: std::io::BufWriter::new(tmp),
+            target: target.to_path_buf(),
+        })
+    }
+
+    /// Flushes the file and renames it into place (replacing an existing file).
+    pub fn commit(self) -> Result<()> {
+        let target = self.target;
+        let tmp = self
+            .tmp
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|t| t.as_file().sync_data().map(|_| t))
+            .with_context(|| format!("{}: cannot write", target.display()))?;
+        set_mode(tmp.path(), false);
+        tmp.persist(&target)
+            .map_err(|e| e.error)
+            .with_context(|| format!("{}: cannot rename into place", target.display()))?;
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tmp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
 /// Writes `contents` to `path` atomically (replacing an existing file).
 pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
-    let parent = parent_of(path)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(path))
-        .tempfile_in(&parent)
-        .with_context(|| format!("{}: cannot create a temporary file", parent.display()))?;
-    tmp.write_all(contents)
-        .and_then(|_| tmp.as_file().sync_data())
+    let mut f = AtomicFile::create(path)?;
+    f.write_all(contents)
         .with_context(|| format!("{}: cannot write", path.display()))?;
-    set_mode(tmp.path(), false);
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    f.commit()
 }
 
 /// Writes `value` as pretty JSON with a final newline, atomically.

@@ -72,6 +72,118 @@ impl SamplingParams {
     }
 }
 
+/// Decoding settings as asked on a command line or in a request: each `None` falls back to the
+/// model's `generation_config.json`, then to HF `generate`'s defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingFlags {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<usize>,
+    pub seed: u64,
+    pub no_cache: bool,
+}
+
+/// The sampling fields of a model's `generation_config.json`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct GenerationConfig {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<usize>,
+}
+
+impl GenerationConfig {
+    /// `<dir>/generation_config.json`, or nothing when the model has none.
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: invalid generation config: {e}", path.display())),
+            Err(_) => Ok(Self::default()),
+        }
+    }
+}
+
+impl SamplingFlags {
+    /// Range checks of the values given (before any falls back to a default).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = self.temperature {
+            if !(t >= 0.0 && t.is_finite()) {
+                bail!("--temperature must be >= 0, got {t}");
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("--top-p must be in (0, 1], got {p}");
+            }
+        }
+        if let Some(r) = self.repetition_penalty {
+            if !(r > 0.0 && r.is_finite()) {
+                bail!("--repetition-penalty must be > 0, got {r}");
+            }
+        }
+        if self.max_new_tokens == Some(0) {
+            bail!("--max-new-tokens must be >= 1");
+        }
+        Ok(())
+    }
+
+    /// The decoding to use and a line saying what it is and where it came from. Sampling is
+    /// on when asked (`do_sample`, or a `temperature` above 0), else when the model's
+    /// generation config asks for it, unless `greedy_unless_asked` (comparisons). Unset values
+    /// come from the generation config, then HF's defaults (temperature 1, top_k 50).
+    pub fn resolve(
+        &self,
+        cfg: &GenerationConfig,
+        greedy_unless_asked: bool,
+    ) -> (SamplingParams, String) {
+        let asked = self.do_sample.or(self.temperature.map(|t| t > 0.0));
+        let (sample, why) = match asked {
+            Some(s) => (s, "as asked"),
+            None if greedy_unless_asked => (false, "comparisons are greedy unless asked"),
+            None => match cfg.do_sample {
+                Some(s) => (s, "from generation_config.json"),
+                None => (false, "the default"),
+            },
+        };
+        let max_new_tokens = self.max_new_tokens.or(cfg.max_new_tokens).unwrap_or(256);
+        let repetition_penalty = self
+            .repetition_penalty
+            .or(cfg.repetition_penalty)
+            .unwrap_or(1.0);
+        let mut p = SamplingParams {
+            max_new_tokens,
+            repetition_penalty,
+            seed: self.seed,
+            no_cache: self.no_cache,
+            ..Default::default()
+        };
+        let how = if sample {
+            p.temperature = self.temperature.or(cfg.temperature).unwrap_or(1.0);
+            p.top_p = self.top_p.or(cfg.top_p).filter(|&x| x < 1.0);
+            p.top_k = self.top_k.or(cfg.top_k).or(Some(50)).filter(|&k| k > 0);
+            format!(
+                "sampling (temperature {}, top_p {}, top_k {}, seed {})",
+                p.temperature,
+                p.top_p.map(|x| x.to_string()).unwrap_or("1".into()),
+                p.top_k.map(|x| x.to_string()).unwrap_or("off".into()),
+                p.seed
+            )
+        } else {
+            "greedy".to_string()
+        };
+        let line = format!(
+            "{how}, repetition penalty {repetition_penalty}, at most {max_new_tokens} new tokens ({why})"
+        );
+        (p, line)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Generation {
     /// New tokens, including the stop token when one was produced.
@@ -187,4 +299,54 @@ pub fn stop_ids(dir: &std::path::Path, eot: &crate::chat::EndOfTurn) -> Vec<u32>
     ids.sort();
     ids.dedup();
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_follows_flags_then_the_generation_config_then_hf_defaults() {
+        let cfg = GenerationConfig {
+            do_sample: Some(true),
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            repetition_penalty: Some(1.1),
+            ..Default::default()
+        };
+        let none = SamplingFlags::default();
+        // the model's config asks for sampling: chat and batch follow it
+        let (p, line) = none.resolve(&cfg, false);
+        assert_eq!(
+            (p.temperature, p.top_p, p.top_k),
+            (0.6, Some(0.9), Some(50))
+        );
+        assert_eq!((p.repetition_penalty, p.max_new_tokens), (1.1, 256));
+        assert!(line.contains("from generation_config.json"), "{line}");
+        // comparisons stay greedy unless asked
+        let (p, line) = none.resolve(&cfg, true);
+        assert_eq!(p.temperature, 0.0);
+        assert!(
+            line.starts_with("greedy") && line.contains("unless asked"),
+            "{line}"
+        );
+        // flags win: a temperature asks for sampling, --do-sample false for greedy
+        let f = SamplingFlags {
+            temperature: Some(1.2),
+            top_k: Some(0),
+            max_new_tokens: Some(9),
+            ..Default::default()
+        };
+        let (p, _) = f.resolve(&cfg, true);
+        assert_eq!((p.temperature, p.top_k, p.max_new_tokens), (1.2, None, 9));
+        let f = SamplingFlags {
+            do_sample: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(f.resolve(&cfg, false).0.temperature, 0.0);
+        // no config: greedy, as HF generate
+        let (p, line) = none.resolve(&GenerationConfig::default(), false);
+        assert_eq!(p.temperature, 0.0);
+        assert!(line.contains("the default"), "{line}");
+    }
 }

@@ -7,7 +7,7 @@ use crate::chat::{ChatTemplate, EndOfTurn, Message};
 use crate::data::formats::Conversation;
 use crate::generate::{generate, stop_ids, Generation, SamplingParams};
 use crate::model::Llama;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -47,13 +47,7 @@ impl Session {
         let mut model = Llama::from_dir(model_dir, dtype, device)?;
         if let Some(a) = adapter {
             let ad = crate::lora::Adapter::load(a, dtype, device)?;
-            model.attach_adapter(&ad).with_context(|| {
-                format!(
-                    "adapter {} does not fit the model in {}",
-                    a.display(),
-                    model_dir.display()
-                )
-            })?;
+            model.attach_adapter(&ad, model_dir)?;
         }
         let tok = crate::tokenizer::load(model_dir)?;
         let template = ChatTemplate::resolve(model_dir, template)?;
@@ -176,6 +170,110 @@ impl Session {
     }
 }
 
+/// An interactive chat: the system prompt, the turns so far, and the slash commands.
+#[derive(Debug, Clone, Default)]
+pub struct Chat {
+    pub system: Option<String>,
+    /// Alternating user and assistant messages.
+    pub turns: Vec<Message>,
+}
+
+/// What a line typed into the chat asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatInput {
+    /// A message for the model.
+    Say(String),
+    /// A command was handled; show this to the user.
+    Show(String),
+    /// End the chat.
+    Quit,
+    /// Nothing (an empty line).
+    Nothing,
+}
+
+impl Chat {
+    pub const HELP: &'static str = "commands: /history shows the conversation the model is given, /reset clears it, /system TEXT sets the system prompt (/system alone removes it), /help, /quit (or Ctrl-D); start a message with // to send one that begins with /";
+
+    pub fn new(system: Option<String>) -> Self {
+        Chat {
+            system,
+            turns: Vec::new(),
+        }
+    }
+
+    /// Interprets one input line.
+    pub fn handle(&mut self, line: &str) -> ChatInput {
+        let line = line.trim_end_matches(['\n', '\r']);
+        let t = line.trim();
+        if t.is_empty() {
+            return ChatInput::Nothing;
+        }
+        if let Some(literal) = t.strip_prefix("//") {
+            return ChatInput::Say(format!("/{literal}"));
+        }
+        if !t.starts_with('/') {
+            return ChatInput::Say(line.to_string());
+        }
+        let (cmd, arg) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
+        let arg = arg.trim();
+        match cmd {
+            "/quit" | "/exit" => ChatInput::Quit,
+            "/help" => ChatInput::Show(Self::HELP.into()),
+            "/reset" => {
+                self.turns.clear();
+                ChatInput::Show("history cleared".into())
+            }
+            "/history" => ChatInput::Show(self.history_text()),
+            "/system" => {
+                self.system = (!arg.is_empty()).then(|| arg.to_string());
+                self.turns.clear();
+                ChatInput::Show(format!(
+                    "system prompt {}; history cleared",
+                    if self.system.is_some() {
+                        "set"
+                    } else {
+                        "removed"
+                    }
+                ))
+            }
+            other => ChatInput::Show(format!("unknown command {other}; {}", Self::HELP)),
+        }
+    }
+
+    /// The messages the model is given to answer `user`: the system prompt, every earlier
+    /// turn, and `user`.
+    pub fn messages_with(&self, user: &str) -> Vec<Message> {
+        let mut m: Vec<Message> = self
+            .system
+            .iter()
+            .map(|s| Message::new("system", s))
+            .collect();
+        m.extend(self.turns.iter().cloned());
+        m.push(Message::new("user", user));
+        m
+    }
+
+    /// Records an exchange once the model has answered.
+    pub fn record(&mut self, user: &str, reply: &str) {
+        self.turns.push(Message::new("user", user));
+        self.turns.push(Message::new("assistant", reply));
+    }
+
+    /// The conversation so far, one `role: content` block per message.
+    pub fn history_text(&self) -> String {
+        let m = self.messages_with("");
+        let shown = &m[..m.len() - 1];
+        if shown.is_empty() {
+            return "(empty conversation)".into();
+        }
+        shown
+            .iter()
+            .map(|m| format!("{}: {}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// One conversation answered by the base model and by base + adapter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
@@ -192,10 +290,16 @@ pub struct ComparedTurn {
 }
 
 /// The comparison as a readable Markdown table.
-pub fn comparison_markdown(items: &[Comparison], base_name: &str, adapter_name: &str) -> String {
+pub fn comparison_markdown(
+    items: &[Comparison],
+    base_name: &str,
+    adapter_name: &str,
+    decoding: &str,
+) -> String {
     let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
-    let mut md =
-        format!("# Base vs fine-tuned\n\nBase: `{base_name}` — adapter: `{adapter_name}`\n\n");
+    let mut md = format!(
+        "# Base vs fine-tuned\n\nBase: `{base_name}` — adapter: `{adapter_name}` — decoding: {decoding}\n\n"
+    );
     md += "| # | user | base | fine-tuned |\n|---|---|---|---|\n";
     for c in items {
         for (i, t) in c.turns.iter().enumerate() {
@@ -219,4 +323,47 @@ pub fn comparison_markdown(items: &[Comparison], base_name: &str, adapter_name: 
         }
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_keeps_earlier_turns_in_the_prompt_and_explains_commands() {
+        let mut c = Chat::new(Some("Be kind.".into()));
+        assert_eq!(
+            c.handle("My name is Ada.\n"),
+            ChatInput::Say("My name is Ada.".into())
+        );
+        c.record("My name is Ada.", "Hello Ada!");
+        let m = c.messages_with("What is my name?");
+        let roles: Vec<&str> = m.iter().map(|x| x.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert_eq!(m[1].content, "My name is Ada.");
+        assert_eq!(m[2].content, "Hello Ada!");
+        match c.handle("/history") {
+            ChatInput::Show(h) => assert_eq!(
+                h,
+                "system: Be kind.\nuser: My name is Ada.\nassistant: Hello Ada!"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // unknown commands are explained, not sent to the model
+        match c.handle("/hsitory") {
+            ChatInput::Show(h) => assert!(
+                h.contains("unknown command /hsitory") && h.contains("/history"),
+                "{h}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            c.handle("//etc/passwd is a file"),
+            ChatInput::Say("/etc/passwd is a file".into())
+        );
+        assert_eq!(c.handle("  "), ChatInput::Nothing);
+        assert!(matches!(c.handle("/system"), ChatInput::Show(_)));
+        assert!(c.system.is_none() && c.turns.is_empty());
+        assert_eq!(c.handle("/quit"), ChatInput::Quit);
+    }
 }

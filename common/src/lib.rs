@@ -18,10 +18,12 @@
 //! | `report` | the HTML run comparison |
 //! | `bench` | the LoRA training benchmark |
 //! | `device`, `progress` | device/dtype arguments, CPU threads, memory; progress output |
+//! | `cli` | exit statuses, one-line errors, stdout that may close (`| head`) |
 
 pub mod atomic;
 pub mod bench;
 pub mod chat;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;

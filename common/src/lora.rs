@@ -270,6 +270,8 @@ pub fn peft_key(module: &str, which: char) -> String {
 
 /// A loaded adapter: config plus (A, B) per full module name.
 pub struct Adapter {
+    /// The adapter directory (named in errors).
+    pub dir: std::path::PathBuf,
     pub config: LoraConfig,
     pub weights: BTreeMap<String, (Tensor, Tensor)>,
 }
@@ -337,7 +339,85 @@ impl Adapter {
         if weights.is_empty() {
             bail!("{}: no LoRA weights in the adapter", path.display());
         }
-        Ok(Adapter { config, weights })
+        let adapter = Adapter {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+        };
+        adapter.check_config()?;
+        Ok(adapter)
+    }
+
+    /// Checks the tensors against `adapter_config.json`: every module is one of its
+    /// `target_modules`, with the rank `r` (or its `rank_pattern` entry) says. A wrong rank
+    /// would silently scale the update by the wrong `alpha/r`.
+    fn check_config(&self) -> Result<()> {
+        let (file, cfg_file) = (
+            self.dir.join(ADAPTER_WEIGHTS),
+            self.dir.join(ADAPTER_CONFIG),
+        );
+        let targets = self.config.targets()?;
+        for (m, (a, _)) in &self.weights {
+            let kind = m.rsplit('.').next().unwrap_or_default();
+            if !targets.iter().any(|t| t == kind) {
+                bail!(
+                    "{}: module '{m}' is not among the target_modules of {} ({})",
+                    file.display(),
+                    cfg_file.display(),
+                    targets.join(", ")
+                );
+            }
+            let (have, want) = (a.dim(0)?, self.config.rank_for(m));
+            if have != want {
+                bail!(
+                    "{}: module '{m}' has rank {have} (lora_A {:?}) but {} says r = {want}",
+                    file.display(),
+                    a.dims(),
+                    cfg_file.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the adapter fits a base model: every module exists there (`weight_shape` gives
+    /// its `[out, in]`) and `B A` has that shape. `layers` is the base's layer count.
+    pub fn check_base(
+        &self,
+        base: &Path,
+        layers: usize,
+        weight_shape: impl Fn(&str) -> Option<Vec<usize>>,
+    ) -> Result<()> {
+        let file = self.dir.join(ADAPTER_WEIGHTS);
+        for (m, (a, b)) in &self.weights {
+            let Some(shape) = weight_shape(m) else {
+                let layer = m.split('.').nth(2).and_then(|s| s.parse::<usize>().ok());
+                if let Some(l) = layer.filter(|&l| l >= layers) {
+                    bail!(
+                        "{}: module '{m}' is in layer {l} but the base in {} has {layers} layers: adapter for a different base?",
+                        file.display(),
+                        base.display()
+                    );
+                }
+                bail!(
+                    "{}: module '{m}' does not exist in the base in {}: adapter for a different base?",
+                    file.display(),
+                    base.display()
+                );
+            };
+            let (r, inp) = a.dims2()?;
+            let (out, r2) = b.dims2()?;
+            if shape != [out, inp] || r != r2 {
+                bail!(
+                    "{}: module '{m}': lora_A {:?} and lora_B {:?} do not fit the base weight {shape:?} in {}: adapter for a different base?",
+                    file.display(),
+                    a.dims(),
+                    b.dims(),
+                    base.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (each atomically).
@@ -397,6 +477,76 @@ mod tests {
             serde_json::from_str(r#"{"r":8,"lora_alpha":16,"target_modules":"all-linear"}"#)
                 .unwrap();
         assert_eq!(c.targets().unwrap().len(), 7);
+    }
+
+    #[test]
+    fn rank_and_targets_are_checked_against_the_config() {
+        let d = tempfile::tempdir().unwrap();
+        let q = "model.layers.0.self_attn.q_proj".to_string();
+        let w = BTreeMap::from([(
+            q.clone(),
+            (
+                Tensor::ones((8, 3), DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros((5, 8), DType::F32, &Device::Cpu).unwrap(),
+            ),
+        )]);
+        // config says r = 16, the tensors have rank 8: the scale would be 1.0 instead of 2.0
+        Adapter::save(
+            &LoraConfig::new(16, 16.0, 0.0, vec!["q_proj".into()]),
+            &w,
+            d.path(),
+        )
+        .unwrap();
+        let e = Adapter::load(d.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("adapter_model.safetensors")
+                && e.contains(&q)
+                && e.contains("rank 8")
+                && e.contains("r = 16"),
+            "{e}"
+        );
+        // a rank_pattern entry that matches the tensors is fine
+        let mut c = LoraConfig::new(16, 16.0, 0.0, vec!["q_proj".into()]);
+        c.rank_pattern.insert("q_proj".into(), 8);
+        Adapter::save(&c, &w, d.path()).unwrap();
+        let ad = Adapter::load(d.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(ad.config.scale_for(&q), 2.0);
+        // a module the config does not target
+        Adapter::save(
+            &LoraConfig::new(8, 16.0, 0.0, vec!["v_proj".into()]),
+            &w,
+            d.path(),
+        )
+        .unwrap();
+        let e = Adapter::load(d.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("not among the target_modules") && e.contains("v_proj"),
+            "{e}"
+        );
+        // and against a base: the weight's shape, both values named
+        Adapter::save(
+            &LoraConfig::new(8, 16.0, 0.0, vec!["q_proj".into()]),
+            &w,
+            d.path(),
+        )
+        .unwrap();
+        let ad = Adapter::load(d.path(), DType::F32, &Device::Cpu).unwrap();
+        ad.check_base(Path::new("base"), 1, |_| Some(vec![5, 3]))
+            .unwrap();
+        let e = ad
+            .check_base(Path::new("base"), 1, |_| Some(vec![5, 4]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[8, 3]") && e.contains("[5, 4]") && e.contains("base"),
+            "{e}"
+        );
     }
 
     #[test]

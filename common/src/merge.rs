@@ -6,6 +6,8 @@ use crate::lora::Adapter;
 use crate::weights::SafetensorsStore;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -51,40 +53,6 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok((n * mult) as u64)
 }
 
-/// Checks the adapter fits the base: every module's weight exists with matching shapes.
-fn check_fit(
-    adapter: &Adapter,
-    store: &SafetensorsStore,
-    base: &Path,
-    cfg: &crate::config::ModelConfig,
-) -> Result<()> {
-    for (m, (a, b)) in &adapter.weights {
-        let key = format!("{m}.weight");
-        let Some(shape) = store.shape(&key) else {
-            let layer = m.split('.').nth(2).and_then(|s| s.parse::<usize>().ok());
-            if let Some(l) = layer.filter(|&l| l >= cfg.num_hidden_layers) {
-                bail!(
-                    "adapter targets layer {l} ('{m}') but the base in {} has {} layers: adapter for a different base?",
-                    base.display(),
-                    cfg.num_hidden_layers
-                );
-            }
-            bail!("adapter module '{m}' has no weight '{key}' in the base {}: adapter for a different base?", base.display());
-        };
-        let (r, inp) = a.dims2()?;
-        let (out, r2) = b.dims2()?;
-        if shape != [out, inp] || r != r2 {
-            bail!(
-                "adapter module '{m}': lora_A {:?} and lora_B {:?} do not fit the base weight {shape:?} in {}: adapter for a different base?",
-                a.dims(),
-                b.dims(),
-                base.display()
-            );
-        }
-    }
-    Ok(())
-}
-
 /// The delta `scale · B A` of a module, in f32.
 pub fn lora_delta(a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let a = a.to_dtype(DType::F32)?;
@@ -93,7 +61,8 @@ pub fn lora_delta(a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
 }
 
 /// One output tensor, produced only when the safetensors writer asks for its bytes: the merged
-/// `W + scale·B·A` in f32 converted to the output dtype, or the base tensor passed through.
+/// `W + scale·B·A` in f32 converted to the output dtype, or the base tensor passed through
+/// straight from the memory map (its pages are dropped when the next tensor is asked for).
 /// Peak memory is about one tensor.
 struct LazyTensor<'a> {
     store: &'a SafetensorsStore,
@@ -103,37 +72,41 @@ struct LazyTensor<'a> {
     /// (A, B, scale) when the tensor is a merged module's weight.
     delta: Option<(&'a Tensor, &'a Tensor, f64)>,
     /// The first error met while producing bytes (`View::data` cannot fail).
-    error: &'a std::cell::RefCell<Option<anyhow::Error>>,
-    progress: &'a std::cell::RefCell<&'a mut dyn FnMut()>,
+    error: &'a RefCell<Option<anyhow::Error>>,
+    progress: &'a RefCell<&'a mut dyn FnMut()>,
+    /// The pass-through tensor whose mapped pages the writer read last.
+    written: &'a RefCell<Option<String>>,
 }
 
-impl LazyTensor<'_> {
-    fn bytes(&self) -> Result<Vec<u8>> {
+/// Drops the mapped pages of the last pass-through tensor the writer read.
+fn release_written(store: &SafetensorsStore, written: &RefCell<Option<String>>) {
+    if let Some(name) = written.borrow_mut().take() {
+        store.release(&name);
+    }
+}
+
+impl<'a> LazyTensor<'a> {
+    fn bytes(&self) -> Result<Cow<'a, [u8]>> {
         use safetensors::View;
-        let (raw, st, _) = self.store.raw(&self.name)?;
-        let file = self
-            .store
-            .file_of(&self.name)
-            .expect("tensor is in the store");
+        let store: &'a SafetensorsStore = self.store;
+        let (raw, st, _) = store.raw(&self.name)?;
+        let file = store.file_of(&self.name).expect("tensor is in the store");
         let src = crate::weights::candle_dtype(st, file, &self.name)?;
-        let bytes = match self.delta {
+        Ok(match self.delta {
             None if src == self.dtype => {
-                // straight from the map, then drop its pages
-                let v = raw.to_vec();
-                self.store.release(&self.name);
-                v
+                *self.written.borrow_mut() = Some(self.name.clone());
+                Cow::Borrowed(raw)
             }
             None => {
-                let t = self.store.load(&self.name, self.dtype, &Device::Cpu)?;
-                View::data(&t).into_owned()
+                let t = store.load(&self.name, self.dtype, &Device::Cpu)?;
+                Cow::Owned(View::data(&t).into_owned())
             }
             Some((a, b, scale)) => {
-                let w = self.store.load(&self.name, DType::F32, &Device::Cpu)?;
+                let w = store.load(&self.name, DType::F32, &Device::Cpu)?;
                 let merged = (w + lora_delta(a, b, scale)?)?.to_dtype(self.dtype)?;
-                View::data(&merged).into_owned()
+                Cow::Owned(View::data(&merged).into_owned())
             }
-        };
-        Ok(bytes)
+        })
     }
 }
 
@@ -144,16 +117,17 @@ impl safetensors::View for LazyTensor<'_> {
     fn shape(&self) -> &[usize] {
         &self.shape
     }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+    fn data(&self) -> Cow<'_, [u8]> {
         (self.progress.borrow_mut())();
+        release_written(self.store, self.written);
         match self.bytes() {
-            Ok(b) if b.len() == self.data_len() => std::borrow::Cow::Owned(b),
+            Ok(b) if b.len() == self.data_len() => b,
             other => {
                 let e = other
                     .err()
                     .unwrap_or_else(|| anyhow!("tensor '{}': wrong byte count", self.name));
                 self.error.borrow_mut().get_or_insert(e);
-                std::borrow::Cow::Owned(vec![0; self.data_len()])
+                Cow::Owned(vec![0; self.data_len()])
             }
         }
     }
@@ -170,7 +144,9 @@ pub fn merge(o: &MergeOptions, mut progress: impl FnMut(usize, usize)) -> Result
     let cfg = crate::config::ModelConfig::from_dir(&o.base)?;
     let adapter = Adapter::load(&o.adapter, DType::F32, &Device::Cpu)?;
     let store = SafetensorsStore::open_dir(&o.base)?;
-    check_fit(&adapter, &store, &o.base, &cfg)?;
+    adapter.check_base(&o.base, cfg.num_hidden_layers, |m| {
+        store.shape(&format!("{m}.weight"))
+    })?;
 
     // plan: tensor -> (output dtype, shape, byte size), then shards by size
     let names: Vec<String> = store.names().cloned().collect();
@@ -198,14 +174,15 @@ pub fn merge(o: &MergeOptions, mut progress: impl FnMut(usize, usize)) -> Result
     }
     let n_shards = shards.len();
     let out = crate::atomic::OutputDir::create(&o.output)?;
-    let error = std::cell::RefCell::new(None);
+    let error = RefCell::new(None);
+    let written = RefCell::new(None);
     let mut done = 0;
     let total_tensors = plan.len();
     let mut tick = || {
         done += 1;
         progress(done, total_tensors);
     };
-    let tick: std::cell::RefCell<&mut dyn FnMut()> = std::cell::RefCell::new(&mut tick);
+    let tick: RefCell<&mut dyn FnMut()> = RefCell::new(&mut tick);
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
     let mut merged = 0;
@@ -236,10 +213,12 @@ pub fn merge(o: &MergeOptions, mut progress: impl FnMut(usize, usize)) -> Result
                     delta,
                     error: &error,
                     progress: &tick,
+                    written: &written,
                 },
             ));
         }
         crate::weights::save_views(views, &out.path().join(&fname))?;
+        release_written(&store, &written);
         if let Some(e) = error.borrow_mut().take() {
             return Err(e.context(format!("merging into {}", o.output.display())));
         }

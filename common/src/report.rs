@@ -106,10 +106,10 @@ impl Run {
     }
 
     fn wall_s(&self) -> Option<f64> {
-        self.record
-            .as_ref()
-            .map(|r| r.elapsed_s)
+        let rec = self.record.as_ref();
+        rec.map(|r| r.wall_s)
             .filter(|&s| s > 0.0)
+            .or(rec.map(|r| r.elapsed_s).filter(|&s| s > 0.0))
             .or_else(|| self.rows.last().map(|r| r.elapsed_s))
     }
 
@@ -189,7 +189,7 @@ pub fn tick(v: f64) -> String {
         return if v == 0.0 { "0".into() } else { v.to_string() };
     }
     let mag = v.abs().log10().floor() as i32;
-    if !(-3..5).contains(&mag) {
+    if !(-4..5).contains(&mag) {
         let s = format!("{v:.2e}");
         // 2.00e-4 -> 2e-4, 6.70e-4 -> 6.7e-4
         let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
@@ -400,8 +400,10 @@ mod tests {
             (123.4, "123"),
             (2000.0, "2000"),
             (0.002, "0.002"),
-            (0.00067, "6.7e-4"),
-            (2e-4, "2e-4"),
+            (0.00067, "0.00067"),
+            (0.0005, "0.0005"),
+            (2e-5, "2e-5"),
+            (6.7e-6, "6.7e-6"),
             (-0.25, "-0.25"),
         ] {
             assert_eq!(tick(v), want, "{v}");
@@ -409,6 +411,69 @@ mod tests {
         assert_eq!(duration(42.13), "42.1 s");
         assert_eq!(duration(185.0), "3 min 05 s");
         assert_eq!(duration(7380.0), "2 h 03 min");
+    }
+
+    /// A run directory as the trainer leaves it: metrics.csv and run.json.
+    fn fake_run(dir: &Path, lr: f64, evals: &[(usize, f64)]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut log = crate::train::metrics::MetricsLog::open(dir, None).unwrap();
+        for &(step, e) in evals {
+            log.append(&MetricsRow {
+                step,
+                loss: (step > 0).then_some(e + 0.1),
+                learning_rate: Some(lr),
+                eval_loss: Some(e),
+                elapsed_s: step as f64,
+                peak_mem_mib: 500.0,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let args = crate::train::args::TrainArgs {
+            learning_rate: lr,
+            output_dir: dir.to_path_buf(),
+            ..Default::default()
+        };
+        RunRecord {
+            status: crate::train::run::RunStatus::Completed,
+            run_name: "adapter".into(),
+            args,
+            elapsed_s: 60.0,
+            wall_s: 65.0,
+            ..Default::default()
+        }
+        .save(dir)
+        .unwrap();
+    }
+
+    #[test]
+    fn report_opens_on_results_then_differences_then_charts() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a/adapter"), d.path().join("b/adapter"));
+        fake_run(&a, 1e-3, &[(0, 3.6), (10, 2.0), (20, 2.2)]);
+        fake_run(&b, 2e-4, &[(0, 3.6), (10, 3.0), (20, 2.9)]);
+        let out = d.path().join("r.html");
+        let runs = write_report(&[a, b], &out, "t").unwrap();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a/adapter", "b/adapter"]);
+        let html = std::fs::read_to_string(&out).unwrap();
+        let at = |s: &str| html.find(s).unwrap_or_else(|| panic!("{s} missing"));
+        // results first, with first -> best (step) -> final, wall time
+        assert!(at("class=\"results\"") < at("Hyper-parameters that differ"));
+        assert!(at("Hyper-parameters that differ") < at("<svg"));
+        assert!(
+            html.contains("3.6000 &rarr; <span class=\"best\">2.0000</span> (10) &rarr; 2.2000")
+        );
+        assert!(html.contains("1 min 05 s"));
+        // only the learning rate differs; the rest is folded away
+        let diff = &html[at("Hyper-parameters that differ")..at("<details>")];
+        assert!(
+            diff.contains("learning_rate") && !diff.contains("lora_r"),
+            "{diff}"
+        );
+        assert!(html[at("<details>")..].contains("lora_r"));
+        // x ticks are whole steps
+        assert!(!html[at("<svg")..].contains(">2.5<"));
     }
 
     #[test]

@@ -9,7 +9,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+pub use tokenizers::Tokenizer;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 /// Loads `<dir>/tokenizer.json`.
 pub fn load(dir: &Path) -> Result<Tokenizer> {

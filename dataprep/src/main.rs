@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use clap::Parser;
-use common::data::labels::LabelMode;
+use common::cli::say;
+use common::data::labels::{LabelMode, TruncationSide};
 use common::data::{prepare, summary, PrepOptions};
 use std::path::PathBuf;
 
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 /// record. Labels are the assistant replies plus their end-of-turn token; every other token
 /// is masked (-100 in training).
 #[derive(Parser)]
-#[command(name = "dataprep", version)]
+#[command(name = "dataprep", version, allow_negative_numbers = true)]
 struct Args {
     /// Input files (.json array or .jsonl).
     #[arg(required = true)]
@@ -36,6 +37,11 @@ struct Args {
     /// Longest sequence in tokens; longer ones are truncated (or dropped with --drop-long).
     #[arg(long, default_value_t = 2048)]
     max_seq_len: usize,
+    /// How a sequence longer than --max-seq-len is cut: turns (drop the oldest exchanges, the
+    /// system message stays, so the labelled turns left are whole), left (cut tokens from the
+    /// start, keeping the labelled end) or right (cut tokens from the end, HF's default).
+    #[arg(long, value_enum, default_value_t = TruncationSide::Turns)]
+    truncation_side: TruncationSide,
     /// Drop sequences longer than --max-seq-len instead of truncating them.
     #[arg(long)]
     drop_long: bool,
@@ -60,10 +66,7 @@ struct Args {
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("dataprep: error: {e:#}");
-        std::process::exit(1);
-    }
+    common::cli::finish("dataprep", run(Args::parse()).map(|_| 0));
 }
 
 fn run(a: Args) -> Result<()> {
@@ -75,6 +78,7 @@ fn run(a: Args) -> Result<()> {
         output: a.output.clone(),
         label_mode: a.label_mode,
         max_seq_len: a.max_seq_len,
+        truncation_side: a.truncation_side,
         drop_long: a.drop_long,
         val_split: a.val_split,
         seed: a.seed,
@@ -85,12 +89,11 @@ fn run(a: Args) -> Result<()> {
     };
     let meta = prepare(&opts, &mut |w| eprintln!("dataprep: {w}"))?;
     let secs = t0.elapsed().as_secs_f64();
-    println!("{}", summary(&meta, &a.output));
+    say(summary(&meta, &a.output))?;
     let toks = meta.train.tokens + meta.val.tokens;
-    println!(
+    say(format!(
         "  {:.2}s, {:.0} tokens/s",
         secs,
         toks as f64 / secs.max(1e-9)
-    );
-    Ok(())
+    ))
 }

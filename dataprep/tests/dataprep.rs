@@ -1,7 +1,7 @@
 //! dataprep with the real SmolLM2 tokenizer and chat template.
 
 use common::chat::{ChatTemplate, Message};
-use common::data::labels::{conversation_samples, LabelMode, Sample};
+use common::data::labels::{LabelMode, Labeler, Sample, TruncationSide};
 use common::data::shards::{check_tokenizer, Meta, ShardReader};
 use common::testing::real_model_dir;
 use common::tokenizer;
@@ -24,6 +24,26 @@ fn three_turns() -> Vec<Message> {
         Message::new("user", "About two weeks."),
         Message::new("assistant", REPLIES[2]),
     ]
+}
+
+/// The samples of one conversation, labelled as dataprep does with the model's template.
+fn samples(
+    t: &ChatTemplate,
+    tok: &tokenizer::Tokenizer,
+    msgs: &[Message],
+    mode: LabelMode,
+) -> Vec<Sample> {
+    Labeler {
+        template: t,
+        tok,
+        eot: t.turn_end_text().unwrap(),
+        mode,
+        max_len: None,
+        truncation: TruncationSide::Turns,
+    }
+    .conversation(msgs)
+    .unwrap()
+    .samples
 }
 
 /// Contiguous runs of label tokens.
@@ -49,7 +69,7 @@ fn labels_are_exactly_the_replies_and_prompts_match_inference() {
     let tok = tokenizer::load(&dir).unwrap();
     let t = ChatTemplate::from_model_dir(&dir).unwrap();
     let msgs = three_turns();
-    let s = &conversation_samples(&t, &tok, &msgs, LabelMode::All, "<|im_end|>").unwrap()[0];
+    let s = &samples(&t, &tok, &msgs, LabelMode::All)[0];
     let runs = label_runs(s);
     assert_eq!(runs.len(), 3);
     for (run, reply) in runs.iter().zip(REPLIES) {
@@ -100,14 +120,14 @@ fn three_label_modes_count_the_expected_tokens() {
                 .len()
         })
         .collect();
-    let all = conversation_samples(&t, &tok, &msgs, LabelMode::All, "<|im_end|>").unwrap();
+    let all = samples(&t, &tok, &msgs, LabelMode::All);
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].label_tokens(), per_reply.iter().sum::<usize>());
-    let last = conversation_samples(&t, &tok, &msgs, LabelMode::Last, "<|im_end|>").unwrap();
+    let last = samples(&t, &tok, &msgs, LabelMode::Last);
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].label_tokens(), per_reply[2]);
     assert_eq!(last[0].ids, all[0].ids);
-    let exp = conversation_samples(&t, &tok, &msgs, LabelMode::Expand, "<|im_end|>").unwrap();
+    let exp = samples(&t, &tok, &msgs, LabelMode::Expand);
     assert_eq!(exp.len(), 3);
     for (k, s) in exp.iter().enumerate() {
         assert_eq!(s.label_tokens(), per_reply[k], "expand sample {k}");
@@ -304,6 +324,11 @@ fn shards_round_trip_and_foreign_tokenizer_is_refused() {
         "48",
     ]);
     assert_eq!(code, 0, "{err}");
+    // a run of a fraction of a second logs no progress lines ("dataprep: 2/20", ...)
+    assert!(
+        !err.contains("dataprep: 2/20") && err.lines().count() <= 1,
+        "{err}"
+    );
     let meta = Meta::load(&out).unwrap();
     assert_eq!(meta.conversations, 20);
     assert_eq!(
@@ -349,4 +374,238 @@ fn shards_round_trip_and_foreign_tokenizer_is_refused() {
         .unwrap()
         .to_string();
     assert!(e.contains("do not match meta.json"), "{e}");
+}
+
+/// Label runs of a conversation's samples, decoded.
+fn decoded_labels(tok: &tokenizer::Tokenizer, ss: &[Sample]) -> Vec<String> {
+    ss.iter()
+        .flat_map(label_runs)
+        .map(|r| tokenizer::decode(tok, &r).unwrap())
+        .collect()
+}
+
+#[test]
+fn replies_ending_in_whitespace_keep_their_end_of_turn_label() {
+    let dir = real_model_dir().unwrap();
+    let tok = tokenizer::load(&dir).unwrap();
+    let t = ChatTemplate::from_model_dir(&dir).unwrap();
+    let msgs = vec![
+        Message::new("user", "hi"),
+        Message::new("assistant", "Sure thing.\n"),
+        Message::new("user", "and?"),
+        Message::new("assistant", "Done. "),
+    ];
+    // trained as given: the trailing whitespace, then <|im_end|>
+    for mode in [LabelMode::All, LabelMode::Expand] {
+        assert_eq!(
+            decoded_labels(&tok, &samples(&t, &tok, &msgs, mode)),
+            ["Sure thing.\n<|im_end|>", "Done. <|im_end|>"],
+            "{mode:?}"
+        );
+    }
+}
+
+/// A model directory with SmolLM2's tokenizer and another chat template.
+fn model_with_template(root: &Path, name: &str, template: &str) -> std::path::PathBuf {
+    let real = real_model_dir().unwrap();
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(real.join(f), d.join(f)).unwrap();
+    }
+    std::fs::write(d.join("chat_template.jinja"), template).unwrap();
+    d
+}
+
+#[test]
+fn the_end_of_turn_token_is_what_the_template_writes() {
+    let real = real_model_dir().unwrap();
+    let tok = tokenizer::load(&real).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Llama 3 style: turns end with their own token (here SmolLM2's <|endoftext|>, id 0), not eos
+    let llama3 = "{% for m in messages %}<|im_start|>{{ m.role }}\n\n{{ m.content }}<|endoftext|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}";
+    // DeepSeek style: plain-text roles, the eos token after each reply
+    let deepseek = "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}\n\n{% elif m.role == 'assistant' %}Assistant: {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}";
+    // Mistral style: </s> after each reply, which this vocabulary does not have as one token
+    let mistral = "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %}{{ m.content }}</s>{% endif %}{% endfor %}";
+    let msgs = three_turns()[1..5].to_vec();
+    for (name, src, eot, ids) in [
+        ("llama3", llama3, "<|endoftext|>", vec![0u32]),
+        ("deepseek", deepseek, "<|im_end|>", vec![2]),
+    ] {
+        let m = model_with_template(tmp.path(), name, src);
+        let t = ChatTemplate::from_model_dir(&m).unwrap();
+        let e = t.end_of_turn(&tok).unwrap();
+        assert_eq!((e.text.as_str(), &e.ids), (eot, &ids), "{name}");
+        assert!(e.problem().is_none());
+        let runs = decoded_labels(&tok, &samples(&t, &tok, &msgs, LabelMode::All));
+        assert_eq!(runs.len(), 2, "{name}: {runs:?}");
+        for (run, reply) in runs.iter().zip(REPLIES) {
+            assert!(run.ends_with(&format!("{reply}{eot}")), "{name}: {run:?}");
+        }
+        // infer stops on the same token
+        let stops = common::generate::stop_ids(&m, &e);
+        assert!(stops.contains(&ids[0]), "{name}: {stops:?}");
+    }
+    // a marker that is not one token: dataprep says so, and still labels it
+    let m = model_with_template(tmp.path(), "mistral", mistral);
+    let input = write(tmp.path(), "c.jsonl", &format!("{}\n", GOOD));
+    let out = tmp.path().join("shards");
+    let (code, err) = dataprep(&[
+        input.to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("\"</s>\"") && err.contains("not one"), "{err}");
+    let meta = Meta::load(&out).unwrap();
+    assert_eq!(meta.end_of_turn, "</s>");
+    assert!(meta.end_of_turn_ids.len() > 1);
+}
+
+#[test]
+fn truncation_keeps_the_labelled_turn_and_counts_what_was_cut() {
+    let dir = real_model_dir().unwrap();
+    let tok = tokenizer::load(&dir).unwrap();
+    let t = ChatTemplate::from_model_dir(&dir).unwrap();
+    let msgs = three_turns();
+    let full = samples(&t, &tok, &msgs, LabelMode::Last)[0].ids.len();
+    let last = samples(
+        &t,
+        &tok,
+        &msgs[..1]
+            .iter()
+            .chain(&msgs[5..])
+            .cloned()
+            .collect::<Vec<_>>(),
+        LabelMode::Last,
+    )[0]
+    .clone();
+    let label = |side, max| {
+        Labeler {
+            template: &t,
+            tok: &tok,
+            eot: "<|im_end|>".into(),
+            mode: LabelMode::Last,
+            max_len: Some(max),
+            truncation: side,
+        }
+        .conversation(&msgs)
+        .unwrap()
+    };
+    let reply = format!("{}<|im_end|>", REPLIES[2]);
+    // turns: the two oldest exchanges go, the system message and the last exchange stay whole
+    let p = label(TruncationSide::Turns, last.ids.len() + 3);
+    assert_eq!(p.samples[0], last);
+    assert_eq!((p.truncated, p.turns_dropped, p.tokens_cut), (1, 2, 0));
+    assert_eq!(
+        decoded_labels(&tok, &p.samples),
+        std::slice::from_ref(&reply)
+    );
+    // left: the start goes, the labelled end stays
+    let p = label(TruncationSide::Left, 40);
+    assert_eq!((p.samples[0].ids.len(), p.tokens_cut), (40, full - 40));
+    assert_eq!(decoded_labels(&tok, &p.samples), [reply]);
+    // right (HF's default): the labelled reply at the end is what goes
+    let p = label(TruncationSide::Right, 40);
+    assert_eq!(p.samples[0].label_tokens(), 0);
+    // through the binary: counts in meta.json, the length histogram before truncation
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = serde_json::json!({"messages": msgs.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()});
+    let input = write(tmp.path(), "c.jsonl", &format!("{rec}\n{rec}\n"));
+    let out = tmp.path().join("shards");
+    let max = (last.ids.len() + 3).to_string();
+    let (code, err) = dataprep(&[
+        input.to_str().unwrap(),
+        "--model",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--label-mode",
+        "expand",
+        "--max-seq-len",
+        &max,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let meta = Meta::load(&out).unwrap();
+    // per conversation: turn 2 drops 1 exchange, turn 3 drops 2
+    assert_eq!(
+        (meta.truncated, meta.turns_dropped, meta.tokens_cut),
+        (4, 6, 0)
+    );
+    // every labelled reply survives whole, with its end-of-turn token
+    let per_conversation: usize = REPLIES
+        .iter()
+        .map(|r| {
+            tokenizer::encode(&tok, &format!("{r}<|im_end|>"))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(meta.train.label_tokens, 2 * per_conversation);
+    assert_eq!(meta.length_histogram.counts.iter().sum::<usize>(), 6);
+}
+
+#[test]
+fn empty_replies_encodings_and_empty_files() {
+    let dir = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, bytes: &[u8], extra: &[&str]| {
+        let input = tmp.path().join(name);
+        std::fs::write(&input, bytes).unwrap();
+        let out = tmp.path().join(format!("{name}.out"));
+        let mut a = vec![
+            input.to_str().unwrap().to_string(),
+            "--model".into(),
+            dir.to_str().unwrap().into(),
+            "-o".into(),
+            out.to_str().unwrap().into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (code, err) = dataprep(&a);
+        (code, err, out)
+    };
+    // a byte-order mark before JSONL is accepted
+    let (code, err, _) = run(
+        "bom.jsonl",
+        format!("\u{feff}{GOOD}\n{GOOD}\n").as_bytes(),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    // an invalid UTF-8 line is a bad record with its line number; --max-bad lets it pass
+    let mut latin1 = format!("{GOOD}\n").into_bytes();
+    latin1.extend(b"{\"conversation\":[{\"input\":\"caf\xe9\",\"output\":\"ok\"}]}\n");
+    let (code, err, out) = run("latin1.jsonl", &latin1, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("latin1.jsonl:2") && err.contains("invalid UTF-8"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (code, err, _) = run("latin1.jsonl", &latin1, &["--max-bad", "1"]);
+    assert_eq!(code, 0, "{err}");
+    // an empty or blank file says so
+    let (code, err, _) = run("empty.jsonl", b"\n  \n", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("empty.jsonl") && err.contains("empty input file"),
+        "{err}"
+    );
+    // empty replies are counted and named
+    let empty = r#"{"conversation":[{"input":"hello","output":""},{"input":"still there?","output":"Yes."}]}"#;
+    let (code, err, out) = run("e.jsonl", format!("{empty}\n{GOOD}\n").as_bytes(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("e.jsonl:1") && err.contains("1 empty assistant reply"),
+        "{err}"
+    );
+    assert_eq!(Meta::load(&out).unwrap().empty_replies, 1);
 }

@@ -1,25 +1,28 @@
 //! infer: chat and batch generation with a base model, base + adapter, or a merged model.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
+use common::atomic::AtomicFile;
 use common::chat::Message;
+use common::cli::{emit, say};
 use common::data::formats::{read_file, Purpose};
 use common::device::DtypeArg;
-use common::generate::SamplingParams;
-use common::infer::{comparison_markdown, Session};
+use common::generate::{GenerationConfig, SamplingFlags};
+use common::infer::{comparison_markdown, Chat, ChatInput, Reply, Session};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 /// Generate with a chat model: one prompt (--prompt), an interactive multi-turn chat (--chat,
-/// with /reset, /system TEXT and /quit), or a file of conversations (--input) answered turn by
-/// turn with the model's own earlier answers in the history. --compare answers the same
-/// conversations with the base model and with base + adapter, side by side (JSONL + Markdown).
+/// with /history, /reset, /system TEXT, /help and /quit), or a file of conversations (--input)
+/// answered turn by turn with the model's own earlier answers in the history. --compare answers
+/// the same conversations with the base model and with base + adapter, side by side (JSONL +
+/// Markdown).
 ///
-/// Uses the model's chat template (the same code path as dataprep), stops at eos and every
-/// end-of-turn id, greedy when --temperature is 0. Output streams to a terminal; a tokens/s line
-/// goes to stderr.
+/// Uses the model's chat template (the same code path as dataprep), stops at eos and the
+/// template's end-of-turn token, greedy when --temperature is 0. Replies go to stdout (streamed
+/// on a terminal); progress and a tokens/s line go to stderr.
 #[derive(Parser)]
-#[command(name = "infer", version)]
+#[command(name = "infer", version, allow_negative_numbers = true)]
 struct Args {
     /// Model directory (base or merged).
     #[arg(long)]
@@ -27,6 +30,9 @@ struct Args {
     /// LoRA adapter directory to apply on top of --model.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// A Jinja chat template file to use instead of the model's (as dataprep --template).
+    #[arg(long)]
+    template: Option<PathBuf>,
     /// A single user message.
     #[arg(long, conflicts_with_all = ["chat", "input"])]
     prompt: Option<String>,
@@ -36,7 +42,8 @@ struct Args {
     /// JSONL/JSON of conversations (dataprep formats, {"prompt"} or {"turns": [...]}).
     #[arg(long)]
     input: Option<PathBuf>,
-    /// Where --input results go (JSONL; default stdout). With --compare a .md is written beside it.
+    /// Where --input results go (JSONL, written atomically; default stdout). With --compare a
+    /// .md is written beside it.
     #[arg(long)]
     output: Option<PathBuf>,
     /// Answer --input with the base model and with base + --adapter, side by side.
@@ -45,21 +52,32 @@ struct Args {
     /// System prompt (when the conversation has none).
     #[arg(long)]
     system: Option<String>,
-    /// Most tokens generated per reply.
-    #[arg(long, default_value_t = 256)]
-    max_new_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    /// Nucleus sampling: keep the smallest set of tokens with this total probability.
+    /// Most tokens generated per reply [default: the model's generation_config.json, else 256].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Sample (true) or decode greedily (false) [default: a --temperature above 0 samples;
+    /// else generation_config.json's do_sample (--compare: greedy), else greedy].
+    #[arg(long)]
+    do_sample: Option<bool>,
+    /// Sampling temperature; 0 = greedy [default: generation_config.json's, else 1].
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Nucleus sampling: keep the smallest set of tokens with this total probability
+    /// [default: generation_config.json's, else off].
     #[arg(long)]
     top_p: Option<f64>,
-    /// Sample among the k most likely tokens only.
+    /// Sample among the k most likely tokens only; 0 = off [default: generation_config.json's,
+    /// else 50, as HF generate].
     #[arg(long)]
     top_k: Option<usize>,
-    /// Penalty (>1 discourages) for tokens already in the context.
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
+    /// Penalty (>1 discourages) for tokens already in the context [default:
+    /// generation_config.json's, else 1].
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Conversations of --input that may fail (unreadable, too long for the context) and be
+    /// skipped, each reported; one more fails the run with nothing written.
+    #[arg(long, default_value_t = 0)]
+    max_bad: usize,
     /// Seed of the sampler (sampling is deterministic for a given seed).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -76,64 +94,35 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = common::device::run_compute(|| run(args)) {
-        eprintln!("infer: error: {e:#}");
-        std::process::exit(1);
-    }
+    let outcome = common::device::run_compute(|| run(args));
+    common::cli::finish("infer", outcome.map(|_| 0));
 }
 
 fn run(a: Args) -> Result<()> {
-    let params = SamplingParams {
-        max_new_tokens: a.max_new_tokens,
+    let flags = SamplingFlags {
+        do_sample: a.do_sample,
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
         repetition_penalty: a.repetition_penalty,
+        max_new_tokens: a.max_new_tokens,
         seed: a.seed,
         no_cache: a.no_kv_cache,
     };
-    params.validate()?;
+    flags.validate()?;
+    let (params, decoding) = flags.resolve(&GenerationConfig::from_dir(&a.model)?, a.compare);
+    eprintln!("infer: decoding: {decoding}");
     let device = common::device::parse(&a.device)?;
     let mut s = Session::open(
         &a.model,
         a.adapter.as_deref(),
-        None,
+        a.template.as_deref(),
         a.dtype.dtype(),
         &device,
         params,
     )?;
-    let tty = std::io::stdout().is_terminal();
     if let Some(p) = &a.prompt {
-        let mut h = Vec::new();
-        if let Some(sys) = &a.system {
-            h.push(Message::new("system", sys));
-        }
-        h.push(Message::new("user", p));
-        let mut out = std::io::stdout();
-        let (r, g) = s.reply(&h, |t| {
-            if tty {
-                let _ = out.write_all(t.as_bytes());
-                let _ = out.flush();
-            }
-        })?;
-        if tty {
-            println!()
-        } else {
-            println!("{}", r.text)
-        }
-        eprintln!(
-            "infer: {} prompt tokens, {} new tokens ({}), {:.1} tokens/s decode, prefill {:.2}s",
-            g.prompt_tokens,
-            g.ids.len(),
-            if g.stopped {
-                "stopped at end of turn"
-            } else {
-                "hit --max-new-tokens"
-            },
-            g.decode_tokens_per_s(),
-            g.prefill_secs
-        );
-        return Ok(());
+        return single(&s, a.system.as_deref(), p);
     }
     if a.chat {
         return chat(&s, a.system.clone());
@@ -141,100 +130,51 @@ fn run(a: Args) -> Result<()> {
     let Some(input) = &a.input else {
         bail!("give one of --prompt TEXT, --chat or --input FILE");
     };
-    let convs = read_file(input, Purpose::Prompting)?
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|b| anyhow::anyhow!("{b}"))?;
-    let mut sink: Box<dyn Write> = match &a.output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
-        )),
-        None => Box::new(std::io::stdout()),
-    };
-    let (mut turns, mut stopped, mut toks, mut secs) = (0usize, 0usize, 0usize, 0f64);
-    let mut tally = |r: &common::infer::Reply| {
-        turns += 1;
-        stopped += r.stopped as usize;
-        toks += r.tokens;
-        if r.tokens_per_s > 0.0 {
-            secs += r.tokens as f64 / r.tokens_per_s;
-        }
-    };
-    let (mut base_stopped, mut tuned_stopped, mut compared) = (0usize, 0usize, 0usize);
-    if a.compare {
-        let mut items = Vec::new();
-        for (k, c) in convs.iter().enumerate() {
-            let item = s.compare(c, a.system.as_deref())?;
-            for t in &item.turns {
-                tally(&t.base);
-                tally(&t.adapter);
-            }
-            base_stopped += item.turns.iter().filter(|t| t.base.stopped).count();
-            tuned_stopped += item.turns.iter().filter(|t| t.adapter.stopped).count();
-            compared += item.turns.len();
-            writeln!(sink, "{}", serde_json::to_string(&item)?)?;
-            eprintln!("infer: compared conversation {}/{}", k + 1, convs.len());
-            items.push(item);
-        }
-        sink.flush()?;
-        if let Some(p) = &a.output {
-            let md = p.with_extension("md");
-            let name = |p: &Option<PathBuf>| {
-                p.as_ref()
-                    .map(|x| x.display().to_string())
-                    .unwrap_or_default()
-            };
-            std::fs::write(
-                &md,
-                comparison_markdown(&items, &a.model.display().to_string(), &name(&a.adapter)),
-            )
-            .with_context(|| format!("{}: cannot write", md.display()))?;
-            eprintln!(
-                "infer: comparison written to {} and {}",
-                p.display(),
-                md.display()
-            );
-        }
-    } else {
-        for c in &convs {
-            let replies = s.answer_conversation(c, a.system.as_deref(), |_, _| {})?;
-            for r in &replies {
-                tally(r);
-            }
-            let turns_json: Vec<serde_json::Value> = c
-                .user_turns()
-                .into_iter()
-                .zip(&replies)
-                .map(|(u, r)| serde_json::json!({"user": u, "assistant": r.text, "tokens": r.tokens, "stopped": r.stopped}))
-                .collect();
-            writeln!(
-                sink,
-                "{}",
-                serde_json::json!({"id": c.id.clone().unwrap_or_else(|| c.at.index.to_string()), "system": c.system().or(a.system.as_deref()), "turns": turns_json})
-            )?;
-        }
-        sink.flush()?;
+    batch(&mut s, &a, input, &decoding)
+}
+
+/// `--prompt`: one reply, streamed on a terminal.
+fn single(s: &Session, system: Option<&str>, prompt: &str) -> Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    let mut h = Vec::new();
+    if let Some(sys) = system {
+        h.push(Message::new("system", sys));
     }
-    if a.compare {
-        eprintln!(
-            "infer: replies ending with the end-of-turn token: base {base_stopped}/{compared}, fine-tuned {tuned_stopped}/{compared}"
-        );
+    h.push(Message::new("user", prompt));
+    let mut written = Ok(());
+    let (r, g) = s.reply(&h, |t| {
+        if tty && written.is_ok() {
+            written = emit(t);
+        }
+    })?;
+    written?;
+    if tty {
+        say("")?;
+    } else {
+        say(&r.text)?;
     }
     eprintln!(
-        "infer: {turns} replies, {stopped} ended with the end-of-turn token ({:.0}%), {:.1} tokens/s decode",
-        100.0 * stopped as f64 / turns.max(1) as f64,
-        toks as f64 / secs.max(1e-9)
+        "infer: {} prompt tokens, {} new tokens ({}), {:.1} tokens/s decode, prefill {:.2}s",
+        g.prompt_tokens,
+        g.ids.len(),
+        if g.stopped {
+            "stopped at end of turn"
+        } else {
+            "hit --max-new-tokens"
+        },
+        g.decode_tokens_per_s(),
+        g.prefill_secs
     );
     Ok(())
 }
 
-fn chat(s: &Session, mut system: Option<String>) -> Result<()> {
+/// `--chat`: a multi-turn conversation on stdin.
+fn chat(s: &Session, system: Option<String>) -> Result<()> {
     let tty = std::io::stdin().is_terminal();
-    let mut history: Vec<Message> = Vec::new();
+    let mut chat = Chat::new(system);
     let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
     if tty {
-        eprintln!("infer: chat (/reset clears the history, /system TEXT sets the system prompt, /quit exits)");
+        eprintln!("infer: chat; {}", Chat::HELP);
     }
     loop {
         if tty {
@@ -242,47 +182,186 @@ fn chat(s: &Session, mut system: Option<String>) -> Result<()> {
         }
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 {
-            break;
+            if tty {
+                // Ctrl-D: leave the shell prompt on a line of its own
+                eprintln!();
+            }
+            return Ok(());
         }
-        let line = line.trim_end_matches(['\n', '\r']);
-        match line.trim() {
-            "" => continue,
-            "/quit" | "/exit" => break,
-            "/reset" => {
-                history.clear();
-                eprintln!("infer: history cleared");
+        let user = match chat.handle(&line) {
+            ChatInput::Nothing => continue,
+            ChatInput::Quit => return Ok(()),
+            ChatInput::Show(text) => {
+                say(text)?;
                 continue;
             }
-            l if l.starts_with("/system") => {
-                let text = l.trim_start_matches("/system").trim();
-                system = (!text.is_empty()).then(|| text.to_string());
-                history.clear();
-                eprintln!(
-                    "infer: system prompt {}; history cleared",
-                    if system.is_some() { "set" } else { "removed" }
-                );
-                continue;
+            ChatInput::Say(user) => user,
+        };
+        let mut written = Ok(());
+        let (r, g) = s.reply(&chat.messages_with(&user), |t| {
+            if written.is_ok() {
+                written = emit(t);
             }
-            _ => {}
-        }
-        let mut msgs = Vec::new();
-        if let Some(sys) = &system {
-            msgs.push(Message::new("system", sys));
-        }
-        msgs.extend(history.iter().cloned());
-        msgs.push(Message::new("user", line));
-        let (r, g) = s.reply(&msgs, |t| {
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
         })?;
-        println!();
+        written?;
+        say("")?;
         eprintln!(
             "infer: {} tokens, {:.1} tokens/s",
             g.ids.len(),
             g.decode_tokens_per_s()
         );
-        history.push(Message::new("user", line));
-        history.push(Message::new("assistant", &r.text));
+        chat.record(&user, &r.text);
     }
+}
+
+/// Totals over the replies of a batch.
+#[derive(Default)]
+struct Tally {
+    replies: usize,
+    stopped: usize,
+    tokens: usize,
+    secs: f64,
+}
+
+impl Tally {
+    fn add(&mut self, r: &Reply) {
+        self.replies += 1;
+        self.stopped += usize::from(r.stopped);
+        self.tokens += r.tokens;
+        if r.tokens_per_s > 0.0 {
+            self.secs += r.tokens as f64 / r.tokens_per_s;
+        }
+    }
+}
+
+/// Where --input results go: stdout, or a file written atomically.
+enum Sink {
+    Stdout,
+    File(AtomicFile),
+}
+
+impl Sink {
+    fn line(&mut self, s: &str) -> Result<()> {
+        match self {
+            Sink::Stdout => say(s),
+            Sink::File(f) => Ok(writeln!(f, "{s}")?),
+        }
+    }
+    fn commit(self) -> Result<()> {
+        match self {
+            Sink::Stdout => Ok(()),
+            Sink::File(f) => f.commit(),
+        }
+    }
+}
+
+/// `--input` (and `--compare`): every conversation of a file, answered turn by turn. A
+/// conversation that cannot be read or answered is named (id, file and line); up to
+/// `--max-bad` of them are skipped and counted, one more fails the run with nothing written.
+fn batch(s: &mut Session, a: &Args, input: &std::path::Path, decoding: &str) -> Result<()> {
+    let records = read_file(input, Purpose::Prompting)?;
+    let mut sink = match &a.output {
+        Some(p) => Sink::File(AtomicFile::create(p)?),
+        None => Sink::Stdout,
+    };
+    let mut bad = 0usize;
+    let mut fail = |what: String| -> Result<()> {
+        bad += 1;
+        if bad > a.max_bad {
+            bail!("{what}; allowed --max-bad {}: nothing written", a.max_bad);
+        }
+        eprintln!("infer: skipped: {what}");
+        Ok(())
+    };
+    let total = records.len();
+    let mut all = Tally::default();
+    let (mut base, mut tuned) = (Tally::default(), Tally::default());
+    let mut items = Vec::new();
+    let system = a.system.as_deref();
+    for (k, rec) in records.into_iter().enumerate() {
+        let c = match rec {
+            Ok(c) => c,
+            Err(b) => {
+                fail(b.to_string())?;
+                continue;
+            }
+        };
+        if a.compare {
+            let item = match s.compare(&c, system) {
+                Ok(item) => item,
+                Err(e) => {
+                    fail(format!("conversation {}: {e:#}", c.name()))?;
+                    continue;
+                }
+            };
+            for t in &item.turns {
+                base.add(&t.base);
+                tuned.add(&t.adapter);
+                all.add(&t.base);
+                all.add(&t.adapter);
+            }
+            sink.line(&serde_json::to_string(&item)?)?;
+            eprintln!("infer: compared conversation {}/{total}", k + 1);
+            items.push(item);
+        } else {
+            let replies = match s.answer_conversation(&c, system, |_, _| {}) {
+                Ok(r) => r,
+                Err(e) => {
+                    fail(format!("conversation {}: {e:#}", c.name()))?;
+                    continue;
+                }
+            };
+            replies.iter().for_each(|r| all.add(r));
+            let turns: Vec<serde_json::Value> = c
+                .user_turns()
+                .into_iter()
+                .zip(&replies)
+                .map(|(u, r)| serde_json::json!({"user": u, "assistant": r.text, "tokens": r.tokens, "stopped": r.stopped}))
+                .collect();
+            let id = c.id.clone().unwrap_or_else(|| c.at.index.to_string());
+            sink.line(
+                &serde_json::json!({"id": id, "system": c.system().or(system), "turns": turns})
+                    .to_string(),
+            )?;
+        }
+    }
+    sink.commit()?;
+    if a.compare {
+        if let Some(p) = &a.output {
+            let md = p.with_extension("md");
+            let adapter = a.adapter.as_ref().map(|x| x.display().to_string());
+            common::atomic::write_file(
+                &md,
+                comparison_markdown(
+                    &items,
+                    &a.model.display().to_string(),
+                    &adapter.unwrap_or_default(),
+                    decoding,
+                )
+                .as_bytes(),
+            )?;
+            eprintln!(
+                "infer: comparison written to {} and {}",
+                p.display(),
+                md.display()
+            );
+        }
+        eprintln!(
+            "infer: replies ending with the end-of-turn token: base {}/{}, fine-tuned {}/{}",
+            base.stopped, base.replies, tuned.stopped, tuned.replies
+        );
+    }
+    eprintln!(
+        "infer: {} replies, {} ended with the end-of-turn token ({:.0}%), {:.1} tokens/s decode{}",
+        all.replies,
+        all.stopped,
+        100.0 * all.stopped as f64 / all.replies.max(1) as f64,
+        all.tokens as f64 / all.secs.max(1e-9),
+        if bad > 0 {
+            format!("; {bad} conversation(s) skipped")
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }

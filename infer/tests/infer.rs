@@ -205,14 +205,30 @@ fn multi_turn_input_chat_and_sampling() {
             "--max-new-tokens",
             "30",
         ],
-        Some("What is the capital of France?\n/reset\n/system You are terse.\n/quit\n"),
+        Some("What is the capital of France?\nAnd of Italy?\n/history\n/hsitory\n/reset\n/history\n/system You are terse.\n/quit\nnot read\n"),
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("Paris"), "{out}");
+    // the second answer knows the first exchange: earlier turns are in the prompt
+    let (first, rest) = out.split_once('\n').unwrap();
+    assert!(first.contains("Paris"), "{out}");
+    assert!(rest.contains("Rome"), "{out}");
+    // /history shows every turn the model was given, the replies included
     assert!(
-        err.contains("history cleared") && err.contains("system prompt set"),
-        "{err}"
+        out.contains("user: What is the capital of France?\nassistant: ")
+            && out.contains("user: And of Italy?\nassistant: "),
+        "{out}"
     );
+    // an unknown command gets help and does not reach the model
+    assert!(
+        out.contains("unknown command /hsitory") && out.contains("/history shows"),
+        "{out}"
+    );
+    assert!(
+        out.contains("history cleared\n(empty conversation)") && out.contains("system prompt set"),
+        "{out}"
+    );
+    // two replies only: nothing after /quit was read, no command went to the model
+    assert_eq!(err.matches("tokens/s").count(), 2, "{err}");
 
     // sampling is deterministic for a seed, and differs across seeds
     let sample = |seed: &str| {
@@ -271,6 +287,18 @@ fn errors_are_clear() {
             "--temperature must be >= 0",
         ),
         (
+            // a negative number as a separate value reaches the range check too
+            vec![
+                "--model".into(),
+                ms.into(),
+                "--prompt".into(),
+                "hi".into(),
+                "--temperature".into(),
+                "-1".into(),
+            ],
+            "--temperature must be >= 0",
+        ),
+        (
             vec![
                 "--model".into(),
                 ms.into(),
@@ -287,10 +315,10 @@ fn errors_are_clear() {
                 ms.into(),
                 "--prompt".into(),
                 "hi".into(),
-                "--top-k".into(),
+                "--repetition-penalty".into(),
                 "0".into(),
             ],
-            "--top-k must be >= 1",
+            "--repetition-penalty must be > 0",
         ),
         (
             vec![
@@ -341,7 +369,189 @@ fn errors_are_clear() {
     );
     assert_ne!(code, 0);
     assert!(
-        err.contains("does not fit") && err.contains("different base"),
+        err.contains("do not fit the base weight [576, 576]") && err.contains("different base"),
         "{err}"
     );
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_infer_quietly() {
+    // `infer --input ... | head -c 20`: the first line is written, the reader leaves, the next
+    // write fails; infer stops with status 0 and no error or panic on stderr
+    let m = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"Say hi.\"}\n{\"prompt\": \"Say bye.\"}\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infer"))
+        .args([
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ])
+        .args(["--max-new-tokens", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 20];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    drop(stdout);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
+    assert!(String::from_utf8_lossy(&first).starts_with("{\"id\""));
+}
+
+#[test]
+fn batches_name_failed_conversations_and_never_leave_partial_outputs() {
+    let m = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    // line 2 is too long for the context; line 3 is not a conversation
+    let long = "word ".repeat(9000);
+    std::fs::write(
+        &input,
+        format!("{{\"id\": \"a\", \"prompt\": \"Say hi.\"}}\n{{\"id\": \"too-long\", \"prompt\": \"{long}\"}}\n{{\"foo\": 1}}\n{{\"id\": \"c\", \"prompt\": \"Say bye.\"}}\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ];
+        a.extend(["--output", out.to_str().unwrap(), "--max-new-tokens", "8"]);
+        a.extend(extra);
+        infer(&a, None)
+    };
+    // the first failure ends the run, named, and nothing is left under the output's name
+    let (code, _, err) = run(&[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("'too-long'") && err.contains("in.jsonl:2") && err.contains("context"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "no temporary left"
+    );
+    // --max-bad 2: both are skipped and counted, the others answered
+    let (code, _, err) = run(&["--max-bad", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("in.jsonl:3") && err.contains("2 conversation(s) skipped"),
+        "{err}"
+    );
+    let ids: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["a", "c"]);
+    // an empty input is an error
+    std::fs::write(&input, "\n").unwrap();
+    let (code, _, err) = run(&[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("empty input file"), "{err}");
+}
+
+#[test]
+fn template_and_sampling_defaults_come_from_the_model_directory() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    for f in std::fs::read_dir(&real).unwrap() {
+        let f = f.unwrap().path();
+        std::os::unix::fs::symlink(&f, m.join(f.file_name().unwrap())).unwrap();
+    }
+    let ms = m.to_str().unwrap();
+    // the model asks for sampling: chat and batch sample, --compare and flags can say greedy
+    std::fs::remove_file(m.join("generation_config.json")).unwrap();
+    std::fs::write(
+        m.join("generation_config.json"),
+        r#"{"eos_token_id": 2, "do_sample": true, "temperature": 0.7, "top_p": 0.9}"#,
+    )
+    .unwrap();
+    let (code, _, err) = infer(
+        &["--model", ms, "--prompt", "hi", "--max-new-tokens", "4"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("decoding: sampling (temperature 0.7, top_p 0.9, top_k 50, seed 42)")
+            && err.contains("from generation_config.json"),
+        "{err}"
+    );
+    let (_, _, err) = infer(
+        &[
+            "--model",
+            ms,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "4",
+            "--do-sample",
+            "false",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("decoding: greedy") && err.contains("as asked"),
+        "{err}"
+    );
+    // --template: the file's rendering is what the model gets (a longer system prompt here)
+    let t = tmp.path().join("t.jinja");
+    std::fs::write(
+        &t,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>system\nYou answer in one word.<|im_end|>\n<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let prompt_tokens = |extra: &[&str]| {
+        let mut a = vec!["--model", ms, "--prompt", "hi", "--max-new-tokens", "2"];
+        a.extend(extra);
+        let (code, _, err) = infer(&a, None);
+        assert_eq!(code, 0, "{err}");
+        let n: usize = err
+            .split(" prompt tokens")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{err}"));
+        n
+    };
+    let (own, custom) = (
+        prompt_tokens(&[]),
+        prompt_tokens(&["--template", t.to_str().unwrap()]),
+    );
+    assert_ne!(own, custom);
+    let (code, _, err) = infer(
+        &[
+            "--model",
+            ms,
+            "--prompt",
+            "hi",
+            "--template",
+            "/nonexistent.jinja",
+        ],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent.jinja"), "{err}");
 }

@@ -40,10 +40,8 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = common::device::run_compute(|| run(args)) {
-        eprintln!("merger: error: {e:#}");
-        std::process::exit(1);
-    }
+    let outcome = common::device::run_compute(|| run(args));
+    common::cli::finish("merger", outcome.map(|_| 0));
 }
 
 fn run(a: Args) -> Result<()> {
@@ -65,7 +63,7 @@ fn run(a: Args) -> Result<()> {
             }
         }
     })?;
-    println!(
+    common::cli::say(format!(
         "merger: merged {} modules into {} ({} tensors, {} shard(s), {:.1} MB) in {:.1}s; peak RSS {:.0} MiB",
         r.merged_modules,
         a.output.display(),
@@ -74,6 +72,5 @@ fn run(a: Args) -> Result<()> {
         r.bytes as f64 / 1e6,
         r.seconds,
         common::device::peak_rss_mib()
-    );
-    Ok(())
+    ))
 }

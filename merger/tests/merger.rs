@@ -164,7 +164,7 @@ fn merged_real_model_matches_base_plus_adapter() {
     // is ~1e-4 on these ~30-magnitude logits whatever the weights; printed below).
     let unmerged_at = |dt: DType| {
         let mut m = Llama::from_dir(&real, dt, &Device::Cpu).unwrap();
-        m.attach_adapter(&Adapter::load(&ad, dt, &Device::Cpu).unwrap())
+        m.attach_adapter(&Adapter::load(&ad, dt, &Device::Cpu).unwrap(), &real)
             .unwrap();
         m.forward(&x, None).unwrap().to_dtype(DType::F64).unwrap()
     };
@@ -284,7 +284,10 @@ fn refusals_name_the_problem() {
     // more layers than the base has
     let deep = tmp.path().join("deep");
     exact_adapter(&deep, &[("model.layers.7.self_attn.q_proj", d, d)], 2, 4.0);
-    check(run(&tmp.path().join("o2"), &deep, &[]), "targets layer 7");
+    check(
+        run(&tmp.path().join("o2"), &deep, &[]),
+        "is in layer 7 but the base",
+    );
     // DoRA and other adapter types
     for (key, val, want) in [
         ("use_dora", serde_json::json!(true), "DoRA"),

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 /// Flags follow HF TrainingArguments / peft LoraConfig names. `--config FILE` (JSON or TOML,
 /// same names with `_` or `-`) supplies defaults; flags on the command line override it.
 /// SIGINT/SIGTERM (e.g. Slurm preemption) finish the current step, save a checkpoint and exit
-/// with status 130; resume with `--resume-from-checkpoint latest`.
+/// with status 75; resume with `--resume-from-checkpoint latest`. Exit statuses: 0 done, 75
+/// interrupted with a checkpoint saved (run again to resume), 65 diverged (retrying will not
+/// help), 2 bad arguments, 1 any other error.
 #[derive(Parser)]
 #[command(
     name = "trainer",
@@ -76,17 +78,23 @@ fn main() {
         }
     };
     let cli = Cli::parse_from(argv);
-    match common::device::run_compute(|| run(cli.args)) {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("trainer: error: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    let outcome = common::device::run_compute(|| run(cli.args));
+    common::cli::finish("trainer", outcome);
 }
 
 fn run(args: TrainArgs) -> Result<i32> {
     let t0 = Instant::now();
+    if args.resume_from_checkpoint.is_some() {
+        if let Some(done) = common::train::completed_run(&args.output_dir) {
+            common::cli::say(format!(
+                "trainer: the run in {} already completed at step {}; nothing to resume (adapter in {})",
+                args.output_dir.display(),
+                done.global_step,
+                args.output_dir.display()
+            ))?;
+            return Ok(common::cli::exit::OK);
+        }
+    }
     let stop = stop_flag()?;
     let mut progress = Progress::new(0, "trainer");
     progress.set_message("loading model and data");
@@ -127,12 +135,16 @@ fn run(args: TrainArgs) -> Result<i32> {
                 (None, Some(b)) => format!("; eval loss {b:.4}"),
                 _ => String::new(),
             };
-            println!(
+            common::cli::say(format!(
                 "trainer: done in {wall}, {} steps{ev}; adapter in {}",
                 t.state.global_step,
                 adapter_dir.display()
-            );
+            ))?;
             Ok(0)
+        }
+        Outcome::Diverged { message } => {
+            eprintln!("trainer: error: {message}");
+            Ok(common::cli::exit::DIVERGED)
         }
         Outcome::Interrupted { checkpoint } => {
             eprintln!(
@@ -140,7 +152,7 @@ fn run(args: TrainArgs) -> Result<i32> {
                 t.state.global_step,
                 checkpoint.display()
             );
-            Ok(130)
+            Ok(common::cli::exit::INTERRUPTED)
         }
     }
 }

@@ -124,7 +124,11 @@ fn interrupted_runs_resume_to_the_identical_adapter() {
         assert!(status.success());
         let st = child.wait().unwrap();
         if sig == "TERM" {
-            assert_eq!(st.code(), Some(130), "SIGTERM saves and exits with 130");
+            assert_eq!(
+                st.code(),
+                Some(common::cli::exit::INTERRUPTED),
+                "SIGTERM saves and exits with 75"
+            );
             let run: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap())
                     .unwrap();
@@ -273,7 +277,7 @@ fn divergence_guard_stops_and_keeps_saved_results() {
         "--learning-rate",
         "1e-2",
     ]));
-    assert_eq!(code, 1, "{log}");
+    assert_eq!(code, common::cli::exit::DIVERGED, "{log}");
     assert!(log.contains("step 1: non-finite loss"), "{log}");
     assert!(
         log.contains("training diverged")
@@ -418,6 +422,13 @@ fn training_on_the_sample_dialogues_lowers_eval_loss() {
         "2",
     ]));
     assert_eq!(code, 0, "{log}");
+    // off a terminal: a log line with the ETA every --logging-steps, the whole run's wall time
+    let step2 = log
+        .lines()
+        .find(|l| l.contains("step 2/6:"))
+        .unwrap_or_default();
+    assert!(step2.contains(" eta "), "{log}");
+    assert!(log.contains("trainer: done in "), "{log}");
     let rows = common::train::metrics::read(&o).unwrap();
     let evals: Vec<f64> = rows.iter().filter_map(|r| r.eval_loss).collect();
     assert!(evals.len() >= 2, "{rows:?}");
@@ -430,4 +441,150 @@ fn training_on_the_sample_dialogues_lowers_eval_loss() {
     let best = evals.iter().copied().reduce(f64::min).unwrap();
     assert!((rec.best_eval_loss.unwrap() - best).abs() < 1e-6, "{rec:?}");
     assert!(rec.versions.candle.starts_with("0."), "{:?}", rec.versions);
+}
+
+/// The trainer's arguments for a short run of the tiny model.
+fn short_run(model: &Path, data: &Path, o: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        o.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "2",
+        "--lora-r",
+        "4",
+        "--learning-rate",
+        "1e-3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn run_trainer(a: &[String]) -> (i32, String) {
+    out(&mut trainer(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ))
+}
+
+#[test]
+fn resume_refuses_another_run_and_a_completed_run_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    let data = shards(tmp.path(), 96);
+    let o = tmp.path().join("run");
+    let (code, log) = run_trainer(&short_run(&model, &data, &o, &[]));
+    assert_eq!(code, 0, "{log}");
+    // resuming a run that completed: said so, status 0, nothing redone
+    let before = std::fs::read(o.join("adapter_model.safetensors")).unwrap();
+    let (code, log) = run_trainer(&short_run(
+        &model,
+        &data,
+        &o,
+        &["--resume-from-checkpoint", "latest"],
+    ));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("already completed at step 4; nothing to resume"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(o.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+    // an unfinished run (adapter not written yet) resumed with other settings: each is named
+    std::fs::remove_file(o.join("adapter_model.safetensors")).unwrap();
+    let other = tmp.path().join("other");
+    let other_data = common::testing::sample_shards(&other, 64, 0.15).unwrap();
+    let (code, log) = run_trainer(&short_run(
+        &model,
+        &other_data,
+        &o,
+        &[
+            "--resume-from-checkpoint",
+            "latest",
+            "--lora-r",
+            "8",
+            "--seed",
+            "7",
+        ],
+    ));
+    assert_eq!(code, 1, "{log}");
+    for want in [
+        "--lora-r: checkpoint 4, now 8",
+        "--seed: checkpoint 42, now 7",
+        "--data: checkpoint ",
+    ] {
+        assert!(log.contains(want), "want '{want}' in {log}");
+    }
+    // the same settings resume
+    let (code, log) = run_trainer(&short_run(
+        &model,
+        &data,
+        &o,
+        &["--resume-from-checkpoint", "latest"],
+    ));
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(
+        std::fs::read(o.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn every_end_is_recorded_and_foreign_token_ids_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    let data = shards(tmp.path(), 96);
+    // a run that fails mid-way leaves run.json `failed` with the error, not `running`
+    let args = common::train::args::TrainArgs {
+        model: model.clone(),
+        data: data.clone(),
+        output_dir: tmp.path().join("failing"),
+        max_steps: 3,
+        save_steps: 0,
+        ..Default::default()
+    };
+    let mut t = common::train::Trainer::new(args).unwrap();
+    t.model.take_loras(); // the step then has no LoRA gradients to apply
+    struct Quiet;
+    impl common::train::Reporter for Quiet {
+        fn line(&mut self, _: &str) {}
+    }
+    let e = t
+        .run(std::sync::Arc::new(false.into()), &mut Quiet)
+        .unwrap_err();
+    let rec = common::train::run::RunRecord::load(&tmp.path().join("failing")).unwrap();
+    assert_eq!(rec.status, common::train::run::RunStatus::Failed);
+    assert_eq!(rec.error.as_deref(), Some(format!("{e:#}").as_str()));
+    // token ids past the model's vocabulary: an error naming the shard, no panic
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    cfg["vocab_size"] = 1000.into();
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    let small: common::ModelConfig = serde_json::from_value(cfg).unwrap();
+    let w: std::collections::BTreeMap<_, _> =
+        common::model::init::random_weights(&small, 1, candle_core::DType::F32)
+            .into_iter()
+            .collect();
+    common::weights::save(&w, &model.join("model.safetensors")).unwrap();
+    let (code, log) = run_trainer(&short_run(&model, &data, &tmp.path().join("oov"), &[]));
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains("train-00000.tokens.u32")
+            && log.contains("outside the model's vocabulary of 1000"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -8,7 +8,7 @@ pub mod shards;
 use crate::chat::ChatTemplate;
 use anyhow::{bail, Result};
 use formats::{BadRecord, Conversation, Purpose};
-use labels::LabelMode;
+use labels::{LabelMode, Labeler, TruncationSide};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use shards::{Histogram, Meta, ShardWriter};
@@ -23,6 +23,7 @@ pub struct PrepOptions {
     pub output: PathBuf,
     pub label_mode: LabelMode,
     pub max_seq_len: usize,
+    pub truncation_side: TruncationSide,
     pub drop_long: bool,
     pub val_split: f64,
     pub seed: u64,
@@ -41,6 +42,7 @@ impl Default for PrepOptions {
             output: PathBuf::new(),
             label_mode: LabelMode::All,
             max_seq_len: 2048,
+            truncation_side: TruncationSide::Turns,
             drop_long: false,
             val_split: 0.0,
             seed: 42,
@@ -91,16 +93,37 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
     let tmpl = ChatTemplate::resolve(&o.model_dir, o.template.as_deref())?;
     let (mut convs, mut bad) = read_inputs(&o.inputs, o.strict)?;
 
+    // the end-of-turn marker dataprep labels and infer stops on
+    let eot = tmpl.end_of_turn(&tok)?;
+    if let Some(problem) = eot.problem() {
+        warn(&format!("warning: {problem}"));
+    }
+    let labeler = Labeler {
+        template: &tmpl,
+        tok: &tok,
+        eot: eot.text.clone(),
+        mode: o.label_mode,
+        max_len: (!o.drop_long).then_some(o.max_seq_len),
+        truncation: o.truncation_side,
+    };
+
     // render + tokenize (template errors are bad records too)
     let mut progress = crate::progress::Progress::new(convs.len() as u64, "dataprep");
-    let mut samples: Vec<(usize, Vec<labels::Sample>)> = Vec::with_capacity(convs.len());
-    let eot = tmpl.turn_end_text()?;
-    let mut keep = Vec::with_capacity(convs.len());
-    for (ci, c) in convs.iter().enumerate() {
-        match labels::conversation_samples(&tmpl, &tok, &c.messages, o.label_mode, &eot) {
-            Ok(s) => {
-                samples.push((ci, s));
-                keep.push(true);
+    let mut samples: Vec<labels::Prepared> = Vec::with_capacity(convs.len());
+    let mut empty_replies = 0;
+    for c in &convs {
+        match labeler.conversation(&c.messages) {
+            Ok(p) => {
+                if p.empty_replies > 0 {
+                    warn(&format!(
+                        "warning: {}: {} empty assistant repl{} (trained as an immediate end of turn)",
+                        c.at,
+                        p.empty_replies,
+                        if p.empty_replies == 1 { "y" } else { "ies" }
+                    ));
+                    empty_replies += p.empty_replies;
+                }
+                samples.push(p);
             }
             Err(e) => {
                 let b = BadRecord {
@@ -112,7 +135,6 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
                     bail!("{b}");
                 }
                 bad.push(b);
-                keep.push(false);
             }
         }
         progress.inc(1);
@@ -152,17 +174,18 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
         let mut train = ShardWriter::new(tmp, "train", o.shard_size);
         let mut val = ShardWriter::new(tmp, "val", o.shard_size);
         let (mut truncated, mut dropped_long, mut dropped_no_labels) = (0, 0, 0);
+        let (mut turns_dropped, mut tokens_cut) = (0, 0);
         let mut hist = Histogram::new(o.max_seq_len);
-        for (k, (_, ss)) in samples.drain(..).enumerate() {
-            for mut s in ss {
-                hist.add(s.ids.len());
+        for (k, p) in samples.drain(..).enumerate() {
+            truncated += p.truncated;
+            turns_dropped += p.turns_dropped;
+            tokens_cut += p.tokens_cut;
+            for (s, len) in p.samples.into_iter().zip(p.lengths) {
+                hist.add(len);
                 if s.ids.len() > o.max_seq_len {
-                    if o.drop_long {
-                        dropped_long += 1;
-                        continue;
-                    }
-                    labels::truncate(&mut s, o.max_seq_len);
-                    truncated += 1;
+                    // only with --drop-long: the labeler fits every other sample
+                    dropped_long += 1;
+                    continue;
                 }
                 // a label at position 0 predicts nothing: need one after the first token
                 if !s.mask.iter().skip(1).any(|&m| m != 0) {
@@ -185,7 +208,10 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
             chat_template: tmpl.source().to_string(),
             chat_template_fingerprint: tmpl.fingerprint(),
             label_mode: o.label_mode,
+            end_of_turn: eot.text.clone(),
+            end_of_turn_ids: eot.ids.clone(),
             max_seq_len: o.max_seq_len,
+            truncation_side: o.truncation_side,
             drop_long: o.drop_long,
             val_split: o.val_split,
             seed: o.seed,
@@ -193,6 +219,9 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
             conversations: n_conv,
             bad_records: bad.len(),
             truncated,
+            turns_dropped,
+            tokens_cut,
+            empty_replies,
             dropped_long,
             dropped_no_labels,
             train: train.finish()?,
@@ -219,7 +248,7 @@ pub fn summary(m: &Meta, out: &Path) -> String {
         }
     };
     format!(
-        "dataprep: {} conversations -> {} train / {} val sequences in {}\n  train: {} tokens, {} label tokens ({:.1}%); val: {} tokens, {} label tokens\n  label mode {}, max_seq_len {}: {} truncated, {} dropped as too long, {} dropped without labels, {} bad records",
+        "dataprep: {} conversations -> {} train / {} val sequences in {}\n  train: {} tokens, {} label tokens ({:.1}%); val: {} tokens, {} label tokens\n  label mode {}, end of turn {:?}, max_seq_len {}: {} truncated ({}: {} exchanges dropped, {} tokens cut), {} dropped as too long, {} dropped without labels, {} empty replies, {} bad records",
         m.conversations,
         m.train.sequences,
         m.val.sequences,
@@ -230,10 +259,15 @@ pub fn summary(m: &Meta, out: &Path) -> String {
         m.val.tokens,
         m.val.label_tokens,
         m.label_mode.as_str(),
+        m.end_of_turn,
         m.max_seq_len,
         m.truncated,
+        m.truncation_side.as_str(),
+        m.turns_dropped,
+        m.tokens_cut,
         m.dropped_long,
         m.dropped_no_labels,
+        m.empty_replies,
         m.bad_records
     )
 }

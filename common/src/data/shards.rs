@@ -116,19 +116,36 @@ pub struct Meta {
     pub chat_template: String,
     pub chat_template_fingerprint: String,
     pub label_mode: super::labels::LabelMode,
+    /// The end-of-turn marker labelled after every reply, and its token ids.
+    #[serde(default)]
+    pub end_of_turn: String,
+    #[serde(default)]
+    pub end_of_turn_ids: Vec<u32>,
     pub max_seq_len: usize,
+    #[serde(default)]
+    pub truncation_side: super::labels::TruncationSide,
     pub drop_long: bool,
     pub val_split: f64,
     pub seed: u64,
     pub inputs: Vec<String>,
     pub conversations: usize,
     pub bad_records: usize,
+    /// Sequences longer than `max_seq_len`, fitted by `truncation_side`.
     pub truncated: usize,
+    /// Exchanges dropped (`turns`) and tokens cut while fitting them.
+    #[serde(default)]
+    pub turns_dropped: usize,
+    #[serde(default)]
+    pub tokens_cut: usize,
+    /// Labelled assistant replies that were empty.
+    #[serde(default)]
+    pub empty_replies: usize,
     pub dropped_long: usize,
     pub dropped_no_labels: usize,
     pub train: SplitInfo,
     pub val: SplitInfo,
-    /// Sequence length histogram: `counts[i]` sequences with length in `[edges[i], edges[i+1])`.
+    /// Sequence lengths before truncation: `counts[i]` sequences with length in
+    /// `[edges[i], edges[i+1])`; the last bin is open-ended (`edges[n-1]` and longer).
     pub length_histogram: Histogram,
 }
 
@@ -183,6 +200,8 @@ impl Meta {
 }
 
 struct OpenShard {
+    /// `<dir>/<name>.tokens.u32`, named in errors.
+    path: PathBuf,
     tokens: Mmap,
     labels: Mmap,
     offsets: Vec<u64>,
@@ -238,6 +257,7 @@ impl ShardReader {
             }
             index.extend((0..s.sequences).map(|i| (si as u32, i as u32)));
             shards.push(OpenShard {
+                path: p("tokens.u32"),
                 tokens,
                 labels,
                 offsets,
@@ -248,6 +268,20 @@ impl ShardReader {
 
     pub fn len(&self) -> usize {
         self.index.len()
+    }
+
+    /// Refuses token ids the model has no embedding for (shards made for another model).
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        for sh in &self.shards {
+            let toks: &[u32] = bytemuck::cast_slice(&sh.tokens[..]);
+            if let Some((pos, &id)) = toks.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+                bail!(
+                    "{}: token id {id} (token {pos} of the shard) is outside the model's vocabulary of {vocab}: shards made for another model?",
+                    sh.path.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {

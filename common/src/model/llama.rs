@@ -16,7 +16,7 @@ use super::attention::{Attention, AttnSaved, LayerCache, Rope};
 use super::linear::{Lora, LoraLinear};
 use super::loss::{loss_head, targets, Batch, LossStats};
 use super::mlp::{Mlp, MlpSaved};
-use super::ops;
+use super::{matmul, ops};
 use super::{Grads, TrainCtx};
 use crate::config::ModelConfig;
 use crate::lora::LoraConfig;
@@ -289,25 +289,21 @@ impl Llama {
         Ok(id)
     }
 
-    /// Attaches a loaded adapter; every adapter module must exist in the model with fitting shapes.
-    pub fn attach_adapter(&mut self, adapter: &crate::lora::Adapter) -> anyhow::Result<usize> {
-        let names: std::collections::HashSet<String> =
-            self.linears().map(|l| l.name.clone()).collect();
-        if let Some(m) = adapter.weights.keys().find(|m| !names.contains(*m)) {
-            anyhow::bail!(
-                "adapter module '{m}' does not exist in the base model ({} layers): adapter for a different base?",
-                self.blocks.len()
-            );
-        }
+    /// Attaches a loaded adapter; every adapter module must exist in the model with fitting
+    /// shapes (`Adapter::check_base`). `base` names the model in errors.
+    pub fn attach_adapter(
+        &mut self,
+        adapter: &crate::lora::Adapter,
+        base: &std::path::Path,
+    ) -> anyhow::Result<usize> {
+        let shapes: std::collections::HashMap<String, Vec<usize>> = self
+            .linears()
+            .map(|l| (l.name.clone(), vec![l.out_dim(), l.in_dim()]))
+            .collect();
+        adapter.check_base(base, self.blocks.len(), |m| shapes.get(m).cloned())?;
         let mut id = 0;
         for l in self.linears_mut() {
             if let Some((a, b)) = adapter.weights.get(&l.name) {
-                if a.dim(1)? != l.in_dim() || b.dim(0)? != l.out_dim() {
-                    anyhow::bail!(
-                        "adapter module '{}': A {:?} / B {:?} do not fit the base weight [{}, {}]: adapter for a different base?",
-                        l.name, a.dims(), b.dims(), l.out_dim(), l.in_dim()
-                    );
-                }
                 l.lora = Some(Lora {
                     id,
                     a: a.clone(),
@@ -361,8 +357,7 @@ impl Llama {
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.forward_hidden(ids, cache)?;
         let t = h.dim(1)?;
-        h.i((.., t - 1, ..))?
-            .matmul(&self.head().t()?)?
+        matmul::matmul(&h.i((.., t - 1, ..))?.contiguous()?, &self.head().t()?)?
             .to_dtype(DType::F32)
     }
 

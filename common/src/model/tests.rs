@@ -281,12 +281,18 @@ fn adapter_for_another_base_is_refused() {
         ),
     );
     let ad = crate::lora::Adapter {
+        dir: "ad".into(),
         config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]),
         weights: w,
     };
-    let e = model.attach_adapter(&ad).unwrap_err().to_string();
+    let e = model
+        .attach_adapter(&ad, std::path::Path::new("base"))
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.contains("model.layers.5.self_attn.q_proj") && e.contains("different base"),
+        e.contains("model.layers.5.self_attn.q_proj")
+            && e.contains("has 2 layers")
+            && e.contains("different base"),
         "{e}"
     );
     let mut w = std::collections::BTreeMap::new();
@@ -298,11 +304,15 @@ fn adapter_for_another_base_is_refused() {
         ),
     );
     let ad = crate::lora::Adapter {
+        dir: "ad".into(),
         config: LoraConfig::new(2, 4.0, 0.0, vec!["q_proj".into()]),
         weights: w,
     };
-    let e = model.attach_adapter(&ad).unwrap_err().to_string();
-    assert!(e.contains("do not fit"), "{e}");
+    let e = model
+        .attach_adapter(&ad, std::path::Path::new("base"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not fit") && e.contains("[16, 16]"), "{e}");
 }
 
 #[test]

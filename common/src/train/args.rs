@@ -271,6 +271,11 @@ pub fn expand_config_file(argv: Vec<String>) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The flags a config file stands for. Every key must be a trainer flag (`_` or `-`); how its
+/// value becomes flags follows clap's own description of the argument: a switch
+/// (`--gradient-checkpointing`) is given for `true` and left out for `false`; an argument that
+/// takes a value (`--group-by-length false`, `--learning-rate 1e-4`, `--lr-scheduler-type
+/// cosine`) gets it, lists joined with commas.
 fn config_to_args(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read config", path.display()))?;
@@ -284,30 +289,115 @@ fn config_to_args(path: &Path) -> Result<Vec<String>> {
     let obj = v
         .as_object()
         .ok_or_else(|| anyhow!("{}: must be a table/object of arguments", path.display()))?;
+    let cmd = <TrainArgs as clap::Args>::augment_args(clap::Command::new("trainer"));
     let mut args = Vec::new();
     for (k, v) in obj {
-        let flag = format!("--{}", k.replace('_', "-"));
-        match v {
-            serde_json::Value::Bool(true) => args.push(flag),
-            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
-            serde_json::Value::String(s) => args.extend([flag, s.clone()]),
-            serde_json::Value::Number(n) => args.extend([flag, n.to_string()]),
-            serde_json::Value::Array(a) => {
-                let items: Vec<String> = a
-                    .iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| x.to_string())
-                    })
-                    .collect();
-                args.extend([flag, items.join(",")]);
+        let long = k.replace('_', "-");
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: key '{k}' is not a trainer argument (see trainer --help)",
+                    path.display()
+                )
+            })?;
+        let flag = format!("--{long}");
+        let scalar = |x: &serde_json::Value| match x {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Bool(_) | serde_json::Value::Number(_) => Ok(x.to_string()),
+            other => Err(anyhow!(
+                "{}: key '{k}': {other} is not a value for --{long}",
+                path.display()
+            )),
+        };
+        match (arg.get_action(), v) {
+            (clap::ArgAction::SetTrue, serde_json::Value::Bool(b)) => {
+                if *b {
+                    args.push(flag)
+                }
             }
-            serde_json::Value::Object(_) => bail!(
-                "{}: key '{k}': nested tables are not arguments",
+            (clap::ArgAction::SetTrue, other) => bail!(
+                "{}: key '{k}' is a switch: give true or false, not {other}",
                 path.display()
             ),
+            (_, serde_json::Value::Null) => {}
+            (_, serde_json::Value::Array(items)) => {
+                let items: Vec<String> = items.iter().map(scalar).collect::<Result<_>>()?;
+                args.extend([flag, items.join(",")]);
+            }
+            (_, x) => args.extend([flag, scalar(x)?]),
         }
     }
     Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    #[command(allow_negative_numbers = true, args_override_self = true)]
+    struct Cli {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(file: &Path, extra: &[&str]) -> Result<TrainArgs> {
+        let mut argv: Vec<String> = [
+            "trainer",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--output-dir",
+            "o",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(["--config".to_string(), file.display().to_string()]);
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let argv = expand_config_file(argv)?;
+        Ok(<Cli as clap::Parser>::try_parse_from(argv)?.args)
+    }
+
+    #[test]
+    fn every_kind_of_flag_round_trips_through_a_config_file() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = d.path().join("c.toml");
+        std::fs::write(
+            &toml,
+            "group_by_length = false\ngradient_checkpointing = true\nlearning_rate = 1e-4\nlora_r = 64\n\
+             target_modules = [\"q_proj\", \"v_proj\"]\nlr_scheduler_type = \"cosine\"\nuse_rslora = false\n",
+        )
+        .unwrap();
+        let a = parse(&toml, &[]).unwrap();
+        // bool with a value, switch, number, list, choice
+        assert!(!a.group_by_length);
+        assert!(a.gradient_checkpointing);
+        assert_eq!((a.learning_rate, a.lora_r), (1e-4, 64));
+        assert_eq!(a.target_modules, "q_proj,v_proj");
+        assert_eq!(a.lr_scheduler_type, SchedulerType::Cosine);
+        assert!(!a.use_rslora);
+        // the same in JSON, with `-` names; true for a valued bool; flags on the command line win
+        let json = d.path().join("c.json");
+        std::fs::write(
+            &json,
+            r#"{"group-by-length": true, "gradient_checkpointing": false, "lora-r": 8, "warmup_ratio": 0.1}"#,
+        )
+        .unwrap();
+        let a = parse(&json, &["--lora-r", "16", "--group-by-length", "false"]).unwrap();
+        assert!(!a.group_by_length && !a.gradient_checkpointing);
+        assert_eq!((a.lora_r, a.warmup_ratio), (16, 0.1));
+        // unknown keys and switch values that are not booleans are named
+        std::fs::write(&toml, "lora_rank = 8\n").unwrap();
+        let e = parse(&toml, &[]).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("'lora_rank'"), "{e}");
+        std::fs::write(&toml, "use_rslora = \"yes\"\n").unwrap();
+        let e = parse(&toml, &[]).unwrap_err().to_string();
+        assert!(e.contains("'use_rslora' is a switch"), "{e}");
+    }
 }

@@ -25,9 +25,96 @@ pub struct TrainerState {
     pub micro_step: u64,
     pub tokens_seen: usize,
     pub elapsed_s: f64,
+    /// Wall time of the run so far, loading included (see `RunRecord::wall_s`).
+    #[serde(default)]
+    pub wall_s: f64,
     pub nonfinite_in_a_row: usize,
     pub adam_t: u64,
     pub best_eval_loss: Option<f64>,
+    /// The settings that make a run this run (see `identity`): a resume must not change them.
+    #[serde(default)]
+    pub identity: BTreeMap<String, Setting>,
+}
+
+/// One setting of a run's identity: the value compared on resume and how to show it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Setting {
+    pub value: String,
+    pub shown: String,
+}
+
+impl Setting {
+    fn plain(v: impl ToString) -> Self {
+        let value = v.to_string();
+        Setting {
+            shown: value.clone(),
+            value,
+        }
+    }
+}
+
+/// What a resumed run must share with the checkpoint, keyed by flag: what the adapter is
+/// (LoRA settings, the base model) and what the data stream is (the shards, the seed that
+/// orders them and draws dropout, the batch geometry).
+pub fn identity(
+    args: &super::args::TrainArgs,
+    lora: &LoraConfig,
+    model_sha: &str,
+    data_sha: &str,
+) -> Result<BTreeMap<String, Setting>> {
+    let mut targets = lora.targets()?;
+    targets.sort();
+    let file = |sha: &str, dir: &Path| Setting {
+        value: sha.to_string(),
+        shown: format!("{} ({sha})", dir.display()),
+    };
+    Ok(BTreeMap::from([
+        ("--lora-r".into(), Setting::plain(lora.r)),
+        ("--lora-alpha".into(), Setting::plain(lora.lora_alpha)),
+        ("--lora-dropout".into(), Setting::plain(lora.lora_dropout)),
+        ("--target-modules".into(), Setting::plain(targets.join(","))),
+        ("--use-rslora".into(), Setting::plain(lora.use_rslora)),
+        ("--seed".into(), Setting::plain(args.seed)),
+        ("--model".into(), file(model_sha, &args.model)),
+        ("--data".into(), file(data_sha, &args.data)),
+        (
+            "--per-device-train-batch-size".into(),
+            Setting::plain(args.per_device_train_batch_size),
+        ),
+        (
+            "--gradient-accumulation-steps".into(),
+            Setting::plain(args.gradient_accumulation_steps),
+        ),
+        (
+            "--group-by-length".into(),
+            Setting::plain(args.group_by_length),
+        ),
+    ]))
+}
+
+/// Refuses to resume `checkpoint` with settings that differ from the ones it was made with,
+/// naming each, with the checkpoint's value and the new one.
+pub fn check_identity(
+    checkpoint: &Path,
+    saved: &BTreeMap<String, Setting>,
+    now: &BTreeMap<String, Setting>,
+) -> Result<()> {
+    let diffs: Vec<String> = now
+        .iter()
+        .filter_map(|(k, v)| {
+            let old = saved.get(k)?;
+            (old.value != v.value)
+                .then(|| format!("{k}: checkpoint {}, now {}", old.shown, v.shown))
+        })
+        .collect();
+    if !diffs.is_empty() {
+        bail!(
+            "{}: cannot resume with different settings ({}); resume with the checkpoint's settings, or start a new run in another --output-dir",
+            checkpoint.display(),
+            diffs.join("; ")
+        );
+    }
+    Ok(())
 }
 
 pub fn checkpoint_dir(output: &Path, step: usize) -> PathBuf {

@@ -103,7 +103,11 @@ pub struct RunRecord {
     /// CPU threads the compute ran on.
     pub threads: usize,
     pub global_step: usize,
+    /// Time in the training loop (steps and evaluations), over every attempt.
     pub elapsed_s: f64,
+    /// Wall time of the run from the start of each attempt (loading included), over every
+    /// attempt.
+    pub wall_s: f64,
     pub peak_mem_mib: f64,
     pub best_eval_loss: Option<f64>,
 }

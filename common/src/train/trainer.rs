@@ -30,6 +30,8 @@ pub enum Outcome {
     },
     /// Stopped by SIGINT/SIGTERM after saving this checkpoint.
     Interrupted { checkpoint: PathBuf },
+    /// Stopped by the divergence guard (run.json says `diverged`); the message says why.
+    Diverged { message: String },
 }
 
 /// Messages for the user; the binary decides where they go (a bar, log lines).
@@ -81,11 +83,15 @@ pub struct Trainer {
     pub state: TrainerState,
     schedule: Schedule,
     batches_per_epoch: usize,
+    /// When this attempt started (before loading), and the wall time of earlier attempts.
+    started: Instant,
+    wall0: f64,
 }
 
 impl Trainer {
     /// Loads model and data, attaches LoRA (fresh or from a checkpoint) and validates the run.
     pub fn new(args: TrainArgs) -> Result<Self> {
+        let started = Instant::now();
         args.validate()?;
         let device = crate::device::parse(&args.device)?;
         let lora_cfg = args.lora_config()?;
@@ -107,6 +113,9 @@ impl Trainer {
             None
         };
         let mut model = Llama::from_dir(&args.model, args.dtype.dtype(), &device)?;
+        for split in std::iter::once(&train).chain(&val) {
+            split.check_vocab(model.config.vocab_size)?;
+        }
         let max_pos = model.config.max_position_embeddings;
         if meta.max_seq_len > max_pos {
             bail!(
@@ -183,17 +192,55 @@ impl Trainer {
             total_steps,
         };
 
+        let identity = checkpoint::identity(
+            &args,
+            &lora_cfg,
+            &file_sha256(&args.model.join("config.json")),
+            &file_sha256(&args.data.join("meta.json")),
+        )?;
         let mut state = TrainerState {
             total_steps,
+            identity: identity.clone(),
             ..Default::default()
         };
         if let Some(dir) = &resume {
             let (st, adapter) = checkpoint::load(dir, &mut opt, &module_names, &device)?;
+            checkpoint::check_identity(dir, &st.identity, &identity)?;
             if st.total_steps != total_steps {
                 bail!(
                     "{}: checkpoint was made for {} total steps but these arguments give {total_steps}; resume with the same arguments",
                     dir.display(),
                     st.total_steps
+                );
+            }
+            // the checkpoint's adapter is exactly this run's LoRA modules, shape for shape
+            let lora_shapes: BTreeMap<&str, (Vec<usize>, Vec<usize>)> = model
+                .loras()
+                .into_iter()
+                .map(|(n, l)| (n, (l.a.dims().to_vec(), l.b.dims().to_vec())))
+                .collect();
+            for (name, (a, b)) in &adapter.weights {
+                let want = lora_shapes.get(name.as_str());
+                if want != Some(&(a.dims().to_vec(), b.dims().to_vec())) {
+                    bail!(
+                        "{}: checkpoint module '{name}' (lora_A {:?}, lora_B {:?}) does not match this run's {}",
+                        dir.display(),
+                        a.dims(),
+                        b.dims(),
+                        match want {
+                            Some((wa, wb)) => format!("lora_A {wa:?}, lora_B {wb:?}"),
+                            None => "LoRA modules (it has no such module)".into(),
+                        }
+                    );
+                }
+            }
+            if let Some(missing) = lora_shapes
+                .keys()
+                .find(|n| !adapter.weights.contains_key(**n))
+            {
+                bail!(
+                    "{}: checkpoint has no weights for this run's LoRA module '{missing}'",
+                    dir.display()
                 );
             }
             for l in model.linears_mut() {
@@ -202,8 +249,9 @@ impl Trainer {
                     lo.b = b.clone();
                 }
             }
-            state = st;
+            state = TrainerState { identity, ..st };
         }
+        let state_wall0 = state.wall_s;
         Ok(Trainer {
             args,
             model,
@@ -217,6 +265,8 @@ impl Trainer {
             state,
             schedule,
             batches_per_epoch,
+            started,
+            wall0: state_wall0,
         })
     }
 
@@ -321,6 +371,7 @@ impl Trainer {
                 .unwrap_or(1),
             global_step: self.state.global_step,
             elapsed_s: self.state.elapsed_s,
+            wall_s: self.wall0 + self.started.elapsed().as_secs_f64(),
             peak_mem_mib: crate::device::peak_rss_mib(),
             best_eval_loss: self.state.best_eval_loss,
             ..Default::default()
@@ -331,8 +382,19 @@ impl Trainer {
         self.record(status).save(&self.args.output_dir)
     }
 
-    /// Runs to completion, interruption (flag set by a signal handler) or divergence.
+    /// Runs to completion, interruption (flag set by a signal handler) or divergence. Every
+    /// end is recorded in run.json: an error as `failed` with its message.
     pub fn run(&mut self, stop: Arc<AtomicBool>, rep: &mut dyn Reporter) -> Result<Outcome> {
+        let outcome = self.run_steps(stop, rep);
+        if let Err(e) = &outcome {
+            let mut r = self.record(RunStatus::Failed);
+            r.error = Some(format!("{e:#}"));
+            r.save(&self.args.output_dir).ok();
+        }
+        outcome
+    }
+
+    fn run_steps(&mut self, stop: Arc<AtomicBool>, rep: &mut dyn Reporter) -> Result<Outcome> {
         let resumed = self.state.global_step;
         let mut metrics =
             MetricsLog::open(&self.args.output_dir, (resumed > 0).then_some(resumed))?;
@@ -425,12 +487,15 @@ impl Trainer {
                     step + 1
                 ));
                 if self.state.nonfinite_in_a_row >= self.args.max_nonfinite_steps {
-                    self.write_run_json(RunStatus::Diverged)?;
-                    bail!(
+                    let message = format!(
                         "training diverged: {} steps in a row with a non-finite loss or gradient, the last at step {} (learning rate {lr:.3e}); lower --learning-rate (LoRA runs on 7B models are known to explode at 1e-2; 1e-4 to 2e-4 is typical) or set --max-grad-norm. Checkpoints already saved are intact.",
                         self.state.nonfinite_in_a_row,
                         step + 1
                     );
+                    let mut r = self.record(RunStatus::Diverged);
+                    r.reason = Some(message.clone());
+                    r.save(&self.args.output_dir)?;
+                    return Ok(Outcome::Diverged { message });
                 }
             } else {
                 self.state.nonfinite_in_a_row = 0;
@@ -442,6 +507,7 @@ impl Trainer {
             self.state.global_step += 1;
             self.state.adam_t = self.opt.t;
             self.state.elapsed_s = elapsed0 + t_start.elapsed().as_secs_f64();
+            self.state.wall_s = self.wall0 + self.started.elapsed().as_secs_f64();
             eta.step_s += t_step.elapsed().as_secs_f64();
             eta.steps += 1;
             let step = self.state.global_step;
@@ -536,7 +602,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     ctrlc::set_handler(move || {
         if f.swap(true, Ordering::SeqCst) {
             eprintln!("second interrupt: exiting without saving");
-            std::process::exit(130);
+            std::process::exit(crate::cli::exit::ERROR);
         }
         eprintln!("interrupt received: finishing this step and saving a checkpoint (interrupt again to abort)");
     })

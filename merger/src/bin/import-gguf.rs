@@ -29,16 +29,13 @@ struct Args {
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("import-gguf: error: {e:#}");
-        std::process::exit(1);
-    }
+    common::cli::finish("import-gguf", run(Args::parse()).map(|_| 0));
 }
 
 fn run(a: Args) -> Result<()> {
     let t = std::time::Instant::now();
     let r = import(&a.gguf, &a.output, a.dtype.dtype(), a.overwrite)?;
-    println!(
+    common::cli::say(format!(
         "imported {} -> {}: {} tensors, {:.1}M parameters, {} layers, vocab {} ({:.1}s)",
         a.gguf.display(),
         a.output.display(),
@@ -47,6 +44,5 @@ fn run(a: Args) -> Result<()> {
         r.layers,
         r.vocab,
         t.elapsed().as_secs_f64()
-    );
-    Ok(())
+    ))
 }

@@ -60,10 +60,8 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = common::device::run_compute(|| run(args)) {
-        eprintln!("bench-lora: error: {e:#}");
-        std::process::exit(1);
-    }
+    let outcome = common::device::run_compute(|| run(args));
+    common::cli::finish("bench-lora", outcome.map(|_| 0));
 }
 
 fn run(a: Args) -> Result<()> {
@@ -85,12 +83,11 @@ fn run(a: Args) -> Result<()> {
         seed: a.seed,
     };
     let r = common::bench::run(&o)?;
-    println!(
+    common::cli::say(format!(
         "median step {:.3}s  tokens/s {:.1}  peak RSS {:.0} MiB",
         r["median_step_s"].as_f64().unwrap_or(0.0),
         r["tokens_per_s"].as_f64().unwrap_or(0.0),
         r["peak_rss_mib"].as_f64().unwrap_or(0.0)
-    );
-    println!("RESULT {r}");
-    Ok(())
+    ))?;
+    common::cli::say(format!("RESULT {r}"))
 }

@@ -3,10 +3,15 @@
 use clap::Parser;
 use std::path::PathBuf;
 
-/// Write one HTML file comparing run directories (trainer --output-dir): SVG charts of loss,
-/// eval loss, gradient norm, learning rate and tokens/s against step with all runs overlaid, a
-/// table of hyperparameters, final/best losses, wall time and peak memory, and the base vs
-/// fine-tuned answers from `infer --compare` (compare.jsonl in the run directory) when present.
+/// Write one self-contained HTML file comparing training runs (trainer --output-dir
+/// directories). It opens on the results, one row per run: final train loss, eval loss first ->
+/// best (step) -> final, wall time, peak memory. Then the hyper-parameters that differ between
+/// the runs (the shared ones folded away), SVG charts of loss, eval loss (best point circled),
+/// gradient norm, learning rate and tokens/s against step with all runs overlaid, and the base
+/// vs fine-tuned answers from `infer --compare` (compare.jsonl in a run directory) when present.
+///
+/// Runs are named by --run-name (run.json); when those clash, by the shortest distinct suffix of
+/// their paths.
 #[derive(Parser)]
 #[command(name = "report", version)]
 struct Args {
@@ -23,11 +28,12 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
-    match common::report::write_report(&a.runs, &a.output, &a.title) {
-        Ok(runs) => println!("report: {} run(s) -> {}", runs.len(), a.output.display()),
-        Err(e) => {
-            eprintln!("report: error: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    let outcome = common::report::write_report(&a.runs, &a.output, &a.title).and_then(|runs| {
+        common::cli::say(format!(
+            "report: {} run(s) -> {}",
+            runs.len(),
+            a.output.display()
+        ))
+    });
+    common::cli::finish("report", outcome.map(|_| 0));
 }

@@ -1,0 +1,71 @@
+//! What every binary does around its work: results on stdout, progress and logs on stderr, an
+//! error as one line (`NAME: error: ...`) with a non-zero exit status, and a reader that goes
+//! away (`infer ... | head`) ending the program quietly with status 0.
+
+use anyhow::{Context, Result};
+use std::io::Write;
+
+/// Exit statuses, all below 128 so job systems report them as they are.
+pub mod exit {
+    /// The work is done.
+    pub const OK: i32 = 0;
+    /// Any error not listed below.
+    pub const ERROR: i32 = 1;
+    /// Bad command-line arguments or configuration (clap's own status).
+    pub const USAGE: i32 = 2;
+    /// Training stopped on non-finite losses or gradients: retrying will not help.
+    pub const DIVERGED: i32 = 65;
+    /// Stopped by a signal after saving a checkpoint: run again to resume (EX_TEMPFAIL).
+    pub const INTERRUPTED: i32 = 75;
+}
+
+/// Whether an error is a write to a closed pipe or socket.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes a line of results to stdout (an error, not a panic, when stdout is closed).
+pub fn say(line: impl std::fmt::Display) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|_| out.flush())
+        .context("writing to stdout")
+}
+
+/// Writes text to stdout as it comes (streamed replies), flushing it.
+pub fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|_| out.flush())
+        .context("writing to stdout")
+}
+
+/// Ends the program with the outcome of `main`'s work: the status it returned; for an error,
+/// one line on stderr and `exit::ERROR` (or status 0 when the error is a reader that went away).
+pub fn finish(name: &str, outcome: Result<i32>) -> ! {
+    let code = match outcome {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => exit::OK,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            exit::ERROR
+        }
+    };
+    std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_pipes_are_recognised_through_context() {
+        let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "closed");
+        let e = anyhow::Error::new(io).context("writing to stdout");
+        assert!(is_broken_pipe(&e));
+        assert!(!is_broken_pipe(&anyhow::anyhow!("other")));
+    }
+}
