@@ -117,6 +117,7 @@ pub fn run(o: &BenchOptions) -> Result<serde_json::Value> {
             seed: o.seed,
             micro_step: step as u64,
             gradient_checkpointing: o.grad_ckpt,
+            neftune_noise_alpha: None,
         };
         let count = o.batch * (o.seq - 1);
         let s = model.forward_backward(&batch, &ctx, 1.0 / count as f64, &mut g)?;

@@ -98,8 +98,16 @@ impl Run {
             .collect()
     }
 
-    /// The evaluation with the lowest eval loss: (step, value).
+    /// The best evaluation, (step, value): as the run recorded it (--metric-for-best-model,
+    /// --greater-is-better), else the lowest eval loss.
     pub fn best_eval(&self) -> Option<(i64, f64)> {
+        let recorded = self
+            .record
+            .as_ref()
+            .and_then(|r| r.best_step.zip(r.best_metric));
+        if let Some((step, m)) = recorded {
+            return Some((step as i64, m));
+        }
         self.series("eval_loss")
             .into_iter()
             .min_by(|a, b| a.1.total_cmp(&b.1))

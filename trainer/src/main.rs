@@ -129,14 +129,28 @@ fn run(args: TrainArgs) -> Result<i32> {
             adapter_dir,
             final_eval_loss,
             first_eval_loss,
+            best,
+            kept_step,
+            reason,
         } => {
             let ev = match (first_eval_loss, final_eval_loss) {
                 (Some(a), Some(b)) => format!("; eval loss {a:.4} -> {b:.4}"),
                 (None, Some(b)) => format!("; eval loss {b:.4}"),
                 _ => String::new(),
             };
+            let why = match reason.as_deref() {
+                Some("early_stopping") => " (stopped early: no improvement)",
+                _ => "",
+            };
+            let kept = match best {
+                Some((step, m)) if step == kept_step => {
+                    format!("; kept step {kept_step}, the best ({m:.4})")
+                }
+                Some((step, m)) => format!("; kept step {kept_step} (best: step {step}, {m:.4})"),
+                None => String::new(),
+            };
             common::cli::say(format!(
-                "trainer: done in {wall}, {} steps{ev}; adapter in {}",
+                "trainer: done in {wall}, {} steps{why}{ev}{kept}; adapter in {}",
                 t.state.global_step,
                 adapter_dir.display()
             ))?;

@@ -588,3 +588,290 @@ fn every_end_is_recorded_and_foreign_token_ids_are_refused() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Eval losses after training steps, by step.
+fn evals(o: &Path) -> Vec<(usize, f64)> {
+    common::train::metrics::read(o)
+        .unwrap()
+        .iter()
+        .filter(|r| r.step > 0)
+        .filter_map(|r| Some((r.step, r.eval_loss?)))
+        .collect()
+}
+
+/// HF EarlyStoppingCallback's rule over a series of eval losses: the step it stops at.
+fn early_stop_step(series: &[(usize, f64)], patience: usize, threshold: f64) -> Option<usize> {
+    let (mut best, mut bad) = (None::<f64>, 0);
+    for &(step, e) in series {
+        let significant = best.is_none_or(|b| e < b && (e - b).abs() > threshold);
+        if best.is_none_or(|b| e < b) {
+            best = Some(e);
+        }
+        bad = if significant { 0 } else { bad + 1 };
+        if bad >= patience {
+            return Some(step);
+        }
+    }
+    None
+}
+
+#[test]
+fn the_best_adapter_is_kept_and_early_stopping_stops_where_hf_would() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // the sample data's first 12 conversations (8 train, 4 held out) at a constant 5e-3: the
+    // model learns them by heart within a few epochs and the eval loss climbs again
+    let small = tmp.path().join("small.jsonl");
+    let text =
+        std::fs::read_to_string(common::testing::repo_root().join("data/counsel_train.jsonl"))
+            .unwrap();
+    std::fs::write(
+        &small,
+        text.lines().take(12).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+    let data = tmp.path().join("shards");
+    common::data::prepare(
+        &common::data::PrepOptions {
+            inputs: vec![small],
+            model_dir: real.clone(),
+            output: data.clone(),
+            max_seq_len: 128,
+            val_split: 0.34,
+            seed: 1,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let base = |o: &Path, extra: &[&str]| {
+        let mut a = short_run(
+            &real,
+            &data,
+            o,
+            &[
+                "--learning-rate",
+                "5e-3",
+                "--lr-scheduler-type",
+                "constant",
+                "--lora-r",
+                "16",
+                "--lora-alpha",
+                "32",
+                "--target-modules",
+                "all-linear",
+                "--per-device-train-batch-size",
+                "4",
+                "--eval-steps",
+                "1",
+                "--save-steps",
+                "1",
+                "--max-steps",
+                "12",
+            ],
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let full = tmp.path().join("full");
+    let (code, log) = run_trainer(&base(&full, &["--load-best-model-at-end"]));
+    assert_eq!(code, 0, "{log}");
+    let series = evals(&full);
+    assert_eq!(series.len(), 12);
+    let (best_step, best) = series
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert!(best_step < 12, "the run does not overfit: {series:?}");
+    // the adapter written is the best checkpoint's, byte for byte, and run.json says so
+    let ckpt = full.join(format!("checkpoint-{best_step}"));
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(
+            std::fs::read(full.join(f)).unwrap(),
+            std::fs::read(ckpt.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let rec = common::train::run::RunRecord::load(&full).unwrap();
+    assert_eq!(
+        (rec.best_step, rec.kept_step),
+        (Some(best_step), Some(best_step))
+    );
+    assert!((rec.best_metric.unwrap() - best).abs() < 1e-6);
+    assert!(
+        log.contains(&format!("kept step {best_step}, the best")),
+        "{log}"
+    );
+    // early stopping: stops where HF's rule says on this series, saying why
+    let (patience, threshold) = (2, 0.01);
+    let want = early_stop_step(&series, patience, threshold).expect("the series has a plateau");
+    let early = tmp.path().join("early");
+    let (code, log) = run_trainer(&base(
+        &early,
+        &[
+            "--load-best-model-at-end",
+            "--early-stopping-patience",
+            "2",
+            "--early-stopping-threshold",
+            "0.01",
+            "--save-total-limit",
+            "1",
+        ],
+    ));
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(evals(&early).last().unwrap().0, want, "{log}");
+    let rec = common::train::run::RunRecord::load(&early).unwrap();
+    assert_eq!(rec.status, common::train::run::RunStatus::Completed);
+    assert_eq!(rec.reason.as_deref(), Some("early_stopping"));
+    assert_eq!(rec.global_step, want);
+    assert!(log.contains("stopped early"), "{log}");
+    // --save-total-limit 1 kept the best checkpoint, and the adapter is the best one
+    let ckpts = common::train::checkpoint::list(&early);
+    assert!(
+        ckpts.iter().any(|(s, _)| *s == best_step.min(want)),
+        "{ckpts:?}"
+    );
+    let kept = rec.kept_step.unwrap();
+    assert_eq!(
+        std::fs::read(early.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(full.join(format!("checkpoint-{kept}/adapter_model.safetensors"))).unwrap()
+    );
+    // resume from a checkpoint after the best step (what an interruption there leaves):
+    // the same best adapter, the same stop
+    let k = (best_step + 1..want)
+        .next()
+        .unwrap_or(want - 1)
+        .max(best_step);
+    let resumed = tmp.path().join("resumed");
+    std::fs::create_dir(&resumed).unwrap();
+    // an interrupted run's directory holds its checkpoints: the best one and the last (the
+    // full run's are the same files: both runs are identical up to the stop)
+    for step in [best_step, k] {
+        let status = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(full.join(format!("checkpoint-{step}")))
+            .arg(&resumed)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let (code, log) = run_trainer(&base(
+        &resumed,
+        &[
+            "--load-best-model-at-end",
+            "--early-stopping-patience",
+            "2",
+            "--early-stopping-threshold",
+            "0.01",
+            "--resume-from-checkpoint",
+            "latest",
+        ],
+    ));
+    assert_eq!(code, 0, "{log}");
+    let rec = common::train::run::RunRecord::load(&resumed).unwrap();
+    assert_eq!((rec.global_step, rec.kept_step), (want, Some(kept)));
+    assert_eq!(
+        std::fs::read(resumed.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(early.join("adapter_model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn epoch_strategies_evaluate_and_save_at_epoch_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    let data = shards(tmp.path(), 96);
+    let o = tmp.path().join("run");
+    let mut a = short_run(
+        &model,
+        &data,
+        &o,
+        &[
+            "--eval-strategy",
+            "epoch",
+            "--save-strategy",
+            "epoch",
+            "--num-train-epochs",
+            "3",
+        ],
+    );
+    // epochs, not --max-steps, set the length
+    let i = a.iter().position(|x| x == "--max-steps").unwrap();
+    a.drain(i..i + 2);
+    let (code, log) = run_trainer(&a);
+    assert_eq!(code, 0, "{log}");
+    let rec = common::train::run::RunRecord::load(&o).unwrap();
+    let per_epoch = rec.batches_per_epoch; // one micro-batch per step
+    assert_eq!(rec.total_steps, 3 * per_epoch);
+    let steps: Vec<usize> = evals(&o).iter().map(|e| e.0).collect();
+    assert_eq!(steps, [per_epoch, 2 * per_epoch, 3 * per_epoch]);
+    let saved: Vec<usize> = common::train::checkpoint::list(&o)
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(
+        saved,
+        [per_epoch, 2 * per_epoch],
+        "the last step writes the adapter, not a checkpoint"
+    );
+    // and --eval-strategy no evaluates nothing, not even before training
+    let o2 = tmp.path().join("noeval");
+    let (code, log) = run_trainer(&short_run(&model, &data, &o2, &["--eval-strategy", "no"]));
+    assert_eq!(code, 0, "{log}");
+    assert!(common::train::metrics::read(&o2)
+        .unwrap()
+        .iter()
+        .all(|r| r.eval_loss.is_none()));
+    // --load-best-model-at-end with mismatched strategies is refused, as in HF
+    let (code, log) = run_trainer(&short_run(
+        &model,
+        &data,
+        &tmp.path().join("bad"),
+        &[
+            "--load-best-model-at-end",
+            "--eval-steps",
+            "3",
+            "--save-steps",
+            "2",
+        ],
+    ));
+    assert_eq!(code, 1);
+    assert!(log.contains("round multiple of --eval-steps"), "{log}");
+}
+
+#[test]
+fn neftune_changes_training_and_not_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    let data = shards(tmp.path(), 96);
+    let (plain, noisy) = (tmp.path().join("plain"), tmp.path().join("noisy"));
+    let (code, log) = run_trainer(&short_run(&model, &data, &plain, &["--eval-steps", "2"]));
+    assert_eq!(code, 0, "{log}");
+    let (code, log) = run_trainer(&short_run(
+        &model,
+        &data,
+        &noisy,
+        &["--eval-steps", "2", "--neftune-noise-alpha", "5"],
+    ));
+    assert_eq!(code, 0, "{log}");
+    let rows = |o: &Path| common::train::metrics::read(o).unwrap();
+    let (p, n) = (rows(&plain), rows(&noisy));
+    // evaluation before training sees the same model: the noise is not in evaluation
+    assert_eq!(p[0].eval_loss, n[0].eval_loss);
+    // training does see it: other losses, another adapter
+    assert_ne!(p[1].loss, n[1].loss);
+    assert_ne!(adapter_values(&plain), adapter_values(&noisy));
+    // and it is reproducible: the same noise for the same seed
+    let again = tmp.path().join("again");
+    let (code, log) = run_trainer(&short_run(
+        &model,
+        &data,
+        &again,
+        &["--eval-steps", "2", "--neftune-noise-alpha", "5"],
+    ));
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(adapter_values(&again), adapter_values(&noisy));
+}

@@ -394,6 +394,9 @@ impl Llama {
             return Ok(LossStats::default());
         }
         let mut x = self.embed(&batch.input_ids)?;
+        if let Some(alpha) = ctx.neftune_noise_alpha {
+            x = neftune(x, alpha, ctx)?;
+        }
         let mut saved: Vec<Option<BlockSaved>> = Vec::with_capacity(self.blocks.len());
         let mut inputs: Vec<Tensor> = Vec::new();
         for blk in &self.blocks {
@@ -432,4 +435,30 @@ impl Llama {
             tokens: rows.len(),
         })
     }
+}
+
+/// NEFTune (Jain et al. 2023, as TRL and transformers apply it): uniform noise in
+/// `±alpha/sqrt(T·D)` added to the input embeddings `[B, T, D]`, in training only. The noise is
+/// a function of (seed, micro-step), drawn in independently seeded chunks, so a resumed run
+/// draws what the uninterrupted one drew.
+fn neftune(x: Tensor, alpha: f64, ctx: &TrainCtx) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let (_, t, d) = x.dims3()?;
+    let mag = alpha / ((t * d) as f64).sqrt();
+    let stream = ctx.seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        ^ ctx.micro_step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ 0x4E45_4654_554E_4500;
+    let mut noise = vec![0f32; x.elem_count()];
+    noise.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(
+            stream ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+        );
+        for v in o {
+            *v = ((rng.random::<f64>() * 2.0 - 1.0) * mag) as f32;
+        }
+    });
+    let noise = Tensor::from_vec(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
+    x + noise
 }

@@ -41,6 +41,8 @@ pub struct TrainCtx {
     /// Gradient checkpointing: recompute each block's activations in the backward instead of
     /// keeping them.
     pub gradient_checkpointing: bool,
+    /// NEFTune noise on the input embeddings (training only).
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 /// Accumulated LoRA gradients, indexed by `Lora::id`.

@@ -105,6 +105,7 @@ fn lora_gradients_match_finite_differences() {
             seed: 5,
             micro_step: 9,
             gradient_checkpointing: false,
+            neftune_noise_alpha: None,
         };
         let mut grads = Grads::new(model.num_loras());
         model.forward_backward(&bt, &ctx, 1.0, &mut grads).unwrap();
@@ -234,9 +235,11 @@ fn checkpointing_gives_identical_gradients_and_eval_matches_train_loss() {
         seed: 1,
         micro_step: 0,
         gradient_checkpointing: false,
+        neftune_noise_alpha: None,
     };
     let c2 = TrainCtx {
         gradient_checkpointing: true,
+        neftune_noise_alpha: None,
         ..c1
     };
     let s1 = model.forward_backward(&bt, &c1, 0.5, &mut g1).unwrap();
@@ -428,6 +431,7 @@ fn fast_f32_path_matches_generic_f64_path() {
         seed: 5,
         micro_step: 3,
         gradient_checkpointing: false,
+        neftune_noise_alpha: None,
     };
     let bt = batch(2, 9, cfg.vocab_size as u32, 4);
     let run = |dtype: DType| {

@@ -8,6 +8,15 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// When something happens during a run (HF's IntervalStrategy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IntervalStrategy {
+    Steps,
+    Epoch,
+    No,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum InitArg {
@@ -117,15 +126,50 @@ pub struct TrainArgs {
     /// Log a metrics.csv row every N optimizer steps.
     #[arg(long, default_value_t = 10)]
     pub logging_steps: usize,
-    /// Evaluate on the validation split every N steps (0 = only at the start and the end).
+    /// When to evaluate on the validation split: steps (every --eval-steps), epoch (at the end
+    /// of every epoch) or no. With steps or epoch the run also evaluates before training and
+    /// after its last step.
+    #[arg(long, value_enum, default_value_t = IntervalStrategy::Steps, alias = "evaluation-strategy")]
+    pub eval_strategy: IntervalStrategy,
+    /// With --eval-strategy steps: evaluate every N steps (0 = only before training and at the
+    /// end).
     #[arg(long, default_value_t = 0)]
     pub eval_steps: usize,
-    /// Save a checkpoint every N steps (0 = never, except on interruption).
+    /// When to save a checkpoint: steps (every --save-steps), epoch (at the end of every epoch)
+    /// or no (only on interruption).
+    #[arg(long, value_enum, default_value_t = IntervalStrategy::Steps)]
+    pub save_strategy: IntervalStrategy,
+    /// With --save-strategy steps: save a checkpoint every N steps (0 = never, except on
+    /// interruption).
     #[arg(long, default_value_t = 500)]
     pub save_steps: usize,
-    /// Keep at most N checkpoints (0 = keep all).
+    /// Keep at most N checkpoints (0 = keep all); the best one is always kept.
     #[arg(long, default_value_t = 0)]
     pub save_total_limit: usize,
+    /// Write the best evaluated adapter (by --metric-for-best-model) as the run's adapter at
+    /// the end, instead of the last one. Needs --save-strategy equal to --eval-strategy (and
+    /// --save-steps a multiple of --eval-steps), so that every evaluation has its checkpoint.
+    #[arg(long)]
+    pub load_best_model_at_end: bool,
+    /// The metric that decides the best adapter and early stopping: eval_loss (`loss` is
+    /// taken as eval_loss, as in HF).
+    #[arg(long, default_value = "eval_loss")]
+    pub metric_for_best_model: String,
+    /// A higher --metric-for-best-model is better (not for losses).
+    #[arg(long)]
+    pub greater_is_better: bool,
+    /// Stop after this many evaluations in a row without an improvement of the metric (0 = do
+    /// not stop early). HF's EarlyStoppingCallback.
+    #[arg(long, default_value_t = 0)]
+    pub early_stopping_patience: usize,
+    /// The least change of the metric that counts as an improvement for early stopping.
+    #[arg(long, default_value_t = 0.0)]
+    pub early_stopping_threshold: f64,
+    /// NEFTune: uniform noise of magnitude alpha/sqrt(sequence length x hidden size) added to the
+    /// input embeddings during training only (not evaluation or inference); 5 is the paper's
+    /// usual value. Off when unset.
+    #[arg(long)]
+    pub neftune_noise_alpha: Option<f64>,
     /// Stop after this many optimizer steps in a row skipped for non-finite loss or gradient.
     #[arg(long, default_value_t = 3)]
     pub max_nonfinite_steps: usize,
@@ -168,6 +212,15 @@ impl Default for TrainArgs {
 }
 
 impl TrainArgs {
+    /// The metric --metric-for-best-model names (`loss` is eval_loss, as in HF); only the
+    /// evaluation loss is computed.
+    pub fn best_metric(&self) -> Result<&'static str> {
+        match self.metric_for_best_model.trim_start_matches("eval_") {
+            "loss" => Ok("eval_loss"),
+            other => bail!("--metric-for-best-model {other}: the trainer computes eval_loss only"),
+        }
+    }
+
     pub fn lora_config(&self) -> Result<crate::lora::LoraConfig> {
         let targets = if self.target_modules.trim() == "all-linear" {
             crate::lora::TargetModules::One("all-linear".into())
@@ -239,6 +292,39 @@ impl TrainArgs {
         }
         if self.max_nonfinite_steps == 0 {
             bail!("--max-nonfinite-steps must be >= 1");
+        }
+        self.best_metric()?;
+        if self.load_best_model_at_end {
+            if self.eval_strategy == IntervalStrategy::No {
+                bail!("--load-best-model-at-end needs evaluations: --eval-strategy steps or epoch");
+            }
+            if self.save_strategy != self.eval_strategy {
+                bail!(
+                    "--load-best-model-at-end needs --save-strategy to match --eval-strategy (save {:?}, eval {:?}), so that every evaluated adapter has a checkpoint",
+                    self.save_strategy,
+                    self.eval_strategy
+                );
+            }
+            if self.eval_strategy == IntervalStrategy::Steps
+                && (self.eval_steps == 0
+                    || self.save_steps == 0
+                    || !self.save_steps.is_multiple_of(self.eval_steps))
+            {
+                bail!(
+                    "--load-best-model-at-end needs --save-steps ({}) to be a round multiple of --eval-steps ({}), both > 0",
+                    self.save_steps,
+                    self.eval_steps
+                );
+            }
+        }
+        if self.early_stopping_patience > 0 && self.eval_strategy == IntervalStrategy::No {
+            bail!("--early-stopping-patience needs evaluations: --eval-strategy steps or epoch");
+        }
+        if self.early_stopping_threshold.is_nan() || self.early_stopping_threshold < 0.0 {
+            bail!("--early-stopping-threshold must be >= 0");
+        }
+        if let Some(a) = self.neftune_noise_alpha {
+            pos(a, "neftune-noise-alpha")?;
         }
         crate::device::parse(&self.device)?;
         Ok(())

@@ -30,7 +30,17 @@ pub struct TrainerState {
     pub wall_s: f64,
     pub nonfinite_in_a_row: usize,
     pub adam_t: u64,
+    /// The lowest evaluation loss so far (before-training evaluation included).
     pub best_eval_loss: Option<f64>,
+    /// The best value of --metric-for-best-model over the evaluations after training steps,
+    /// and the step it came at.
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
+    pub best_step: Option<usize>,
+    /// Evaluations in a row without a significant improvement (early stopping).
+    #[serde(default)]
+    pub evals_without_improvement: usize,
     /// The settings that make a run this run (see `identity`): a resume must not change them.
     #[serde(default)]
     pub identity: BTreeMap<String, Setting>,
@@ -161,7 +171,14 @@ pub fn resolve(output: &Path, spec: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Saves a checkpoint atomically and prunes old ones beyond `keep` (0 = keep all).
+/// Which checkpoints stay: at most `keep` (0 = all), always the one of step `protect` (the best).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retention {
+    pub keep: usize,
+    pub protect: Option<usize>,
+}
+
+/// Saves a checkpoint atomically and prunes old ones as `retention` says.
 pub fn save(
     output: &Path,
     state: &TrainerState,
@@ -169,8 +186,9 @@ pub fn save(
     weights: &BTreeMap<String, (Tensor, Tensor)>,
     opt: &AdamW,
     module_names: &[String],
-    keep: usize,
+    retention: Retention,
 ) -> Result<PathBuf> {
+    let Retention { keep, protect } = retention;
     let dir = checkpoint_dir(output, state.global_step);
     let out = crate::atomic::OutputDir::create(&dir)?;
     Adapter::save(lora_cfg, weights, out.path())?;
@@ -187,8 +205,12 @@ pub fn save(
     crate::atomic::write_json(&out.path().join(STATE_FILE), state)?;
     out.commit()?;
     if keep > 0 {
-        let all = list(output);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        let all: Vec<(usize, PathBuf)> = list(output)
+            .into_iter()
+            .filter(|(s, _)| Some(*s) != protect)
+            .collect();
+        let keep_others = keep.saturating_sub(usize::from(protect.is_some())).max(1);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep_others)) {
             std::fs::remove_dir_all(old).ok();
         }
     }

@@ -110,6 +110,12 @@ pub struct RunRecord {
     pub wall_s: f64,
     pub peak_mem_mib: f64,
     pub best_eval_loss: Option<f64>,
+    /// --metric-for-best-model, its best value after a training step and that step.
+    pub metric_for_best_model: String,
+    pub best_metric: Option<f64>,
+    pub best_step: Option<usize>,
+    /// The step whose adapter the run wrote (the best with --load-best-model-at-end).
+    pub kept_step: Option<usize>,
 }
 
 impl RunRecord {

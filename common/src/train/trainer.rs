@@ -2,7 +2,7 @@
 //! schedule and clipping, evaluation, checkpoints and resume, signals, the divergence guard,
 //! and the run's records (`metrics.csv` rows, `run.json`).
 
-use super::args::TrainArgs;
+use super::args::{IntervalStrategy, TrainArgs};
 use super::batches;
 use super::checkpoint::{self, TrainerState};
 use super::metrics::{MetricsLog, MetricsRow};
@@ -27,6 +27,12 @@ pub enum Outcome {
         adapter_dir: PathBuf,
         final_eval_loss: Option<f64>,
         first_eval_loss: Option<f64>,
+        /// The best evaluation after a training step: (step, metric).
+        best: Option<(usize, f64)>,
+        /// The step whose adapter was written (the best with --load-best-model-at-end).
+        kept_step: usize,
+        /// Why the run ended before its last step (`early_stopping`).
+        reason: Option<String>,
     },
     /// Stopped by SIGINT/SIGTERM after saving this checkpoint.
     Interrupted { checkpoint: PathBuf },
@@ -83,6 +89,7 @@ pub struct Trainer {
     pub state: TrainerState,
     schedule: Schedule,
     batches_per_epoch: usize,
+    steps_per_epoch: usize,
     /// When this attempt started (before loading), and the wall time of earlier attempts.
     started: Instant,
     wall0: f64,
@@ -112,6 +119,12 @@ impl Trainer {
         } else {
             None
         };
+        if val.is_none() && (args.load_best_model_at_end || args.early_stopping_patience > 0) {
+            bail!(
+                "{}: --load-best-model-at-end and --early-stopping-patience need a validation split (dataprep --val-split)",
+                args.data.display()
+            );
+        }
         let mut model = Llama::from_dir(&args.model, args.dtype.dtype(), &device)?;
         for split in std::iter::once(&train).chain(&val) {
             split.check_vocab(model.config.vocab_size)?;
@@ -265,6 +278,7 @@ impl Trainer {
             state,
             schedule,
             batches_per_epoch,
+            steps_per_epoch,
             started,
             wall0: state_wall0,
         })
@@ -278,19 +292,50 @@ impl Trainer {
             .collect()
     }
 
-    /// Whether the evaluation schedule evaluates after optimizer step `step` (the last step
-    /// always does when there is a validation split).
-    fn evaluates_at(&self, step: usize) -> bool {
+    /// Whether the run evaluates after optimizer step `step` (`epoch_end`: an epoch ended in
+    /// it): by --eval-strategy, and after the last step unless evaluation is off.
+    fn evaluates_at(&self, step: usize, epoch_end: bool) -> bool {
+        let a = &self.args;
         self.val.is_some()
+            && a.eval_strategy != IntervalStrategy::No
             && (step == self.state.total_steps
-                || (self.args.eval_steps > 0 && step.is_multiple_of(self.args.eval_steps)))
+                || due(a.eval_strategy, a.eval_steps, step, epoch_end))
     }
 
-    /// Evaluations still to come after step `step`.
+    /// Evaluations still to come after step `step` (epochs taken as whole steps).
     fn evals_after(&self, step: usize) -> usize {
+        let per_epoch = self.steps_per_epoch.max(1);
         (step + 1..=self.state.total_steps)
-            .filter(|&s| self.evaluates_at(s))
+            .filter(|&s| self.evaluates_at(s, s.is_multiple_of(per_epoch)))
             .count()
+    }
+
+    /// Records an evaluation after a training step for the best adapter and early stopping.
+    /// Returns whether early stopping ends the run here.
+    fn judge(&mut self, step: usize, metric: f64) -> bool {
+        let a = &self.args;
+        let st = &mut self.state;
+        let better = |x: f64, than: f64| {
+            if a.greater_is_better {
+                x > than
+            } else {
+                x < than
+            }
+        };
+        // as HF's EarlyStoppingCallback: against the best before this evaluation
+        let significant = st
+            .best_metric
+            .is_none_or(|b| better(metric, b) && (metric - b).abs() > a.early_stopping_threshold);
+        if st.best_metric.is_none_or(|b| better(metric, b)) {
+            st.best_metric = Some(metric);
+            st.best_step = Some(step);
+        }
+        if significant {
+            st.evals_without_improvement = 0;
+        } else {
+            st.evals_without_improvement += 1;
+        }
+        a.early_stopping_patience > 0 && st.evals_without_improvement >= a.early_stopping_patience
     }
 
     /// `evaluate`, timed for the ETA and shown as a phase.
@@ -321,6 +366,7 @@ impl Trainer {
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
+        let protect = self.state.best_step;
         let mut st = self.state.clone();
         st.adam_t = self.opt.t;
         checkpoint::save(
@@ -330,7 +376,10 @@ impl Trainer {
             &self.lora_weights(),
             &self.opt,
             &self.module_names,
-            self.args.save_total_limit,
+            checkpoint::Retention {
+                keep: self.args.save_total_limit,
+                protect,
+            },
         )
     }
 
@@ -374,6 +423,9 @@ impl Trainer {
             wall_s: self.wall0 + self.started.elapsed().as_secs_f64(),
             peak_mem_mib: crate::device::peak_rss_mib(),
             best_eval_loss: self.state.best_eval_loss,
+            metric_for_best_model: a.best_metric().unwrap_or("eval_loss").to_string(),
+            best_step: self.state.best_step,
+            best_metric: self.state.best_metric,
             ..Default::default()
         }
     }
@@ -403,7 +455,7 @@ impl Trainer {
         let gas = self.args.gradient_accumulation_steps;
         let mut first_eval = None;
         let mut eta = Eta::default();
-        if self.state.global_step == 0 {
+        if self.state.global_step == 0 && self.args.eval_strategy != IntervalStrategy::No {
             first_eval = self.timed_eval(rep, &mut eta)?;
             if let Some(e) = first_eval {
                 self.state.best_eval_loss = Some(e);
@@ -428,14 +480,16 @@ impl Trainer {
         let mut win_t = Instant::now();
         rep.phase("training");
         let mut last_norm = f64::NAN;
-        // the last step always evaluates when there is a validation split
         let mut final_eval = None;
+        let mut stopped_early = false;
         while self.state.global_step < self.state.total_steps {
             let t_step = Instant::now();
-            // gather the accumulated batch
+            // gather the accumulated batch; note whether an epoch ends in it
             let mut micro = Vec::with_capacity(gas);
+            let mut epoch_end = false;
             for _ in 0..gas {
                 if self.state.batch_in_epoch >= epoch_batches.len() {
+                    epoch_end |= !micro.is_empty();
                     self.state.epoch += 1;
                     self.state.batch_in_epoch = 0;
                     epoch_batches = batches::epoch_batches(
@@ -449,6 +503,7 @@ impl Trainer {
                 micro.push(epoch_batches[self.state.batch_in_epoch].clone());
                 self.state.batch_in_epoch += 1;
             }
+            epoch_end |= self.state.batch_in_epoch >= epoch_batches.len();
             let labels: usize = micro
                 .iter()
                 .map(|m| batches::label_count(&self.train, m))
@@ -462,6 +517,7 @@ impl Trainer {
                     seed: self.args.seed,
                     micro_step: self.state.micro_step,
                     gradient_checkpointing: self.args.gradient_checkpointing,
+                    neftune_noise_alpha: self.args.neftune_noise_alpha,
                 };
                 loss_sum += self
                     .model
@@ -514,20 +570,21 @@ impl Trainer {
             let time_left =
                 eta.remaining(self.state.total_steps - step, self.evals_after(step - 1));
             rep.step(&self.state, loss, time_left);
-            let last = step == self.state.total_steps;
             let win_secs = win_t.elapsed().as_secs_f64();
-            let eval = if self.evaluates_at(step) {
+            let eval = if self.evaluates_at(step, epoch_end) {
                 self.timed_eval(rep, &mut eta)?
             } else {
                 None
             };
-            if last {
-                final_eval = eval;
-            }
             if let Some(e) = eval {
                 if self.state.best_eval_loss.is_none_or(|b| e < b) {
                     self.state.best_eval_loss = Some(e);
                 }
+                stopped_early = self.judge(step, e);
+            }
+            let last = step == self.state.total_steps || stopped_early;
+            if last {
+                final_eval = eval;
             }
             if step.is_multiple_of(self.args.logging_steps) || last || eval.is_some() {
                 let secs = win_secs;
@@ -566,32 +623,92 @@ impl Trainer {
             } else if eval.is_some() {
                 win_t = Instant::now();
             }
-            if self.args.save_steps > 0 && step.is_multiple_of(self.args.save_steps) && !last {
+            let a = &self.args;
+            let saved = if !last && due(a.save_strategy, a.save_steps, step, epoch_end) {
                 rep.phase("saving");
                 let d = self.save_checkpoint()?;
                 rep.phase("training");
                 rep.line(&format!("saved {}", d.display()));
+                Some(d)
+            } else {
+                None
+            };
+            if stopped_early {
+                rep.line(&format!(
+                    "stopping early: no improvement of {} by more than {} in {} evaluations",
+                    self.args.best_metric()?,
+                    self.args.early_stopping_threshold,
+                    self.state.evals_without_improvement
+                ));
+                break;
             }
             if stop.load(Ordering::SeqCst) && !last {
-                let d = if self.args.save_steps > 0 && step.is_multiple_of(self.args.save_steps) {
-                    checkpoint::checkpoint_dir(&self.args.output_dir, step)
-                } else {
-                    self.save_checkpoint()?
+                let d = match saved {
+                    Some(d) => d,
+                    None => self.save_checkpoint()?,
                 };
                 self.write_run_json(RunStatus::Interrupted)?;
                 return Ok(Outcome::Interrupted { checkpoint: d });
             }
         }
-        let weights = self.lora_weights();
-        let mut cfg = self.lora_cfg.clone();
-        cfg.inference_mode = true;
-        Adapter::save(&cfg, &weights, &self.args.output_dir)?;
-        self.write_run_json(RunStatus::Completed)?;
+        let kept_step = self.write_final_adapter(rep)?;
+        let mut r = self.record(RunStatus::Completed);
+        r.reason = stopped_early.then(|| "early_stopping".to_string());
+        r.kept_step = Some(kept_step);
+        r.save(&self.args.output_dir)?;
         Ok(Outcome::Completed {
             adapter_dir: self.args.output_dir.clone(),
             final_eval_loss: final_eval,
             first_eval_loss: first_eval,
+            best: self.state.best_step.zip(self.state.best_metric),
+            kept_step,
+            reason: r.reason,
         })
+    }
+
+    /// Writes the run's adapter: the best checkpoint's, byte for byte, with
+    /// --load-best-model-at-end when the best came before the last step; else the current
+    /// weights. Returns the step whose adapter was written.
+    fn write_final_adapter(&self, rep: &mut dyn Reporter) -> Result<usize> {
+        let out = &self.args.output_dir;
+        let now = self.state.global_step;
+        if let Some(best) = self
+            .state
+            .best_step
+            .filter(|&b| self.args.load_best_model_at_end && b != now)
+        {
+            let dir = checkpoint::checkpoint_dir(out, best);
+            for f in [crate::lora::ADAPTER_WEIGHTS, crate::lora::ADAPTER_CONFIG] {
+                let bytes = std::fs::read(dir.join(f)).with_context(|| {
+                    format!(
+                        "{}: the best checkpoint (step {best}) is missing",
+                        dir.join(f).display()
+                    )
+                })?;
+                crate::atomic::write_file(&out.join(f), &bytes)?;
+            }
+            rep.line(&format!(
+                "kept the best adapter: step {best} ({} {:.4}), from {}",
+                self.args.best_metric()?,
+                self.state.best_metric.unwrap_or(f64::NAN),
+                dir.display()
+            ));
+            return Ok(best);
+        }
+        let mut cfg = self.lora_cfg.clone();
+        cfg.inference_mode = true;
+        Adapter::save(&cfg, &self.lora_weights(), out)?;
+        Ok(now)
+    }
+}
+
+/// Whether an interval strategy acts after `step` (`every` for `steps`; `epoch_end`: an epoch
+/// ended in this step).
+fn due(strategy: IntervalStrategy, every: usize, step: usize, epoch_end: bool) -> bool {
+    match strategy {
+        IntervalStrategy::Steps => every > 0 && step.is_multiple_of(every),
+        IntervalStrategy::Epoch => epoch_end,
+        IntervalStrategy::No => false,
     }
 }
 
