@@ -4,7 +4,7 @@ BIN   ?= target/release
 MODEL ?= models/smollm2-135m-instruct
 CARGO ?= cargo
 
-.PHONY: all build model test pipeline bench lint fmt clean
+.PHONY: all build model test pipeline bench lint fmt clean slurm-test
 
 all: build
 
@@ -22,6 +22,14 @@ pipeline: model
 
 bench: model
 	scripts/bench.sh
+
+# The sweep scripts on a real one-node Slurm cluster started on localhost (needs root; installs
+# Debian's slurm-wlm and munge when missing), stopped again at the end.
+SLURM_TEST_DIR ?= /tmp/dialora-slurm
+slurm-test: model
+	SLURM_TEST_DIR=$(SLURM_TEST_DIR) scripts/slurm-cluster.sh start
+	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf $(CARGO) test --release -p trainer --test slurm -- --ignored --nocapture; \
+	  status=$$?; SLURM_TEST_DIR=$(SLURM_TEST_DIR) scripts/slurm-cluster.sh stop; exit $$status
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Stage 2: shards + base model -> adapter, metrics.csv, run.json.   train.sh MODEL_DIR DATA_DIR OUT_DIR [trainer flags]
-# Resumes automatically when OUT_DIR already holds checkpoints of an unfinished run (requeue).
+# Stage 2: shards + base model -> adapter, metrics.csv, run.json.
+#   train.sh MODEL_DIR DATA_DIR OUT_DIR [trainer flags]
+# The trainer replaces this shell (exec), so signals sent to it (Slurm's requeue, preemption,
+# time-limit warning) reach the trainer. For a job that may run again, pass
+# --resume-from-checkpoint auto (scripts/sweep.sh does).
 set -euo pipefail
 BIN=${DIALORA_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 MODEL=$1; DATA=$2; OUT=$3; shift 3
-extra=()
-if ls -d "$OUT"/checkpoint-* >/dev/null 2>&1 && [ ! -f "$OUT/adapter_model.safetensors" ]; then
-  extra=(--resume-from-checkpoint latest)
-fi
-exec "$BIN/trainer" --model "$MODEL" --data "$DATA" --output-dir "$OUT" "${extra[@]}" "$@"
+exec "$BIN/trainer" --model "$MODEL" --data "$DATA" --output-dir "$OUT" "$@"

@@ -57,6 +57,21 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Compute threads when `RAYON_NUM_THREADS` is not set: candle's choice (the physical cores),
+/// but no more than the CPUs this process may run on (its affinity mask and cgroup quota: what
+/// a Slurm `--cpus-per-task` job, `taskset` or a container gives it).
+pub fn default_threads() -> usize {
+    let allowed = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    candle_core::utils::get_num_threads().clamp(1, allowed)
+}
+
+/// The compute threads in use (after `run_compute` set them up).
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// Runs the compute of a binary (`f`) with the CPU thread set-up that suits it:
 ///
 /// - `f` runs inside candle's CPU thread pool (`Device::with_context`), so the thread that
@@ -65,8 +80,9 @@ pub fn peak_rss_mib() -> f64 {
 /// - candle's element-wise thread pool spins at most ~1,000 iterations before it parks
 ///   (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, default 25,000 in candle): a worker spinning for longer
 ///   steals a core from the GEMM that follows every element-wise op;
-/// - the thread count is fixed once in `RAYON_NUM_THREADS` (candle's own choice: the physical
-///   cores): unset, candle re-reads /proc/cpuinfo on every matmul to find it.
+/// - the thread count is fixed once in `RAYON_NUM_THREADS` (`default_threads`: the physical
+///   cores, within the process's CPU affinity): unset, candle re-reads /proc/cpuinfo on every
+///   matmul to find it.
 ///
 /// Values the user set win. Measured on 2 cores (bench-lora, SmolLM2-135M, seq 256): 145 -> 170
 /// tok/s for the spin limit, 170 -> 185 for the pool. Call it first thing in `main`, before any
@@ -77,8 +93,7 @@ pub fn run_compute<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", default_threads().to_string());
     }
     Device::Cpu.with_context(f)
 }

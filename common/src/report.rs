@@ -44,16 +44,20 @@ const NOT_HYPERPARAMETERS: &[&str] = &[
 ];
 
 impl Run {
-    /// Reads a run directory: metrics.csv (required), run.json and compare.jsonl (optional).
-    pub fn read(dir: &Path) -> Result<Run> {
-        if !dir.join(metrics::METRICS_FILE).exists() {
+    /// Reads a run directory: metrics.csv (required unless `partial`: a run that has not
+    /// logged yet then has no rows), run.json and compare.jsonl (optional).
+    pub fn read(dir: &Path, partial: bool) -> Result<Run> {
+        let rows = if dir.join(metrics::METRICS_FILE).exists() {
+            metrics::read(dir)?
+        } else if partial {
+            Vec::new()
+        } else {
             bail!(
                 "{}: not a training run directory (no {})",
                 dir.display(),
                 metrics::METRICS_FILE
             );
-        }
-        let rows = metrics::read(dir)?;
+        };
         let record = RunRecord::load(dir).ok();
         let cmp_path = dir.join("compare.jsonl");
         let compare = match std::fs::read_to_string(&cmp_path) {
@@ -72,7 +76,11 @@ impl Run {
             name: record
                 .as_ref()
                 .map(|r| r.run_name.clone())
-                .unwrap_or_default(),
+                .unwrap_or_else(|| {
+                    dir.file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default()
+                }),
             dir: dir.to_path_buf(),
             record,
             rows,
@@ -340,9 +348,14 @@ pub fn duration(s: f64) -> String {
     }
 }
 
-/// Reads the run directories and writes the report to `out` (atomically).
-pub fn write_report(dirs: &[PathBuf], out: &Path, title: &str) -> Result<Vec<Run>> {
-    let mut runs: Vec<Run> = dirs.iter().map(|d| Run::read(d)).collect::<Result<_>>()?;
+/// Reads the run directories and writes the report to `out` (atomically). With `partial`, a
+/// directory without metrics yet (a sweep point not started, or stopped before it logged) is
+/// listed as such instead of failing the report.
+pub fn write_report(dirs: &[PathBuf], out: &Path, title: &str, partial: bool) -> Result<Vec<Run>> {
+    let mut runs: Vec<Run> = dirs
+        .iter()
+        .map(|d| Run::read(d, partial))
+        .collect::<Result<_>>()?;
     unique_names(&mut runs);
     let params: Vec<BTreeMap<String, String>> = runs.iter().map(Run::hyperparameters).collect();
     let keys: std::collections::BTreeSet<&String> = params.iter().flat_map(|p| p.keys()).collect();
@@ -372,7 +385,11 @@ pub fn write_report(dirs: &[PathBuf], out: &Path, title: &str) -> Result<Vec<Run
             let rec = r.record.as_ref();
             context! {
                 name => r.name,
-                status => rec.map(|x| x.status.as_str()).unwrap_or("unknown"),
+                status => match rec {
+                    Some(x) => x.status.as_str(),
+                    None if r.rows.is_empty() => "not started",
+                    None => "unknown",
+                },
                 reason => rec.and_then(|x| x.reason.clone()),
                 params => p,
                 final_loss => fmt(r.series("loss").last().map(|p| p.1), 4),
@@ -461,7 +478,7 @@ mod tests {
         fake_run(&a, 1e-3, &[(0, 3.6), (10, 2.0), (20, 2.2)]);
         fake_run(&b, 2e-4, &[(0, 3.6), (10, 3.0), (20, 2.9)]);
         let out = d.path().join("r.html");
-        let runs = write_report(&[a, b], &out, "t").unwrap();
+        let runs = write_report(&[a.clone(), b], &out, "t", false).unwrap();
         let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["a/adapter", "b/adapter"]);
         let html = std::fs::read_to_string(&out).unwrap();
@@ -482,6 +499,16 @@ mod tests {
         assert!(html[at("<details>")..].contains("lora_r"));
         // x ticks are whole steps
         assert!(!html[at("<svg")..].contains(">2.5<"));
+        // a sweep point without metrics: an error, or with `partial` a row that says so
+        let pending = d.path().join("c/adapter");
+        std::fs::create_dir_all(&pending).unwrap();
+        assert!(write_report(&[a.clone(), pending.clone()], &out, "t", false).is_err());
+        write_report(&[a, pending], &out, "t", true).unwrap();
+        let html = std::fs::read_to_string(&out).unwrap();
+        assert!(
+            html.contains("c&#x2f;adapter") && html.contains("not started"),
+            "{html}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! scripts/sweep.sh: the Slurm array maps every index to its grid point; a local 4-point
-//! sweep trains 4 runs and the report overlays 4 curves.
+//! scripts/sweep.sh: the Slurm array maps every index to its grid point, with literal resources
+//! and a frozen grid; a local 4-point sweep trains 4 runs and the report overlays 4 curves.
+//! (The generated scripts on a real Slurm cluster: tests/slurm.rs, `make slurm-test`.)
 
 use common::testing::{repo_root, write_tiny_model};
 use std::process::Command;
@@ -33,6 +34,14 @@ fn slurm_array_maps_each_index_to_its_grid_point() {
             "--name",
             "g",
             "--slurm",
+            "--cpus-per-task",
+            "4",
+            "--mem",
+            "6G",
+            "--partition",
+            "gpu",
+            "--signal-seconds",
+            "90",
             "learning_rate=2e-5,2e-4,1e-3",
             "lora_r=8,64",
             "target_modules=q_proj,v_proj|all-linear",
@@ -43,26 +52,46 @@ fn slurm_array_maps_each_index_to_its_grid_point() {
     );
     assert_eq!(code, 0, "{log}");
     let script = tmp.path().join("g/sweep.sbatch");
-    let st = Command::new("bash")
-        .arg("-n")
-        .arg(&script)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bash -n");
+    for f in [&script, &tmp.path().join("g/report.sbatch")] {
+        let st = Command::new("bash").arg("-n").arg(f).status().unwrap();
+        assert!(st.success(), "bash -n {}", f.display());
+    }
     let text = std::fs::read_to_string(&script).unwrap();
+    // resources are literal values (Slurm expands no variables in #SBATCH lines), paths are
+    // absolute, logs are appended across requeues, the trainer replaces the shell
+    for want in [
+        "#SBATCH --array=0-11",
+        "#SBATCH --requeue",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=6G",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=B:TERM@90",
+        "\nexec \"${cmd[@]}\"",
+    ] {
+        assert!(text.contains(want), "want {want:?} in {text}");
+    }
+    for line in text.lines().filter(|l| l.starts_with("#SBATCH")) {
+        assert!(!line.contains('$'), "{line}");
+    }
+    let out_line = text
+        .lines()
+        .find(|l| l.starts_with("#SBATCH --output="))
+        .unwrap();
     assert!(
-        text.contains("#SBATCH --array=0-11") && text.contains("#SBATCH --requeue"),
-        "{text}"
+        out_line.starts_with(&format!(
+            "#SBATCH --output={}/g/logs/",
+            tmp.path().display()
+        )),
+        "{out_line}"
     );
-    std::fs::create_dir_all(tmp.path().join("g/shards")).unwrap();
-    std::fs::write(tmp.path().join("g/shards/meta.json"), "{}").unwrap();
     // the expected grid, enumerated independently (last key varies fastest)
     let mut want = Vec::new();
     for lr in ["2e-5", "2e-4", "1e-3"] {
         for r in ["8", "64"] {
             for t in ["q_proj,v_proj", "all-linear"] {
                 want.push(format!(
-                    "--learning-rate {lr} --lora-r {r} --target-modules {t} --max-steps 7"
+                    "--learning-rate {lr} --lora-r {r} --target-modules {t} --run-name "
                 ));
             }
         }
@@ -75,10 +104,56 @@ fn slurm_array_maps_each_index_to_its_grid_point() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let cmd = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        assert!(cmd.ends_with(w.as_str()), "index {i}: {cmd}\nwant ...{w}");
-        assert!(cmd.contains("scripts/train.sh"), "{cmd}");
+        let cmd = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .to_string();
+        assert!(cmd.contains(w.as_str()), "index {i}: {cmd}\nwant ...{w}");
+        assert!(
+            cmd.ends_with("--resume-from-checkpoint auto --save-every-minutes 10 --max-steps 7"),
+            "{cmd}"
+        );
+        assert!(
+            cmd.starts_with(&repo_root().join("scripts/train.sh").display().to_string()),
+            "{cmd}"
+        );
     }
+    // the grid is frozen: the same name with another grid is refused, the same grid is fine
+    let again = |grid: &str| {
+        sweep(
+            tmp.path(),
+            &[
+                "--name",
+                "g",
+                "--slurm",
+                "--cpus-per-task",
+                "4",
+                "--mem",
+                "6G",
+                "--partition",
+                "gpu",
+                "--signal-seconds",
+                "90",
+                grid,
+                "lora_r=8,64",
+                "target_modules=q_proj,v_proj|all-linear",
+                "--",
+                "--max-steps",
+                "7",
+            ],
+        )
+    };
+    let (code, log) = again("learning_rate=2e-5,2e-4");
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("already exists with another grid"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&script).unwrap(),
+        text,
+        "the queued script is untouched"
+    );
+    let (code, log) = again("learning_rate=2e-5,2e-4,1e-3");
+    assert_eq!(code, 0, "{log}");
     let o = Command::new("bash")
         .arg(&script)
         .env("SLURM_ARRAY_TASK_ID", "12")
@@ -128,7 +203,8 @@ fn local_four_point_sweep_and_report() {
         );
     }
     assert!(loss.matches("<polyline").count() >= 4, "4 curves");
-    // a second call finds the points done and only rebuilds the report
+    // a second call finds the points completed (each trainer says so and exits 0) and only
+    // rebuilds the report
     let (code, log) = sweep(
         tmp.path(),
         &[
@@ -141,5 +217,6 @@ fn local_four_point_sweep_and_report() {
         ],
     );
     assert_eq!(code, 0, "{log}");
-    assert_eq!(log.matches("done already").count(), 4, "{log}");
+    assert_eq!(log.matches("already completed").count(), 4, "{log}");
+    assert!(log.contains("4 points, 4 completed"), "{log}");
 }

@@ -875,3 +875,45 @@ fn neftune_changes_training_and_not_evaluation() {
     assert_eq!(code, 0, "{log}");
     assert_eq!(adapter_values(&again), adapter_values(&noisy));
 }
+
+#[test]
+fn auto_resume_serves_a_job_system_and_threads_follow_the_cpu_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    let data = shards(tmp.path(), 96);
+    let o = tmp.path().join("run");
+    let auto = short_run(&model, &data, &o, &["--resume-from-checkpoint", "auto"]);
+    // an attempt stopped before its first checkpoint left run.json and metrics.csv: start afresh
+    std::fs::create_dir_all(&o).unwrap();
+    std::fs::write(o.join("metrics.csv"), "step,epoch\n").unwrap();
+    std::fs::write(o.join("run.json"), r#"{"status": "running"}"#).unwrap();
+    // on one CPU (as a --cpus-per-task=1 job), with one thread
+    let mut c = Command::new("taskset");
+    c.args(["-c", "0", env!("CARGO_BIN_EXE_trainer")])
+        .args(&auto)
+        .env("DIALORA_NO_BAR", "1")
+        .env_remove("RAYON_NUM_THREADS");
+    let (code, log) = out(&mut c);
+    assert_eq!(code, 0, "{log}");
+    let rec = common::train::run::RunRecord::load(&o).unwrap();
+    assert_eq!(
+        (rec.status, rec.threads),
+        (common::train::run::RunStatus::Completed, 1)
+    );
+    let done = std::fs::read(o.join("adapter_model.safetensors")).unwrap();
+    // completed: the same command says so and exits 0
+    let (code, log) = run_trainer(&auto);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("already completed"), "{log}");
+    // a checkpoint and no adapter: the same command resumes it to the same adapter
+    std::fs::remove_file(o.join("adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(o.join("checkpoint-4")).ok();
+    let (code, log) = run_trainer(&auto);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("resuming at step 2"), "{log}");
+    assert_eq!(
+        std::fs::read(o.join("adapter_model.safetensors")).unwrap(),
+        done
+    );
+}

@@ -44,7 +44,9 @@ pub struct TrainArgs {
     /// Allow writing into a non-empty output directory that holds no run to resume.
     #[arg(long)]
     pub overwrite_output_dir: bool,
-    /// Resume from a checkpoint directory, or `latest` (the newest in --output-dir).
+    /// Resume from a checkpoint directory, `latest` (the newest in --output-dir), or `auto`
+    /// (the newest if there is one, else start afresh; a run that completed says so and exits
+    /// 0): the one command a job system can run again after any requeue or preemption.
     #[arg(long)]
     pub resume_from_checkpoint: Option<String>,
     /// A name for the run, shown in logs and reports (default: the output directory's name).
@@ -143,6 +145,10 @@ pub struct TrainArgs {
     /// interruption).
     #[arg(long, default_value_t = 500)]
     pub save_steps: usize,
+    /// Also save a checkpoint whenever this many minutes have passed since the last one (0 =
+    /// off): what a job that may be preempted at any time needs.
+    #[arg(long, default_value_t = 0.0)]
+    pub save_every_minutes: f64,
     /// Keep at most N checkpoints (0 = keep all); the best one is always kept.
     #[arg(long, default_value_t = 0)]
     pub save_total_limit: usize,
@@ -322,6 +328,9 @@ impl TrainArgs {
         }
         if self.early_stopping_threshold.is_nan() || self.early_stopping_threshold < 0.0 {
             bail!("--early-stopping-threshold must be >= 0");
+        }
+        if self.save_every_minutes.is_nan() || self.save_every_minutes < 0.0 {
+            bail!("--save-every-minutes must be >= 0");
         }
         if let Some(a) = self.neftune_noise_alpha {
             pos(a, "neftune-noise-alpha")?;

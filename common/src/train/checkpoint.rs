@@ -154,21 +154,26 @@ pub fn list(output: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
-/// Resolves `--resume-from-checkpoint` (`latest` or a directory).
-pub fn resolve(output: &Path, spec: &str) -> Result<PathBuf> {
-    if spec == "latest" {
-        return list(output).pop().map(|(_, p)| p).ok_or_else(|| {
+/// Resolves `--resume-from-checkpoint`: `latest` (the newest in `output`; an error when
+/// there is none), `auto` (the newest, or `None` to start afresh: a job system's choice, which
+/// runs the same command again and again), or a checkpoint directory.
+pub fn resolve(output: &Path, spec: &str) -> Result<Option<PathBuf>> {
+    match spec {
+        "auto" => Ok(list(output).pop().map(|(_, p)| p)),
+        "latest" => list(output).pop().map(|(_, p)| Some(p)).ok_or_else(|| {
             anyhow!(
                 "--resume-from-checkpoint latest: no checkpoint in {}",
                 output.display()
             )
-        });
+        }),
+        dir => {
+            let p = PathBuf::from(dir);
+            if !p.join(STATE_FILE).exists() {
+                bail!("{}: not a checkpoint (no {STATE_FILE})", p.display());
+            }
+            Ok(Some(p))
+        }
     }
-    let p = PathBuf::from(spec);
-    if !p.join(STATE_FILE).exists() {
-        bail!("{}: not a checkpoint (no {STATE_FILE})", p.display());
-    }
-    Ok(p)
 }
 
 /// Which checkpoints stay: at most `keep` (0 = all), always the one of step `protect` (the best).

@@ -146,12 +146,15 @@ impl Trainer {
 
         // output directory policy
         let out = &args.output_dir;
-        let resume = args
-            .resume_from_checkpoint
-            .as_deref()
-            .map(|s| checkpoint::resolve(out, s))
-            .transpose()?;
+        let resume = match args.resume_from_checkpoint.as_deref() {
+            Some(spec) => checkpoint::resolve(out, spec)?,
+            None => None,
+        };
+        // `auto` with no checkpoint yet starts afresh over what an attempt stopped before its
+        // first checkpoint left behind (run.json, metrics.csv)
+        let auto = args.resume_from_checkpoint.as_deref() == Some("auto");
         if resume.is_none()
+            && !auto
             && out.exists()
             && std::fs::read_dir(out)?.next().is_some()
             && !args.overwrite_output_dir
@@ -415,9 +418,7 @@ impl Trainer {
             },
             versions: Versions::default(),
             device: a.device.clone(),
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            threads: crate::device::threads(),
             global_step: self.state.global_step,
             elapsed_s: self.state.elapsed_s,
             wall_s: self.wall0 + self.started.elapsed().as_secs_f64(),
@@ -482,6 +483,7 @@ impl Trainer {
         let mut last_norm = f64::NAN;
         let mut final_eval = None;
         let mut stopped_early = false;
+        let mut last_save = Instant::now();
         while self.state.global_step < self.state.total_steps {
             let t_step = Instant::now();
             // gather the accumulated batch; note whether an epoch ends in it
@@ -624,7 +626,10 @@ impl Trainer {
                 win_t = Instant::now();
             }
             let a = &self.args;
-            let saved = if !last && due(a.save_strategy, a.save_steps, step, epoch_end) {
+            let timed = a.save_every_minutes > 0.0
+                && last_save.elapsed().as_secs_f64() >= 60.0 * a.save_every_minutes;
+            let saved = if !last && (timed || due(a.save_strategy, a.save_steps, step, epoch_end)) {
+                last_save = Instant::now();
                 rep.phase("saving");
                 let d = self.save_checkpoint()?;
                 rep.phase("training");

@@ -24,16 +24,21 @@ struct Args {
     /// Title of the report.
     #[arg(long, default_value = "dialora")]
     title: String,
+    /// List run directories without metrics yet (a sweep's unstarted or failed points) as
+    /// such instead of failing.
+    #[arg(long)]
+    partial: bool,
 }
 
 fn main() {
     let a = Args::parse();
-    let outcome = common::report::write_report(&a.runs, &a.output, &a.title).and_then(|runs| {
-        common::cli::say(format!(
-            "report: {} run(s) -> {}",
-            runs.len(),
-            a.output.display()
-        ))
-    });
+    let outcome =
+        common::report::write_report(&a.runs, &a.output, &a.title, a.partial).and_then(|runs| {
+            common::cli::say(format!(
+                "report: {} run(s) -> {}",
+                runs.len(),
+                a.output.display()
+            ))
+        });
     common::cli::finish("report", outcome.map(|_| 0));
 }
