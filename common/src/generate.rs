@@ -207,13 +207,14 @@ impl Generation {
     }
 }
 
-/// Generates after `prompt`, calling `on_token` for every new token as it is produced.
+/// Generates after `prompt`, calling `on_token` for every new token as it is produced; it
+/// returns whether to go on (`false` ends the generation there, as a stop token does).
 pub fn generate(
     model: &Llama,
     prompt: &[u32],
     params: &SamplingParams,
     stop_ids: &[u32],
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
     params.validate()?;
     let max_pos = model.config.max_position_embeddings;
@@ -261,8 +262,8 @@ pub fn generate(
         }
         all.push(next);
         out.push(next);
-        on_token(next)?;
-        if stop_ids.contains(&next) {
+        let go_on = on_token(next)?;
+        if stop_ids.contains(&next) || !go_on {
             stopped = true;
             break;
         }

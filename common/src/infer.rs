@@ -5,7 +5,7 @@
 
 use crate::chat::{ChatTemplate, EndOfTurn, Message};
 use crate::data::formats::Conversation;
-use crate::generate::{generate, stop_ids, Generation, SamplingParams};
+use crate::generate::{generate, stop_ids, Generation, GenerationConfig, SamplingParams};
 use crate::model::Llama;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
@@ -20,6 +20,8 @@ pub struct Session {
     pub end_of_turn: EndOfTurn,
     pub stops: Vec<u32>,
     pub params: SamplingParams,
+    /// The model's `generation_config.json` (decoding defaults).
+    pub gen_config: GenerationConfig,
 }
 
 /// One generated reply.
@@ -66,6 +68,7 @@ impl Session {
             end_of_turn,
             stops,
             params,
+            gen_config: GenerationConfig::from_dir(model_dir)?,
         })
     }
 
@@ -79,7 +82,17 @@ impl Session {
     pub fn reply(
         &self,
         history: &[Message],
+        on_text: impl FnMut(&str),
+    ) -> Result<(Reply, Generation)> {
+        self.reply_until(history, on_text, || false)
+    }
+
+    /// `reply`, ending early when `stop_now` says so (checked after every token).
+    pub fn reply_until(
+        &self,
+        history: &[Message],
         mut on_text: impl FnMut(&str),
+        stop_now: impl Fn() -> bool,
     ) -> Result<(Reply, Generation)> {
         let prompt = self.prompt_ids(history)?;
         let mut printed = 0usize;
@@ -87,7 +100,7 @@ impl Session {
         let tok = &self.tok;
         let g = generate(&self.model, &prompt, &self.params, &self.stops, |id| {
             if self.stops.contains(&id) {
-                return Ok(());
+                return Ok(true);
             }
             ids.push(id);
             let text = tok.decode(&ids, true).map_err(|e| anyhow!("decode: {e}"))?;
@@ -96,7 +109,7 @@ impl Session {
                 on_text(&text[printed..]);
                 printed = text.len();
             }
-            Ok(())
+            Ok(!stop_now())
         })?;
         let content: Vec<u32> = g
             .ids

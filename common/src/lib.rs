@@ -7,7 +7,7 @@
 //! | `config` | a model directory's `config.json` |
 //! | `weights` | memory-mapped safetensors in, safetensors out |
 //! | `atomic` | every output written under a temporary name and renamed into place |
-//! | `gguf` | importing a llama.cpp GGUF file as a model directory |
+//! | `gguf` | llama.cpp GGUF files: import as a model directory, export (with an adapter merged) |
 //! | `tokenizer`, `chat` | tokenizers and chat templates (with the end-of-turn marker) |
 //! | `data` | dataprep: conversation formats, labels, shards |
 //! | `model` | the decoder with LoRA, forward and backward |
@@ -15,6 +15,7 @@
 //! | `train` | the training loop, its arguments and records |
 //! | `merge` | folding an adapter into its base |
 //! | `generate`, `infer` | generation and inference sessions, base-vs-tuned comparison |
+//! | `serve` | the OpenAI-compatible HTTP server of `infer --serve` |
 //! | `report` | the HTML run comparison |
 //! | `bench` | the LoRA training benchmark |
 //! | `device`, `progress` | device/dtype arguments, CPU threads, memory; progress output |
@@ -35,6 +36,7 @@ pub mod merge;
 pub mod model;
 pub mod progress;
 pub mod report;
+pub mod serve;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;

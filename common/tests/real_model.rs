@@ -109,7 +109,7 @@ fn logits_and_greedy_decoding_match_hf() {
             no_cache,
             ..Default::default()
         };
-        let g = generate(&model, &prompt, &p, &stops, |_| Ok(())).unwrap();
+        let g = generate(&model, &prompt, &p, &stops, |_| Ok(true)).unwrap();
         assert_eq!(g.ids, want, "no_cache={no_cache}");
         assert!(g.stopped);
         assert_eq!(

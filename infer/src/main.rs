@@ -16,7 +16,8 @@ use std::path::PathBuf;
 /// with /history, /reset, /system TEXT, /help and /quit), or a file of conversations (--input)
 /// answered turn by turn with the model's own earlier answers in the history. --compare answers
 /// the same conversations with the base model and with base + adapter, side by side (JSONL +
-/// Markdown).
+/// Markdown). --serve ADDR answers OpenAI-style HTTP requests (POST /v1/chat/completions, GET
+/// /v1/models, GET /health) for the base and every --adapter NAME=DIR, until SIGTERM.
 ///
 /// Uses the model's chat template (the same code path as dataprep), stops at eos and the
 /// template's end-of-turn token, greedy when --temperature is 0. Replies go to stdout (streamed
@@ -27,9 +28,20 @@ struct Args {
     /// Model directory (base or merged).
     #[arg(long)]
     model: PathBuf,
-    /// LoRA adapter directory to apply on top of --model.
+    /// LoRA adapter directory to apply on top of --model. With --serve, NAME=DIR, repeatable:
+    /// a request's "model" picks one by NAME.
     #[arg(long)]
-    adapter: Option<PathBuf>,
+    adapter: Vec<String>,
+    /// Serve an OpenAI-compatible API on this address (e.g. 127.0.0.1:8000; port 0 picks a
+    /// free one, printed on stderr).
+    #[arg(long, conflicts_with_all = ["prompt", "chat", "input"])]
+    serve: Option<String>,
+    /// The name the API gives the base model (default: --model's directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// With --serve: requests that may wait for the model at once; more are answered 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
     /// A Jinja chat template file to use instead of the model's (as dataprep --template).
     #[arg(long)]
     template: Option<PathBuf>,
@@ -110,12 +122,63 @@ fn run(a: Args) -> Result<()> {
         no_cache: a.no_kv_cache,
     };
     flags.validate()?;
+    let device = common::device::parse(&a.device)?;
+    let adapters = a
+        .adapter
+        .iter()
+        .map(|x| match x.split_once('=') {
+            Some((name, dir)) => (name.to_string(), PathBuf::from(dir)),
+            None => {
+                let dir = PathBuf::from(x);
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_else(|| x.clone());
+                (name, dir)
+            }
+        })
+        .collect::<Vec<_>>();
+    if let Some(addr) = &a.serve {
+        let s = Session::open(
+            &a.model,
+            None,
+            a.template.as_deref(),
+            a.dtype.dtype(),
+            &device,
+            Default::default(),
+        )?;
+        let base_name = a.served_model_name.clone().unwrap_or_else(|| {
+            a.model
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| "model".into())
+        });
+        let names: Vec<String> = std::iter::once(base_name.clone())
+            .chain(adapters.iter().map(|(n, _)| n.clone()))
+            .collect();
+        let options = common::serve::ServeOptions {
+            addr: addr.clone(),
+            base_name,
+            adapters,
+            defaults: flags,
+            max_queue: a.max_queue,
+        };
+        return common::serve::serve(s, options, |bound| {
+            eprintln!(
+                "infer: serving {} on http://{bound}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health)",
+                names.join(", ")
+            );
+        });
+    }
+    if adapters.len() > 1 {
+        bail!("one --adapter at a time outside --serve");
+    }
+    let adapter = adapters.first().map(|(_, d)| d.clone());
     let (params, decoding) = flags.resolve(&GenerationConfig::from_dir(&a.model)?, a.compare);
     eprintln!("infer: decoding: {decoding}");
-    let device = common::device::parse(&a.device)?;
     let mut s = Session::open(
         &a.model,
-        a.adapter.as_deref(),
+        adapter.as_deref(),
         a.template.as_deref(),
         a.dtype.dtype(),
         &device,
@@ -130,7 +193,7 @@ fn run(a: Args) -> Result<()> {
     let Some(input) = &a.input else {
         bail!("give one of --prompt TEXT, --chat or --input FILE");
     };
-    batch(&mut s, &a, input, &decoding)
+    batch(&mut s, &a, adapter.as_deref(), input, &decoding)
 }
 
 /// `--prompt`: one reply, streamed on a terminal.
@@ -258,7 +321,13 @@ impl Sink {
 /// `--input` (and `--compare`): every conversation of a file, answered turn by turn. A
 /// conversation that cannot be read or answered is named (id, file and line); up to
 /// `--max-bad` of them are skipped and counted, one more fails the run with nothing written.
-fn batch(s: &mut Session, a: &Args, input: &std::path::Path, decoding: &str) -> Result<()> {
+fn batch(
+    s: &mut Session,
+    a: &Args,
+    adapter: Option<&std::path::Path>,
+    input: &std::path::Path,
+    decoding: &str,
+) -> Result<()> {
     let records = read_file(input, Purpose::Prompting)?;
     let mut sink = match &a.output {
         Some(p) => Sink::File(AtomicFile::create(p)?),
@@ -329,7 +398,7 @@ fn batch(s: &mut Session, a: &Args, input: &std::path::Path, decoding: &str) -> 
     if a.compare {
         if let Some(p) = &a.output {
             let md = p.with_extension("md");
-            let adapter = a.adapter.as_ref().map(|x| x.display().to_string());
+            let adapter = adapter.map(|x| x.display().to_string());
             common::atomic::write_file(
                 &md,
                 comparison_markdown(

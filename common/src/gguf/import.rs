@@ -2,9 +2,10 @@
 //! (Q/K row permutation undone), config.json, tokenizer.json built from the GGUF vocabulary,
 //! tokenizer_config.json with the chat template, chat_template.jinja and generation_config.json.
 
+use super::{hf_name, unpermute_qk};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -66,45 +67,6 @@ impl Meta<'_> {
             })
             .collect()
     }
-}
-
-/// Inverse of llama.cpp's `permute` for q/k weights (HF rotate-half layout restored).
-pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    Ok(w.reshape((n_head, out / n_head / 2, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))?)
-}
-
-fn hf_name(gguf: &str) -> Result<String> {
-    Ok(match gguf {
-        "token_embd.weight" => "model.embed_tokens.weight".into(),
-        "output_norm.weight" => "model.norm.weight".into(),
-        "output.weight" => "lm_head.weight".into(),
-        _ => {
-            let parts: Vec<&str> = gguf.split('.').collect();
-            let [blk, i, kind, suffix] = parts.as_slice() else {
-                bail!("unexpected GGUF tensor name '{gguf}'");
-            };
-            if *blk != "blk" {
-                bail!("unexpected GGUF tensor name '{gguf}'");
-            }
-            let m = match *kind {
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                other => bail!("unsupported GGUF tensor kind '{other}' in '{gguf}'"),
-            };
-            format!("model.layers.{i}.{m}.{suffix}")
-        }
-    })
 }
 
 /// Summary of an import, for the caller to print.
@@ -306,40 +268,6 @@ pub fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unpermute_inverts_llama_cpp_permute() {
-        // llama.cpp: w.reshape(n_head, 2, d0/n_head/2, in).swapaxes(1,2).reshape(d0, in)
-        let (nh, d0, inp) = (2, 8, 3);
-        let w = Tensor::arange(0f32, (d0 * inp) as f32, &Device::Cpu)
-            .unwrap()
-            .reshape((d0, inp))
-            .unwrap();
-        let permuted = w
-            .reshape((nh, 2, d0 / nh / 2, inp))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((d0, inp))
-            .unwrap();
-        let back = unpermute_qk(&permuted, nh).unwrap();
-        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-    }
-
-    #[test]
-    fn names_map_to_hf() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
-            "model.layers.3.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
-        assert!(hf_name("blk.3.weird.weight").is_err());
-    }
 
     #[test]
     fn not_a_gguf_is_a_clear_error() {

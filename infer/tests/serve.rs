@@ -1,0 +1,387 @@
+//! `infer --serve` on 127.0.0.1 with the real SmolLM2 and two adapters: non-streaming and
+//! streaming completions equal to `infer --prompt`, the adapters picked by name, every error in
+//! OpenAI's shape, a client that goes away, and SIGTERM letting a running request finish.
+
+use candle_core::{Device, Tensor};
+use common::lora::{Adapter, LoraConfig};
+use common::testing::real_model_dir;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A random adapter on q/v with a visible effect, seeded.
+fn adapter(dir: &Path, seed: u64) {
+    let dev = Device::Cpu;
+    let mut w = BTreeMap::new();
+    for i in 0..30 {
+        for (m, out) in [("self_attn.q_proj", 576), ("self_attn.v_proj", 192)] {
+            let a = Tensor::rand(-0.1f32, 0.1, (4, 576), &dev).unwrap();
+            let b = Tensor::rand(-0.1f32, 0.1, (out, 4), &dev).unwrap();
+            let s = (seed as f64 + 1.0) * 0.5;
+            w.insert(
+                format!("model.layers.{i}.{m}"),
+                ((a * s).unwrap(), (b * s).unwrap()),
+            );
+        }
+    }
+    Adapter::save(
+        &LoraConfig::new(4, 8.0, 0.0, vec!["q_proj".into(), "v_proj".into()]),
+        &w,
+        dir,
+    )
+    .unwrap();
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    stderr: BufReader<std::process::ChildStderr>,
+}
+
+impl Server {
+    fn start(model: &Path, adapters: &[(&str, &Path)]) -> Server {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_infer"));
+        c.args(["--model", model.to_str().unwrap(), "--serve", "127.0.0.1:0"]);
+        c.args(["--served-model-name", "smol"]);
+        for (n, d) in adapters {
+            c.args(["--adapter", &format!("{n}={}", d.display())]);
+        }
+        let mut child = c
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        // Built before the first read, so a failed start still kills and reaps the child.
+        let mut server = Server {
+            child,
+            base: String::new(),
+            stderr,
+        };
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                server.stderr.read_line(&mut line).unwrap() > 0,
+                "server ended before serving"
+            );
+            if let Some(rest) = line.split("on http://").nth(1) {
+                server.base = format!("http://{}", rest.split_whitespace().next().unwrap());
+                return server;
+            }
+        }
+    }
+
+    fn post(&self, body: &Value) -> (u16, Value) {
+        let r = ureq::post(&format!("{}/chat/completions", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.into_body().read_json().unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    fn post_raw(&self, body: &str) -> (u16, Value) {
+        let r = ureq::post(&format!("{}/chat/completions", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .content_type("application/json")
+            .send(body)
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.into_body().read_json().unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// `infer --prompt` on the command line: the reply text.
+fn cli(model: &Path, adapter: Option<&Path>, prompt: &str, extra: &[&str]) -> String {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_infer"));
+    c.args(["--model", model.to_str().unwrap(), "--prompt", prompt]);
+    if let Some(a) = adapter {
+        c.args(["--adapter", a.to_str().unwrap()]);
+    }
+    let o = c.args(extra).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .trim_end_matches('\n')
+        .to_string()
+}
+
+fn ask(model: &str, prompt: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 24})
+}
+
+#[test]
+fn the_api_answers_as_the_command_line_does() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a1, a2) = (tmp.path().join("a1"), tmp.path().join("a2"));
+    adapter(&a1, 1);
+    adapter(&a2, 2);
+    let srv = Server::start(&real, &[("calm", &a1), ("brisk", &a2)]);
+    // models and health
+    let models: Value = ureq::get(&format!("{}/models", srv.base))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_json()
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["smol", "brisk", "calm"]);
+    let health = ureq::get(&format!("{}/health", srv.base.trim_end_matches("/v1")))
+        .call()
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+
+    let prompt = "Give me one tip for sleeping better.";
+    let mut answers = Vec::new();
+    for (name, dir) in [
+        ("smol", None),
+        ("calm", Some(a1.as_path())),
+        ("brisk", Some(a2.as_path())),
+    ] {
+        let (status, v) = srv.post(&ask(name, prompt));
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(v["model"], name);
+        assert_eq!(
+            text,
+            cli(&real, dir, prompt, &["--max-new-tokens", "24"]),
+            "{name}"
+        );
+        let u = &v["usage"];
+        assert_eq!(
+            u["total_tokens"].as_u64().unwrap(),
+            u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+        );
+        assert!(["stop", "length"].contains(&v["choices"][0]["finish_reason"].as_str().unwrap()));
+        answers.push(text);
+    }
+    assert!(
+        answers[0] != answers[1] && answers[1] != answers[2],
+        "the adapters are in effect: {answers:?}"
+    );
+    // sampling with a seed: the same as the command line with that seed
+    let mut body = ask("calm", prompt);
+    body["temperature"] = json!(0.9);
+    body["seed"] = json!(7);
+    let (_, v) = srv.post(&body);
+    let sampled = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        sampled,
+        cli(
+            &real,
+            Some(&a1),
+            prompt,
+            &[
+                "--max-new-tokens",
+                "24",
+                "--temperature",
+                "0.9",
+                "--seed",
+                "7"
+            ]
+        )
+    );
+
+    // streaming: role first, then content deltas that add up to the same text, then [DONE]
+    let mut body = ask("brisk", prompt);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = ureq::post(&format!("{}/chat/completions", srv.base))
+        .send_json(&body)
+        .unwrap();
+    assert!(r
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut raw = String::new();
+    r.into_body()
+        .into_reader()
+        .read_to_string(&mut raw)
+        .unwrap();
+    let events: Vec<&str> = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{raw}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, answers[2]);
+    assert!(chunks.iter().any(|c| c["choices"]
+        .get(0)
+        .is_some_and(|x| !x["finish_reason"].is_null())));
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // a stop string ends the reply before it
+    let mut body = ask("smol", "Count from 1 to 10, separated by commas.");
+    body["stop"] = json!([","]);
+    let (_, v) = srv.post(&body);
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.contains(','), "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_never_crash_the_server() {
+    let real = real_model_dir().unwrap();
+    let srv = Server::start(&real, &[]);
+    let long = "word ".repeat(9000);
+    let cases: Vec<(u16, Option<Value>, Option<&str>, &str)> = vec![
+        (400, None, Some("{not json"), "invalid JSON"),
+        (400, None, Some("[1, 2]"), "JSON object"),
+        (404, Some(ask("gpt-5", "hi")), None, "does not exist"),
+        (
+            400,
+            Some(json!({"model": "smol", "messages": []})),
+            None,
+            "must not be empty",
+        ),
+        (
+            400,
+            Some(json!({"model": "smol", "messages": [{"role": "robot", "content": "x"}]})),
+            None,
+            "unknown role",
+        ),
+        (
+            400,
+            Some(ask("smol", &long)),
+            None,
+            "maximum context length",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 5})),
+            None,
+            "temperature",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 0})),
+            None,
+            "top_p",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})),
+            None,
+            "max_tokens",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "stop": 3})),
+            None,
+            "stop",
+        ),
+    ];
+    for (want, body, raw, msg) in cases {
+        let (status, v) = match (body, raw) {
+            (Some(b), _) => srv.post(&b),
+            (_, Some(r)) => srv.post_raw(r),
+            _ => unreachable!(),
+        };
+        assert_eq!(status, want, "{msg}: {v}");
+        let e = &v["error"];
+        assert!(e["message"].as_str().unwrap().contains(msg), "{msg}: {v}");
+        assert!(e["type"].is_string(), "{v}");
+    }
+    // still serving
+    let (status, _) = srv.post(&ask("smol", "hi"));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_client_that_goes_away_stops_and_sigterm_lets_requests_finish() {
+    let real = real_model_dir().unwrap();
+    let mut srv = Server::start(&real, &[]);
+    let addr = srv
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let body =
+        json!({"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+                      "max_tokens": 2000, "stream": true})
+        .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // a streaming client that reads a little and hangs up
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    drop(s);
+    // the model is free again long before 2000 tokens: the next request is answered quickly
+    let t = std::time::Instant::now();
+    let (status, _) = srv.post(&ask("smol", "hi"));
+    assert_eq!(status, 200);
+    assert!(
+        t.elapsed().as_secs() < 30,
+        "the abandoned generation kept the model busy"
+    );
+    // SIGTERM while a request runs: it finishes, then the server exits 0
+    let base = srv.base.clone();
+    let running = std::thread::spawn(move || {
+        let r = ureq::post(&format!("{base}/chat/completions"))
+            .send_json(json!({"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 60}))
+            .unwrap();
+        r.into_body().read_json::<Value>().unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    Command::new("kill")
+        .args(["-TERM", &srv.child.id().to_string()])
+        .status()
+        .unwrap();
+    let v = running.join().unwrap();
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{v}"
+    );
+    let status = srv.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut rest = String::new();
+    srv.stderr.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("finishing running requests"), "{rest}");
+}
