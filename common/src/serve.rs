@@ -327,13 +327,14 @@ impl Engine {
             || stopped.get() || cancel.load(Ordering::SeqCst),
         );
         s.model.take_loras();
-        let (reply, g) = result.map_err(internal)?;
+        let (_, g) = result.map_err(internal)?;
         let by_string = stopped.get();
         if !by_string && sent < text.len() {
             on_text(&text[sent..]);
         }
         Ok(Finished {
-            text: if by_string { text } else { reply.text },
+            // as generated (what the stream sent), not trimmed as the command line prints it
+            text,
             prompt_tokens: g.prompt_tokens,
             completion_tokens: g.ids.len(),
             finish_reason: if g.stopped || by_string {

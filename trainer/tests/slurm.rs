@@ -43,9 +43,10 @@ fn completed(dir: &Path) -> bool {
     common::train::completed_run(dir).is_some()
 }
 
+// long enough (about a minute a task on one core) that every disturbance finds its task running
 const EXTRA: &[&str] = &[
     "--max-steps",
-    "800",
+    "1600",
     "--save-steps",
     "100",
     "--per-device-train-batch-size",
@@ -210,7 +211,7 @@ fn a_sweep_survives_requeue_preemption_and_time_limits_on_slurm() {
         let mut uniq = steps.clone();
         uniq.dedup();
         assert_eq!(steps, uniq, "{p}: {steps:?}");
-        assert_eq!(steps.last(), Some(&800));
+        assert_eq!(steps.last(), Some(&1600));
         // the adapter of an uninterrupted run with the same arguments, bit for bit
         let reference = tmp.path().join(format!("ref-{i}"));
         let flags: Vec<String> = std::fs::read_to_string(sweep.join("manifest.tsv"))
