@@ -4,12 +4,18 @@ BIN   ?= target/release
 MODEL ?= models/smollm2-135m-instruct
 CARGO ?= cargo
 
-.PHONY: all build model test pipeline bench lint fmt clean slurm-test
+.PHONY: all build cuda model test pipeline bench lint fmt clean slurm-test
 
 all: build
 
 build:
 	$(CARGO) build --release --workspace
+
+# The release binaries with CUDA support, in target/cuda/release (the CPU build stays where it
+# is). Needs the CUDA toolkit (nvcc, cuBLAS, cuRAND) on PATH or in CUDA_HOME; no GPU is needed to
+# compile. CUDA_COMPUTE_CAP picks the GPU generation (e.g. 80 for A100, 90 for H100/H200).
+cuda:
+	$(CARGO) build --release --workspace --features cuda --target-dir target/cuda
 
 model: build
 	DIALORA_BIN=$(BIN) scripts/fetch-model.sh $(MODEL)

@@ -136,6 +136,11 @@ def main():
     }
     if a.device == "cuda":
         res["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        # what dialora reports on CUDA (total - free: the pool's high-water mark and the context)
+        # compares with PyTorch's reserved memory plus its context, not with allocated memory
+        res["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        free, total = torch.cuda.mem_get_info()
+        res["gpu_used_now_mib"] = round((total - free) / 2**20, 1)
         res["gpu"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(res))
 

@@ -147,5 +147,6 @@ pub fn run(o: &BenchOptions) -> Result<serde_json::Value> {
         "trainable_params": trainable, "median_step_s": med, "tokens_per_s": ntok / med,
         "tokens_per_s_best_step": ntok / sorted[0], "final_loss": losses.last(),
         "peak_rss_mib": crate::device::peak_rss_mib(), "load_s": load_s,
+        "peak_mem_mib": crate::device::peak_mem_mib(&o.device), "peak_mem_of": crate::device::mem_kind(&o.device),
     }))
 }

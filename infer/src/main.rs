@@ -99,8 +99,7 @@ struct Args {
     /// Compute dtype.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", help = common::device::DEVICE_HELP)]
     device: String,
 }
 

@@ -324,6 +324,13 @@ fn bad_arguments_are_clear_errors() {
             "lora_dropout must be in [0, 1)",
         ),
         (vec!["--device", "tpu"], "--device must be cpu or cuda:N"),
+        // the default build has no CUDA, and says how to get it
+        #[cfg(not(feature = "cuda"))]
+        (
+            vec!["--device", "cuda:0"],
+            "this build has no CUDA support; build one with `make cuda`",
+        ),
+        (vec!["--bf16", "--dtype", "f16"], "cannot be used with"),
         (
             vec!["--gradient-accumulation-steps", "0"],
             "--gradient-accumulation-steps must be >= 1",

@@ -6,7 +6,6 @@
 
 use super::{matmul, ops, Grads, TrainCtx};
 use candle_core::{Result, Tensor};
-use rand::{Rng, SeedableRng};
 
 /// The trainable part of a LoRA linear layer.
 #[derive(Clone)]
@@ -19,6 +18,41 @@ pub struct Lora {
     pub b: Tensor,
     pub scale: f64,
     pub dropout: f64,
+    /// `a` and `b` in the compute dtype, made once per value of `a`/`b` (once per optimizer
+    /// step), not in every forward and backward.
+    pub cast: CastCache,
+}
+
+/// The last compute-dtype copies of a LoRA pair, keyed by the master tensors' ids.
+#[derive(Clone, Default)]
+pub struct CastCache(std::sync::Arc<std::sync::Mutex<Option<Cast>>>);
+
+struct Cast {
+    ids: (candle_core::TensorId, candle_core::TensorId),
+    a: Tensor,
+    b: Tensor,
+}
+
+impl Lora {
+    /// `(A, B)` in dtype `dt`: the masters themselves when they are in `dt`, else copies cast
+    /// once and reused until the optimizer replaces the masters.
+    pub fn factors(&self, dt: candle_core::DType) -> Result<(Tensor, Tensor)> {
+        if self.a.dtype() == dt && self.b.dtype() == dt {
+            return Ok((self.a.clone(), self.b.clone()));
+        }
+        let ids = (self.a.id(), self.b.id());
+        let mut slot = self.cast.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref().filter(|c| c.ids == ids && c.a.dtype() == dt) {
+            return Ok((c.a.clone(), c.b.clone()));
+        }
+        let (a, b) = (self.a.to_dtype(dt)?, self.b.to_dtype(dt)?);
+        *slot = Some(Cast {
+            ids,
+            a: a.clone(),
+            b: b.clone(),
+        });
+        Ok((a, b))
+    }
 }
 
 pub struct LoraLinear {
@@ -96,8 +130,7 @@ impl LoraLinear {
             Some(c) if l.dropout > 0.0 => dropout(c, l, x)?,
             _ => x.clone(),
         };
-        let a = l.a.to_dtype(x.dtype())?;
-        let b = l.b.to_dtype(x.dtype())?;
+        let (a, b) = l.factors(x.dtype())?;
         let h = matmul::matmul(&xd, &a.t()?)?;
         // y += scale · h Bᵀ, accumulated into y (the scale rides on the GEMM)
         let y = matmul::matmul_acc(y, &h, &b.t()?, l.scale)?;
@@ -135,8 +168,7 @@ impl LoraLinear {
         } else {
             x.clone()
         };
-        let a = l.a.to_dtype(dy.dtype())?;
-        let b = l.b.to_dtype(dy.dtype())?;
+        let (a, b) = l.factors(dy.dtype())?;
         // the scale goes on the small results ([out, r] and [N, r]), not on dy
         let db = (matmul::matmul(&dy.t()?, h)? * l.scale)?; // [out, r]
         let dh = (matmul::matmul(dy, &b)? * l.scale)?; // [N, r]
@@ -151,108 +183,18 @@ impl LoraLinear {
     }
 }
 
-/// The dropout mask (values 0 or 1/(1-p)) of one LoRA module at one micro-step. It is a pure
-/// function of (seed, micro-step, module id), so the backward and a resumed run regenerate
-/// exactly the mask the forward used, and no mask needs to be stored. Elements come in
-/// independently seeded chunks, generated in parallel.
-struct Mask {
-    stream: u64,
-    /// drop when a 16-bit uniform is below this (drop probability resolution 1/65536)
-    threshold: u32,
-    keep: f32,
+/// The module's dropout mask at this micro-step (`ops::DropoutMask`: regenerated, never stored).
+fn mask(ctx: &TrainCtx, l: &Lora) -> ops::DropoutMask {
+    ops::DropoutMask::new(ctx.seed, ctx.micro_step, l.id, l.dropout)
 }
 
-impl Mask {
-    const CHUNK: usize = 1 << 16;
-
-    fn new(ctx: &TrainCtx, l: &Lora) -> Self {
-        Self {
-            stream: ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ ctx.micro_step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
-                ^ (l.id as u64).wrapping_mul(0x94D0_49BB_1331_11EB),
-            threshold: (l.dropout * 65536.0).round() as u32,
-            keep: (1.0 / (1.0 - l.dropout)) as f32,
-        }
-    }
-
-    /// Calls `f(j, m)` with the mask value `m` of element `j` of chunk `c`, for `j < len`.
-    fn chunk(&self, c: usize, len: usize, mut f: impl FnMut(usize, f32)) {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(
-            self.stream ^ (c as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
-        );
-        // four 16-bit uniforms per 64-bit draw
-        for q in (0..len).step_by(4) {
-            let r: u64 = rng.random();
-            for k in 0..4.min(len - q) {
-                let u = ((r >> (16 * k)) & 0xFFFF) as u32;
-                f(q + k, if u < self.threshold { 0.0 } else { self.keep });
-            }
-        }
-    }
-
-    /// `g(i, &mut out[i], mask[i])` for every element, in parallel chunks.
-    fn apply(&self, out: &mut [f32], g: impl Fn(usize, &mut f32, f32) + Sync) {
-        use rayon::prelude::*;
-        out.par_chunks_mut(Self::CHUNK)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let base = c * Self::CHUNK;
-                let len = o.len();
-                self.chunk(c, len, |j, m| g(base + j, &mut o[j], m));
-            });
-    }
-
-    fn tensor(&self, dims: &[usize], dev: &candle_core::Device) -> Result<Tensor> {
-        let mut v = vec![0f32; dims.iter().product()];
-        self.apply(&mut v, |_, o, m| *o = m);
-        Tensor::from_vec(v, dims, dev)
-    }
-}
-
-/// `dropout(x)` with the module's mask for this micro-step (one fused pass on the CPU in f32).
+/// `dropout(x)` with the module's mask for this micro-step.
 fn dropout(ctx: &TrainCtx, l: &Lora, x: &Tensor) -> Result<Tensor> {
-    let mask = Mask::new(ctx, l);
-    let fused = ops::with_cpu_f32(&[x], |s| {
-        let xs = s[0];
-        let mut out = vec![0f32; xs.len()];
-        mask.apply(&mut out, |i, o, m| *o = xs[i] * m);
-        out
-    });
-    match fused {
-        Some(v) => Tensor::from_vec(v, x.dims(), x.device()),
-        None => x * mask.tensor(x.dims(), x.device())?.to_dtype(x.dtype())?,
-    }
+    ops::dropout(x, mask(ctx, l))
 }
 
-/// `acc + dropout(t)` with the module's mask for this micro-step (in place on the CPU in f32, so
-/// `acc` must own its storage, as for `matmul::matmul_acc`).
+/// `acc + dropout(t)` with the module's mask for this micro-step (in place where the kernel
+/// runs, so `acc` must own its storage, as for `matmul::matmul_acc`).
 fn add_dropped(ctx: &TrainCtx, l: &Lora, acc: Tensor, t: &Tensor) -> Result<Tensor> {
-    let mask = Mask::new(ctx, l);
-    if ops::is_cpu_f32(&acc) && acc.is_contiguous() {
-        acc.inplace_op2(&t.contiguous()?, &AddDropped(mask))?;
-        return Ok(acc);
-    }
-    acc + (t * mask.tensor(t.dims(), t.device())?.to_dtype(t.dtype())?)?
-}
-
-struct AddDropped(Mask);
-
-impl candle_core::InplaceOp2 for AddDropped {
-    fn name(&self) -> &'static str {
-        "dialora-add-dropped"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut candle_core::CpuStorage,
-        dl: &candle_core::Layout,
-        src: &candle_core::CpuStorage,
-        sl: &candle_core::Layout,
-    ) -> Result<()> {
-        let (d, s) = (ops::f32_mut(dst, dl)?, ops::f32_slice(src, sl)?);
-        if d.len() != s.len() {
-            candle_core::bail!("add_dropped: {} vs {} elements", d.len(), s.len());
-        }
-        self.0.apply(d, |i, o, m| *o += s[i] * m);
-        Ok(())
-    }
+    ops::add_dropped(acc, t, mask(ctx, l))
 }

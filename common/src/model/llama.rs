@@ -283,6 +283,7 @@ impl Llama {
                 b,
                 scale: cfg.scale_for(&l.name),
                 dropout: cfg.lora_dropout,
+                cast: Default::default(),
             });
             id += 1;
         }
@@ -310,6 +311,7 @@ impl Llama {
                     b: b.clone(),
                     scale: adapter.config.scale_for(&l.name),
                     dropout: 0.0,
+                    cast: Default::default(),
                 });
                 id += 1;
             }
@@ -418,6 +420,10 @@ impl Llama {
         let h = self.norm.forward(&x2)?;
         let (loss_sum, dh) = loss_head(&h, self.head(), &rows, &tg, Some(grad_scale))?;
         let dh = dh.expect("gradient requested");
+        if self.device.is_cuda() {
+            // every activation is alive here: sample the device memory at its high point
+            crate::device::peak_mem_mib(&self.device);
+        }
         let mut dx = self.norm.backward(&x2, &dh)?.reshape((b, t, d))?;
         drop(h);
         for (i, blk) in self.blocks.iter().enumerate().rev() {

@@ -15,7 +15,7 @@
 //! accumulated batch, not per micro-batch.
 
 use super::{matmul, ops};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 /// A training micro-batch: `input_ids [B, T]` and labels aligned with them (`-100` = ignored;
 /// the loss at position t predicts `labels[t+1]`, as in HF).
@@ -59,62 +59,31 @@ pub(crate) fn loss_head(
     let v = head.dim(0)?;
     // ~8M logits per chunk: bounded memory whatever the vocabulary and batch
     let chunk = (8 * 1024 * 1024 / v).max(1);
-    let mut loss = 0f64;
+    // per-row losses stay on the device; one transfer at the end
+    let mut losses: Vec<Tensor> = Vec::new();
     let mut dh = match grad_scale {
         Some(_) => Some(h.zeros_like()?),
         None => None,
     };
+    // the positions and targets go to the device once
+    let all_idx = Tensor::from_slice(rows, rows.len(), h.device())?;
+    let all_tgt = Tensor::from_slice(tg, tg.len(), h.device())?;
     for start in (0..rows.len()).step_by(chunk) {
-        let end = (start + chunk).min(rows.len());
-        let n = end - start;
-        let idx = Tensor::from_slice(&rows[start..end], n, h.device())?;
+        let n = chunk.min(rows.len() - start);
+        let idx = all_idx.narrow(0, start, n)?;
+        let tgt = all_tgt.narrow(0, start, n)?;
         let hs = h.index_select(&idx, 0)?;
         let logits = matmul::matmul(&hs, &head.t()?)?;
-        let dlogits = if ops::is_cpu_f32(&logits) {
-            let (l, g) = ops::cross_entropy_cpu_f32(logits, &tg[start..end], grad_scale)?;
-            loss += l.iter().sum::<f64>();
-            g
-        } else {
-            let tgt = Tensor::from_slice(&tg[start..end], (n, 1), h.device())?;
-            let (l, g) = cross_entropy_generic(&logits, &tgt, grad_scale)?;
-            loss += l;
-            g
-        };
+        let (l, dlogits) = ops::cross_entropy(logits, &tgt, grad_scale)?;
+        losses.push(l);
         if let (Some(dl), Some(dh)) = (dlogits, dh.as_mut()) {
             let dhs = matmul::matmul(&dl.to_dtype(h.dtype())?, head)?;
             *dh = dh.index_add(&idx, &dhs, 0)?;
         }
     }
-    Ok((loss, dh))
-}
-
-/// Cross-entropy from candle ops (any device; f32 accumulation for half precision): the summed
-/// loss and, with `grad_scale`, the logits gradient.
-fn cross_entropy_generic(
-    logits: &Tensor,
-    tgt: &Tensor,
-    grad_scale: Option<f64>,
-) -> Result<(f64, Option<Tensor>)> {
-    let logits = if logits.dtype() == DType::F64 {
-        logits.clone()
-    } else {
-        logits.to_dtype(DType::F32)?
-    };
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(tgt, 1)?;
-    let loss = (lse.clone() - picked)?
+    let loss = Tensor::cat(&losses, 0)?
         .to_dtype(DType::F64)?
         .sum_all()?
         .to_scalar::<f64>()?;
-    let grad = match grad_scale {
-        Some(scale) => {
-            let p = shifted.broadcast_sub(&lse)?.exp()?;
-            let minus = Tensor::full(-1f32, tgt.dims(), logits.device())?.to_dtype(p.dtype())?;
-            Some((p.scatter_add(tgt, &minus, 1)? * scale)?)
-        }
-        None => None,
-    };
-    Ok((loss, grad))
+    Ok((loss, dh))
 }

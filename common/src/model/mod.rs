@@ -12,7 +12,7 @@
 //! | `mlp.rs` | SwiGLU feed-forward, forward and backward |
 //! | `linear.rs` | frozen linear + LoRA branch with dropout |
 //! | `loss.rs` | chunked ignore-index cross-entropy and its gradient |
-//! | `ops.rs` | fused kernels (softmax, RMSNorm, SwiGLU, cross-entropy) with their backward |
+//! | `ops.rs` | the fused kernels (softmax, RMSNorm, SwiGLU, dropout, cross-entropy, with their backward) as custom ops: CPU body, CUDA body (`kernels/ops.cu`), plain-candle reference |
 //! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output |
 //! | `init.rs` | random weights for a config (benchmarks, tests) |
 

@@ -181,14 +181,18 @@ pub struct TrainArgs {
     pub max_nonfinite_steps: usize,
 
     // ---- compute
-    /// Compute dtype of the frozen model (LoRA master weights and optimizer state stay f32).
+    /// Compute dtype of the frozen model and the activations (LoRA master weights, their
+    /// gradients and the optimizer state stay f32; softmax, norms and the loss accumulate in
+    /// f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// Mixed precision as HF's `bf16=True`: the same as `--dtype bf16`.
+    #[arg(long, conflicts_with = "dtype")]
+    pub bf16: bool,
     /// Recompute each block's activations in the backward: less memory, ~1/3 more compute.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", help = crate::device::DEVICE_HELP)]
     pub device: String,
 }
 
@@ -335,8 +339,20 @@ impl TrainArgs {
         if let Some(a) = self.neftune_noise_alpha {
             pos(a, "neftune-noise-alpha")?;
         }
+        if self.bf16 && self.dtype != DtypeArg::F32 && self.dtype != DtypeArg::Bf16 {
+            bail!("--bf16 and --dtype {:?} disagree: give one", self.dtype);
+        }
         crate::device::parse(&self.device)?;
         Ok(())
+    }
+
+    /// The compute dtype: `--dtype`, or bf16 with `--bf16`.
+    pub fn compute_dtype(&self) -> DtypeArg {
+        if self.bf16 {
+            DtypeArg::Bf16
+        } else {
+            self.dtype
+        }
     }
 }
 

@@ -86,14 +86,15 @@ impl AdamW {
 /// Scales gradients so their global norm is at most `max_norm` (PyTorch's clip_grad_norm_:
 /// factor `max_norm / (norm + 1e-6)` when above). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut Tensor], max_norm: f64) -> Result<f64> {
-    let mut s = 0f64;
-    for g in grads.iter() {
-        s += g
-            .to_dtype(candle_core::DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-    }
+    // one reduction on the device, one transfer
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    let s = match sums.is_empty() {
+        true => 0.0,
+        false => Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?,
+    };
     let norm = s.sqrt();
     if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
         let f = max_norm / (norm + 1e-6);

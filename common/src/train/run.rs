@@ -109,6 +109,9 @@ pub struct RunRecord {
     /// attempt.
     pub wall_s: f64,
     pub peak_mem_mib: f64,
+    /// What `peak_mem_mib` measures: `rss` (peak resident memory of the process, CPU runs) or
+    /// `cuda` (peak device memory in use, CUDA runs).
+    pub peak_mem_of: String,
     pub best_eval_loss: Option<f64>,
     /// --metric-for-best-model, its best value after a training step and that step.
     pub metric_for_best_model: String,

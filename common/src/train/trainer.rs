@@ -125,7 +125,7 @@ impl Trainer {
                 args.data.display()
             );
         }
-        let mut model = Llama::from_dir(&args.model, args.dtype.dtype(), &device)?;
+        let mut model = Llama::from_dir(&args.model, args.compute_dtype().dtype(), &device)?;
         for split in std::iter::once(&train).chain(&val) {
             split.check_vocab(model.config.vocab_size)?;
         }
@@ -422,7 +422,8 @@ impl Trainer {
             global_step: self.state.global_step,
             elapsed_s: self.state.elapsed_s,
             wall_s: self.wall0 + self.started.elapsed().as_secs_f64(),
-            peak_mem_mib: crate::device::peak_rss_mib(),
+            peak_mem_mib: crate::device::peak_mem_mib(&self.model.device),
+            peak_mem_of: crate::device::mem_kind(&self.model.device).into(),
             best_eval_loss: self.state.best_eval_loss,
             metric_for_best_model: a.best_metric().unwrap_or("eval_loss").to_string(),
             best_step: self.state.best_step,
@@ -461,7 +462,7 @@ impl Trainer {
             if let Some(e) = first_eval {
                 self.state.best_eval_loss = Some(e);
                 metrics.append(&MetricsRow {
-                    peak_mem_mib: crate::device::peak_rss_mib(),
+                    peak_mem_mib: crate::device::peak_mem_mib(&self.model.device),
                     eval_loss: Some(e),
                     ..Default::default()
                 })?;
@@ -607,7 +608,7 @@ impl Trainer {
                     tokens: self.state.tokens_seen,
                     tokens_per_s: Some(tps),
                     elapsed_s: self.state.elapsed_s,
-                    peak_mem_mib: crate::device::peak_rss_mib(),
+                    peak_mem_mib: crate::device::peak_mem_mib(&self.model.device),
                     eval_loss: eval,
                 })?;
                 let left = eta.remaining(self.state.total_steps - step, self.evals_after(step));

@@ -47,8 +47,7 @@ struct Args {
     /// Compute dtype of the frozen model.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", help = common::device::DEVICE_HELP)]
     device: String,
     /// Gradient checkpointing.
     #[arg(long)]
@@ -84,10 +83,11 @@ fn run(a: Args) -> Result<()> {
     };
     let r = common::bench::run(&o)?;
     common::cli::say(format!(
-        "median step {:.3}s  tokens/s {:.1}  peak RSS {:.0} MiB",
+        "median step {:.3}s  tokens/s {:.1}  peak memory ({}) {:.0} MiB",
         r["median_step_s"].as_f64().unwrap_or(0.0),
         r["tokens_per_s"].as_f64().unwrap_or(0.0),
-        r["peak_rss_mib"].as_f64().unwrap_or(0.0)
+        r["peak_mem_of"].as_str().unwrap_or("rss"),
+        r["peak_mem_mib"].as_f64().unwrap_or(0.0)
     ))?;
     common::cli::say(format!("RESULT {r}"))
 }
