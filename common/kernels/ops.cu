@@ -4,7 +4,8 @@
 // and a bf16 version (suffix _f32 / _bf16); arithmetic and reductions are in f32 for both.
 //
 // Row kernels (softmax, RMSNorm, cross-entropy) run one block per row; element-wise kernels one
-// thread per element (grid-stride).
+// thread per element (grid-stride). Accurate expf/logf (no fast-math): the CPU bodies are the
+// reference to 1e-5.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -54,11 +55,11 @@ __device__ void causal_softmax(T *s, int cols, int t, int past, float scale) {
     for (int j = threadIdx.x; j < seen; j += BLOCK) m = fmaxf(m, to_f(x[j]) * scale);
     m = block_max(m);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < seen; j += BLOCK) sum += __expf(to_f(x[j]) * scale - m);
+    for (int j = threadIdx.x; j < seen; j += BLOCK) sum += expf(to_f(x[j]) * scale - m);
     sum = block_sum(sum);
     const float inv = 1.0f / sum;
     for (int j = threadIdx.x; j < cols; j += BLOCK)
-        x[j] = from_f<T>(j < seen ? __expf(to_f(x[j]) * scale - m) * inv : 0.0f);
+        x[j] = from_f<T>(j < seen ? expf(to_f(x[j]) * scale - m) * inv : 0.0f);
 }
 
 // dS = scale * P * (dP - sum(P * dP)) in place over dP.
@@ -109,7 +110,7 @@ __device__ void cross_entropy(T *logits, const uint32_t *targets, float *losses,
     for (int j = threadIdx.x; j < v; j += BLOCK) m = fmaxf(m, to_f(x[j]));
     m = block_max(m);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < v; j += BLOCK) sum += __expf(to_f(x[j]) - m);
+    for (int j = threadIdx.x; j < v; j += BLOCK) sum += expf(to_f(x[j]) - m);
     sum = block_sum(sum);
     const float picked = to_f(x[tg]);
     __syncthreads();  // every thread read x[tg] before it is overwritten
@@ -117,7 +118,7 @@ __device__ void cross_entropy(T *logits, const uint32_t *targets, float *losses,
     if (!write_grad) return;
     const float f = scale / sum;
     for (int j = threadIdx.x; j < v; j += BLOCK) {
-        float g = __expf(to_f(x[j]) - m) * f;
+        float g = expf(to_f(x[j]) - m) * f;
         if (j == (int)tg) g -= scale;
         x[j] = from_f<T>(g);
     }
@@ -128,7 +129,7 @@ template <typename T>
 __device__ void swiglu(const T *g, const T *u, T *out, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float x = to_f(g[i]);
-        out[i] = from_f<T>(x / (1.0f + __expf(-x)) * to_f(u[i]));
+        out[i] = from_f<T>(x / (1.0f + expf(-x)) * to_f(u[i]));
     }
 }
 
@@ -137,7 +138,7 @@ template <typename T>
 __device__ void swiglu_backward(const T *g, const T *u, const T *da, T *out, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float x = to_f(g[i]), uu = to_f(u[i]), d = to_f(da[i]);
-        float sig = 1.0f / (1.0f + __expf(-x));
+        float sig = 1.0f / (1.0f + expf(-x));
         out[i] = from_f<T>(d * uu * sig * (1.0f + x * (1.0f - sig)));
         out[n + i] = from_f<T>(d * x * sig);
     }
