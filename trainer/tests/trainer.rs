@@ -924,3 +924,43 @@ fn auto_resume_serves_a_job_system_and_threads_follow_the_cpu_mask() {
         done
     );
 }
+
+#[test]
+fn bf16_mixed_precision_trains_with_f32_lora_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    let data = shards(tmp.path(), 96);
+    let (full, mixed) = (tmp.path().join("f32"), tmp.path().join("bf16"));
+    let (code, log) = run_trainer(&short_run(&model, &data, &full, &["--eval-steps", "4"]));
+    assert_eq!(code, 0, "{log}");
+    let (code, log) = run_trainer(&short_run(
+        &model,
+        &data,
+        &mixed,
+        &["--eval-steps", "4", "--bf16"],
+    ));
+    assert_eq!(code, 0, "{log}");
+    let rec = common::train::run::RunRecord::load(&mixed).unwrap();
+    assert!(rec.args.bf16);
+    assert_eq!(rec.args.compute_dtype(), common::device::DtypeArg::Bf16);
+    // the adapter's master weights are f32, whatever the compute dtype
+    let st = std::fs::read(mixed.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    assert!(st
+        .tensors()
+        .iter()
+        .all(|(_, v)| v.dtype() == safetensors::Dtype::F32));
+    // the same training in bf16 compute: close to f32's, not equal to it
+    let rows = |o: &Path| common::train::metrics::read(o).unwrap();
+    let (f, m) = (rows(&full), rows(&mixed));
+    let (ef, em) = (
+        f.last().unwrap().eval_loss.unwrap(),
+        m.last().unwrap().eval_loss.unwrap(),
+    );
+    assert!(
+        (ef - em).abs() < 0.02 * ef,
+        "eval loss f32 {ef} vs bf16 {em}"
+    );
+    assert_ne!(adapter_values(&full), adapter_values(&mixed));
+}
