@@ -17,7 +17,10 @@ export SLURM_CONF=$CONF
 need() {
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     echo "slurm-cluster: installing slurm-wlm and munge (Debian packages)" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    # a fresh machine may have no package lists yet
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 || {
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    }
   fi
   [ "$(id -u)" = 0 ] || { echo "slurm-cluster: the test cluster's daemons need root" >&2; exit 1; }
 }
