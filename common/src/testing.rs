@@ -18,6 +18,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .expect("tensors of the same shape and dtype")
 }
 
+/// A JSON array of token ids (the oracle fixture's `ids` fields) as `u32`s.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+/// Tensor `name` of a model directory's weights, as f32 values in row-major order.
+pub fn f32_values(store: &crate::weights::SafetensorsStore, name: &str) -> Vec<f32> {
+    let t = store
+        .load(name, DType::F32, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    t.flatten_all()
+        .and_then(|t| t.to_vec1())
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
 /// The repository root: the nearest directory at or above the running test's crate (or the
 /// current directory) whose Cargo.toml declares the workspace.
 pub fn repo_root() -> PathBuf {

@@ -7,20 +7,12 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use common::generate::{generate, stop_ids, SamplingParams};
 use common::model::ops;
 use common::model::{Batch, Grads, TrainCtx};
-use common::testing::{max_abs_diff, real_model_dir, reference, write_tiny_model};
+use common::testing::{ids, max_abs_diff, real_model_dir, reference, write_tiny_model};
 use common::{Llama, LoraConfig};
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)")
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn random(shape: &[usize], seed: u64) -> Tensor {

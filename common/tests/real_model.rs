@@ -3,16 +3,8 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::chat::{ChatTemplate, Message};
 use common::generate::{generate, stop_ids, SamplingParams};
-use common::testing::{max_abs_diff, real_model_dir, reference};
+use common::testing::{ids, max_abs_diff, real_model_dir, reference};
 use common::{tokenizer, Llama};
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 #[test]
 fn tokenizer_reproduces_every_reference_id_list() {

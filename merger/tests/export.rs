@@ -5,7 +5,7 @@
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::testing::{real_model_dir, reference};
+use common::testing::{f32_values, ids, real_model_dir, reference};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -26,12 +26,18 @@ fn export(args: &[&str]) -> (i32, String) {
     run(env!("CARGO_BIN_EXE_export-gguf"), args)
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+/// `import-gguf --gguf GGUF --output OUT`, which must succeed.
+fn import(gguf: &Path, out: &Path) {
+    let (code, log) = run(
+        env!("CARGO_BIN_EXE_import-gguf"),
+        &[
+            "--gguf",
+            gguf.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{log}");
 }
 
 #[test]
@@ -69,16 +75,7 @@ fn an_f16_export_imports_back_to_the_same_weights_and_token_ids() {
     );
     // re-imported: the weights to f16 rounding, the tokenizer to the HF oracle's ids
     let back = tmp.path().join("back");
-    let (code, log) = run(
-        env!("CARGO_BIN_EXE_import-gguf"),
-        &[
-            "--gguf",
-            gguf.to_str().unwrap(),
-            "--output",
-            back.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{log}");
+    import(&gguf, &back);
     let a = common::weights::SafetensorsStore::open_dir(&real).unwrap();
     let b = common::weights::SafetensorsStore::open_dir(&back).unwrap();
     let names: Vec<String> = a.names().cloned().collect();
@@ -260,32 +257,11 @@ fn quantized_exports_hold_the_merged_weights_to_their_rounding() {
             "{}-back",
             gguf.file_name().unwrap().to_string_lossy()
         ));
-        let (code, log) = run(
-            env!("CARGO_BIN_EXE_import-gguf"),
-            &[
-                "--gguf",
-                gguf.to_str().unwrap(),
-                "--output",
-                back.to_str().unwrap(),
-            ],
-        );
-        assert_eq!(code, 0, "{log}");
+        import(gguf, &back);
         let got = common::weights::SafetensorsStore::open_dir(&back).unwrap();
         for n in want.names() {
-            let w: Vec<f32> = want
-                .load(n, DType::F32, &Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let g: Vec<f32> = got
-                .load(n, DType::F32, &Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let w = f32_values(&want, n);
+            let g = f32_values(&got, n);
             if !n.ends_with("proj.weight") && n != "model.embed_tokens.weight" {
                 assert_eq!(w, g, "{n}: norms stay f32");
                 continue;

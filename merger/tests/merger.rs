@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::lora::{Adapter, LoraConfig};
-use common::testing::{max_abs_diff, real_model_dir, write_tiny_model};
+use common::testing::{f32_values, max_abs_diff, real_model_dir, write_tiny_model};
 use common::weights::SafetensorsStore;
 use common::Llama;
 use std::collections::BTreeMap;
@@ -74,20 +74,8 @@ fn known_a_b_give_exact_merged_weights() {
     let b = SafetensorsStore::open_dir(&base).unwrap();
     let m = SafetensorsStore::open_dir(&out).unwrap();
     for name in b.names() {
-        let wb: Vec<f32> = b
-            .load(name, DType::F32, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let wm: Vec<f32> = m
-            .load(name, DType::F32, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let wb = f32_values(&b, name);
+        let wm = f32_values(&m, name);
         let module = name.strip_suffix(".weight").unwrap();
         match w.get(module) {
             None => assert_eq!(wb, wm, "{name} must be copied unchanged"),

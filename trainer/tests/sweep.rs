@@ -28,28 +28,32 @@ fn sweep(runs: &std::path::Path, args: &[&str]) -> (i32, String) {
 #[test]
 fn slurm_array_maps_each_index_to_its_grid_point() {
     let tmp = tempfile::tempdir().unwrap();
-    let (code, log) = sweep(
-        tmp.path(),
-        &[
-            "--name",
-            "g",
-            "--slurm",
-            "--cpus-per-task",
-            "4",
-            "--mem",
-            "6G",
-            "--partition",
-            "gpu",
-            "--signal-seconds",
-            "90",
-            "learning_rate=2e-5,2e-4,1e-3",
-            "lora_r=8,64",
-            "target_modules=q_proj,v_proj|all-linear",
-            "--",
-            "--max-steps",
-            "7",
-        ],
-    );
+    // the sweep, with `grid` for the learning rates
+    let generate = |grid: &str| {
+        sweep(
+            tmp.path(),
+            &[
+                "--name",
+                "g",
+                "--slurm",
+                "--cpus-per-task",
+                "4",
+                "--mem",
+                "6G",
+                "--partition",
+                "gpu",
+                "--signal-seconds",
+                "90",
+                grid,
+                "lora_r=8,64",
+                "target_modules=q_proj,v_proj|all-linear",
+                "--",
+                "--max-steps",
+                "7",
+            ],
+        )
+    };
+    let (code, log) = generate("learning_rate=2e-5,2e-4,1e-3");
     assert_eq!(code, 0, "{log}");
     let script = tmp.path().join("g/sweep.sbatch");
     for f in [&script, &tmp.path().join("g/report.sbatch")] {
@@ -120,31 +124,7 @@ fn slurm_array_maps_each_index_to_its_grid_point() {
         );
     }
     // the grid is frozen: the same name with another grid is refused, the same grid is fine
-    let again = |grid: &str| {
-        sweep(
-            tmp.path(),
-            &[
-                "--name",
-                "g",
-                "--slurm",
-                "--cpus-per-task",
-                "4",
-                "--mem",
-                "6G",
-                "--partition",
-                "gpu",
-                "--signal-seconds",
-                "90",
-                grid,
-                "lora_r=8,64",
-                "target_modules=q_proj,v_proj|all-linear",
-                "--",
-                "--max-steps",
-                "7",
-            ],
-        )
-    };
-    let (code, log) = again("learning_rate=2e-5,2e-4");
+    let (code, log) = generate("learning_rate=2e-5,2e-4");
     assert_eq!(code, 2, "{log}");
     assert!(log.contains("already exists with another grid"), "{log}");
     assert_eq!(
@@ -152,7 +132,7 @@ fn slurm_array_maps_each_index_to_its_grid_point() {
         text,
         "the queued script is untouched"
     );
-    let (code, log) = again("learning_rate=2e-5,2e-4,1e-3");
+    let (code, log) = generate("learning_rate=2e-5,2e-4,1e-3");
     assert_eq!(code, 0, "{log}");
     let o = Command::new("bash")
         .arg(&script)

@@ -477,6 +477,13 @@ fn short_run(model: &Path, data: &Path, o: &Path, extra: &[&str]) -> Vec<String>
     a
 }
 
+/// The tiny model of the short runs (hidden 32, one layer) and the sample shards, in `dir`.
+fn tiny_inputs(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    (model, shards(dir, 96))
+}
+
 fn run_trainer(a: &[String]) -> (i32, String) {
     out(&mut trainer(
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -486,9 +493,7 @@ fn run_trainer(a: &[String]) -> (i32, String) {
 #[test]
 fn resume_refuses_another_run_and_a_completed_run_says_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    write_tiny_model(&model, 32, 1, 3).unwrap();
-    let data = shards(tmp.path(), 96);
+    let (model, data) = tiny_inputs(tmp.path());
     let o = tmp.path().join("run");
     let (code, log) = run_trainer(&short_run(&model, &data, &o, &[]));
     assert_eq!(code, 0, "{log}");
@@ -551,9 +556,7 @@ fn resume_refuses_another_run_and_a_completed_run_says_so() {
 #[test]
 fn every_end_is_recorded_and_foreign_token_ids_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    write_tiny_model(&model, 32, 1, 3).unwrap();
-    let data = shards(tmp.path(), 96);
+    let (model, data) = tiny_inputs(tmp.path());
     // a run that fails mid-way leaves run.json `failed` with the error, not `running`
     let args = common::train::args::TrainArgs {
         model: model.clone(),
@@ -787,9 +790,7 @@ fn the_best_adapter_is_kept_and_early_stopping_stops_where_hf_would() {
 #[test]
 fn epoch_strategies_evaluate_and_save_at_epoch_ends() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    write_tiny_model(&model, 32, 1, 3).unwrap();
-    let data = shards(tmp.path(), 96);
+    let (model, data) = tiny_inputs(tmp.path());
     let o = tmp.path().join("run");
     let mut a = short_run(
         &model,
@@ -851,9 +852,7 @@ fn epoch_strategies_evaluate_and_save_at_epoch_ends() {
 #[test]
 fn neftune_changes_training_and_not_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    write_tiny_model(&model, 32, 1, 3).unwrap();
-    let data = shards(tmp.path(), 96);
+    let (model, data) = tiny_inputs(tmp.path());
     let (plain, noisy) = (tmp.path().join("plain"), tmp.path().join("noisy"));
     let (code, log) = run_trainer(&short_run(&model, &data, &plain, &["--eval-steps", "2"]));
     assert_eq!(code, 0, "{log}");
@@ -886,9 +885,7 @@ fn neftune_changes_training_and_not_evaluation() {
 #[test]
 fn auto_resume_serves_a_job_system_and_threads_follow_the_cpu_mask() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    write_tiny_model(&model, 32, 1, 3).unwrap();
-    let data = shards(tmp.path(), 96);
+    let (model, data) = tiny_inputs(tmp.path());
     let o = tmp.path().join("run");
     let auto = short_run(&model, &data, &o, &["--resume-from-checkpoint", "auto"]);
     // an attempt stopped before its first checkpoint left run.json and metrics.csv: start afresh
@@ -928,9 +925,7 @@ fn auto_resume_serves_a_job_system_and_threads_follow_the_cpu_mask() {
 #[test]
 fn bf16_mixed_precision_trains_with_f32_lora_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    write_tiny_model(&model, 32, 1, 3).unwrap();
-    let data = shards(tmp.path(), 96);
+    let (model, data) = tiny_inputs(tmp.path());
     let (full, mixed) = (tmp.path().join("f32"), tmp.path().join("bf16"));
     let (code, log) = run_trainer(&short_run(&model, &data, &full, &["--eval-steps", "4"]));
     assert_eq!(code, 0, "{log}");
