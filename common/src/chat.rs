@@ -55,6 +55,7 @@ impl EndOfTurn {
     }
 }
 
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,

@@ -19,6 +19,29 @@ pub mod exit {
     pub const INTERRUPTED: i32 = 75;
 }
 
+/// A bad argument or configuration, found after parsing: `finish` exits with `exit::USAGE`
+/// for it, as for clap's own errors.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// An error for a bad argument (exit status 2).
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(message.into()))
+}
+
+/// Whether an error is (or was caused by) a bad argument.
+pub fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Usage>())
+}
+
 /// Whether an error is a write to a closed pipe or socket.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -44,11 +67,17 @@ pub fn emit(text: &str) -> Result<()> {
 }
 
 /// Ends the program with the outcome of `main`'s work: the status it returned; for an error,
-/// one line on stderr and `exit::ERROR` (or status 0 when the error is a reader that went away).
+/// one line on stderr (never a backtrace, whatever RUST_BACKTRACE says) and `exit::ERROR`,
+/// `exit::USAGE` for a bad argument (`usage`), or status 0 when the error is a reader that
+/// went away.
 pub fn finish(name: &str, outcome: Result<i32>) -> ! {
     let code = match outcome {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => exit::OK,
+        Err(e) if is_usage(&e) => {
+            eprintln!("{name}: error: {e:#}");
+            exit::USAGE
+        }
         Err(e) => {
             eprintln!("{name}: error: {e:#}");
             exit::ERROR

@@ -6,10 +6,28 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
+/// Temperatures below this decode greedily (as vLLM does): dividing the logits by less would
+/// overflow f32 and leave the sampler nothing but NaN.
+pub const GREEDY_BELOW: f64 = 1e-5;
+
+/// Checks a `top_p` in the type the sampler compares it in (f32), so that a value such as
+/// 1e-46, which is 0 there, is refused instead of silently switching top-p off.
+pub fn check_top_p(p: f64) -> std::result::Result<(), String> {
+    if !(p > 0.0 && p <= 1.0) {
+        return Err(format!("must be in (0, 1], got {p}"));
+    }
+    if (p as f32) <= 0.0 {
+        return Err(format!(
+            "must be in (0, 1], got {p}, which is 0 as the 32-bit float the sampler uses"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
     pub max_new_tokens: usize,
-    /// 0 means greedy.
+    /// 0 (or anything below `GREEDY_BELOW`) means greedy.
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
@@ -39,9 +57,7 @@ impl SamplingParams {
             bail!("--temperature must be >= 0, got {}", self.temperature);
         }
         if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                bail!("--top-p must be in (0, 1], got {p}");
-            }
+            check_top_p(p).map_err(|e| anyhow::anyhow!("--top-p {e}"))?;
         }
         if self.top_k == Some(0) {
             bail!("--top-k must be >= 1");
@@ -60,7 +76,7 @@ impl SamplingParams {
 
     fn sampling(&self) -> Sampling {
         let temperature = self.temperature;
-        if temperature == 0.0 {
+        if temperature < GREEDY_BELOW {
             return Sampling::ArgMax;
         }
         match (self.top_k, self.top_p) {
@@ -118,9 +134,7 @@ impl SamplingFlags {
             }
         }
         if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                bail!("--top-p must be in (0, 1], got {p}");
-            }
+            check_top_p(p).map_err(|e| anyhow::anyhow!("--top-p {e}"))?;
         }
         if let Some(r) = self.repetition_penalty {
             if !(r > 0.0 && r.is_finite()) {
@@ -191,6 +205,8 @@ pub struct Generation {
     /// Whether generation ended on a stop token (rather than on `max_new_tokens`).
     pub stopped: bool,
     pub prompt_tokens: usize,
+    /// Prompt tokens the model has seen (fewer than `prompt_tokens` when stopped in prefill).
+    pub prefilled: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
 }
@@ -207,6 +223,10 @@ impl Generation {
     }
 }
 
+/// Prompt tokens fed to the model per forward while prefilling: a long prompt is processed in
+/// chunks, with a check between chunks whether the caller still wants the answer.
+pub const PREFILL_CHUNK: usize = 256;
+
 /// Generates after `prompt`, calling `on_token` for every new token as it is produced; it
 /// returns whether to go on (`false` ends the generation there, as a stop token does).
 pub fn generate(
@@ -214,6 +234,21 @@ pub fn generate(
     prompt: &[u32],
     params: &SamplingParams,
     stop_ids: &[u32],
+    on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<Generation> {
+    generate_until(model, prompt, params, stop_ids, || false, on_token)
+}
+
+/// `generate`, ending early when `stop_now` says so: it is asked between the prefill's chunks
+/// of `PREFILL_CHUNK` tokens (a long prompt nobody waits for any more is not prefilled to its
+/// end) and before every new token. A generation stopped in its prefill has no tokens and
+/// `prefilled < prompt_tokens`.
+pub fn generate_until(
+    model: &Llama,
+    prompt: &[u32],
+    params: &SamplingParams,
+    stop_ids: &[u32],
+    stop_now: impl Fn() -> bool,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Generation> {
     params.validate()?;
@@ -235,16 +270,38 @@ pub fn generate(
     let t0 = std::time::Instant::now();
     let mut prefill_secs = 0.0;
     let mut stopped = false;
+    let cancelled = |prefilled: usize| Generation {
+        ids: Vec::new(),
+        stopped: false,
+        prompt_tokens: prompt.len(),
+        prefilled,
+        prefill_secs: t0.elapsed().as_secs_f64(),
+        decode_secs: 0.0,
+    };
+    if !params.no_cache {
+        // all of the prompt but its last chunk, which the first step below feeds
+        let mut done = 0;
+        while prompt.len() - done > PREFILL_CHUNK {
+            if stop_now() {
+                return Ok(cancelled(done));
+            }
+            let ids = Tensor::new(&prompt[done..done + PREFILL_CHUNK], &model.device)?;
+            model.forward_hidden(&ids.unsqueeze(0)?, Some(&mut cache))?;
+            done += PREFILL_CHUNK;
+        }
+    }
     for step in 0..params.max_new_tokens {
+        if stop_now() {
+            if step == 0 {
+                return Ok(cancelled(cache.len()));
+            }
+            break;
+        }
         let logits = if params.no_cache {
             let ids = Tensor::new(all.as_slice(), &model.device)?.unsqueeze(0)?;
             model.forward_last(&ids, None)?
         } else {
-            let new = if step == 0 {
-                &all[..]
-            } else {
-                &all[all.len() - 1..]
-            };
+            let new = &all[cache.len()..];
             let ids = Tensor::new(new, &model.device)?.unsqueeze(0)?;
             model.forward_last(&ids, Some(&mut cache))?
         };
@@ -273,6 +330,7 @@ pub fn generate(
         ids: out,
         stopped,
         prompt_tokens: prompt.len(),
+        prefilled: prompt.len(),
         prefill_secs,
         decode_secs,
     })
@@ -305,6 +363,66 @@ pub fn stop_ids(dir: &std::path::Path, eot: &crate::chat::EndOfTurn) -> Vec<u32>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_prefill_equals_the_full_forward_and_stops_between_chunks() {
+        let mut cfg = crate::model::tests::tiny_config(true);
+        cfg.max_position_embeddings = 1024;
+        let model = crate::model::tests::tiny_model(&cfg, candle_core::DType::F32);
+        let prompt: Vec<u32> = (0..2 * PREFILL_CHUNK + 37)
+            .map(|i| (i * 7 % 40) as u32)
+            .collect();
+        let p = SamplingParams {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let run = |p: &SamplingParams| generate(&model, &prompt, p, &[], |_| Ok(true)).unwrap();
+        let chunked = run(&p);
+        let full = run(&SamplingParams {
+            no_cache: true,
+            ..p.clone()
+        });
+        assert_eq!(chunked.ids, full.ids);
+        assert_eq!(chunked.prefilled, prompt.len());
+        // asked between chunks: stopped after the first, nothing generated
+        let asked = std::cell::Cell::new(0);
+        let g = generate_until(
+            &model,
+            &prompt,
+            &p,
+            &[],
+            || {
+                asked.set(asked.get() + 1);
+                asked.get() > 1
+            },
+            |_| Ok(true),
+        )
+        .unwrap();
+        assert_eq!((g.prefilled, g.ids.len()), (PREFILL_CHUNK, 0));
+    }
+
+    #[test]
+    fn top_p_is_checked_as_the_sampler_sees_it() {
+        assert!(check_top_p(0.9).is_ok() && check_top_p(1.0).is_ok());
+        assert!(
+            check_top_p(1e-40).is_ok(),
+            "a subnormal f32 is still above 0"
+        );
+        let e = check_top_p(1e-46).unwrap_err();
+        assert!(e.contains("32-bit"), "{e}");
+        assert!(check_top_p(0.0).is_err() && check_top_p(1.5).is_err());
+        let f = SamplingFlags {
+            top_p: Some(1e-46),
+            ..Default::default()
+        };
+        assert!(f.validate().is_err());
+        // a temperature too small to divide by decodes greedily instead of giving NaN
+        let p = SamplingParams {
+            temperature: 1e-300,
+            ..Default::default()
+        };
+        assert!(matches!(p.sampling(), Sampling::ArgMax));
+    }
 
     #[test]
     fn decoding_follows_flags_then_the_generation_config_then_hf_defaults() {

@@ -5,7 +5,7 @@
 
 use crate::chat::{ChatTemplate, EndOfTurn, Message};
 use crate::data::formats::Conversation;
-use crate::generate::{generate, stop_ids, Generation, GenerationConfig, SamplingParams};
+use crate::generate::{generate_until, stop_ids, Generation, GenerationConfig, SamplingParams};
 use crate::model::Llama;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
@@ -74,8 +74,7 @@ impl Session {
 
     /// Prompt ids for a history ending on a user turn (same template call as dataprep's).
     pub fn prompt_ids(&self, history: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(history, true)?;
-        crate::tokenizer::encode(&self.tok, &text)
+        prompt_ids(&self.template, &self.tok, history)
     }
 
     /// Generates the assistant reply to `history`; `on_text` receives the text as it grows.
@@ -87,30 +86,47 @@ impl Session {
         self.reply_until(history, on_text, || false)
     }
 
-    /// `reply`, ending early when `stop_now` says so (checked after every token).
+    /// `reply`, ending early when `stop_now` says so (checked between prefill chunks and after
+    /// every token).
     pub fn reply_until(
         &self,
         history: &[Message],
+        on_text: impl FnMut(&str),
+        stop_now: impl Fn() -> bool,
+    ) -> Result<(Reply, Generation)> {
+        self.reply_to_ids(&self.prompt_ids(history)?, on_text, stop_now)
+    }
+
+    /// `reply_until` for a prompt already rendered and tokenized (`prompt_ids`).
+    pub fn reply_to_ids(
+        &self,
+        prompt: &[u32],
         mut on_text: impl FnMut(&str),
         stop_now: impl Fn() -> bool,
     ) -> Result<(Reply, Generation)> {
-        let prompt = self.prompt_ids(history)?;
         let mut printed = 0usize;
         let mut ids: Vec<u32> = Vec::new();
         let tok = &self.tok;
-        let g = generate(&self.model, &prompt, &self.params, &self.stops, |id| {
-            if self.stops.contains(&id) {
-                return Ok(true);
-            }
-            ids.push(id);
-            let text = tok.decode(&ids, true).map_err(|e| anyhow!("decode: {e}"))?;
-            // print only complete characters (a token may end inside a UTF-8 sequence)
-            if text.len() > printed && !text.ends_with('\u{fffd}') {
-                on_text(&text[printed..]);
-                printed = text.len();
-            }
-            Ok(!stop_now())
-        })?;
+        let g = generate_until(
+            &self.model,
+            prompt,
+            &self.params,
+            &self.stops,
+            &stop_now,
+            |id| {
+                if self.stops.contains(&id) {
+                    return Ok(true);
+                }
+                ids.push(id);
+                let text = tok.decode(&ids, true).map_err(|e| anyhow!("decode: {e}"))?;
+                // print only complete characters (a token may end inside a UTF-8 sequence)
+                if text.len() > printed && !text.ends_with('\u{fffd}') {
+                    on_text(&text[printed..]);
+                    printed = text.len();
+                }
+                Ok(!stop_now())
+            },
+        )?;
         let content: Vec<u32> = g
             .ids
             .iter()
@@ -181,6 +197,17 @@ impl Session {
                 .collect(),
         })
     }
+}
+
+/// The prompt ids of a history ending on a user turn: rendered with the chat template (with
+/// the generation prompt) and tokenized once, as dataprep does.
+pub fn prompt_ids(
+    template: &ChatTemplate,
+    tok: &Tokenizer,
+    history: &[Message],
+) -> Result<Vec<u32>> {
+    let text = template.render(history, true)?;
+    crate::tokenizer::encode(tok, &text)
 }
 
 /// An interactive chat: the system prompt, the turns so far, and the slash commands.

@@ -1,6 +1,6 @@
 //! infer: chat and batch generation with a base model, base + adapter, or a merged model.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use common::atomic::AtomicFile;
 use common::chat::Message;
@@ -42,6 +42,15 @@ struct Args {
     /// With --serve: requests that may wait for the model at once; more are answered 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// With --serve: require `Authorization: Bearer KEY` on every request but GET /health
+    /// (OpenAI's 401 otherwise). Taken from DIALORA_API_KEY when the flag is not given; prefer
+    /// that or --api-key-file, which keep the key out of `ps`. Without a key anyone who can
+    /// reach the port can use the server: bind beyond 127.0.0.1 only with one.
+    #[arg(long, env = "DIALORA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// With --serve: read the API key from this file (its first line).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
     /// A Jinja chat template file to use instead of the model's (as dataprep --template).
     #[arg(long)]
     template: Option<PathBuf>,
@@ -155,12 +164,27 @@ fn run(a: Args) -> Result<()> {
         let names: Vec<String> = std::iter::once(base_name.clone())
             .chain(adapters.iter().map(|(n, _)| n.clone()))
             .collect();
+        let api_key = match (&a.api_key_file, &a.api_key) {
+            (Some(f), _) => {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("--api-key-file {}", f.display()))?;
+                Some(text.lines().next().unwrap_or_default().trim().to_string())
+            }
+            (None, k) => k.as_ref().map(|k| k.trim().to_string()),
+        };
+        if a.max_queue == 0 {
+            return Err(common::cli::usage("--max-queue must be at least 1"));
+        }
+        if api_key.as_ref().is_some_and(|k| k.is_empty()) {
+            return Err(common::cli::usage("the API key is empty"));
+        }
         let options = common::serve::ServeOptions {
             addr: addr.clone(),
             base_name,
             adapters,
             defaults: flags,
             max_queue: a.max_queue,
+            api_key,
         };
         return common::serve::serve(s, options, |bound| {
             eprintln!(

@@ -49,12 +49,23 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, adapters: &[(&str, &Path)]) -> Server {
+        Self::start_with(model, adapters, &[], &[])
+    }
+
+    /// With extra flags and environment variables.
+    fn start_with(
+        model: &Path,
+        adapters: &[(&str, &Path)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut c = Command::new(env!("CARGO_BIN_EXE_infer"));
         c.args(["--model", model.to_str().unwrap(), "--serve", "127.0.0.1:0"]);
         c.args(["--served-model-name", "smol"]);
         for (n, d) in adapters {
             c.args(["--adapter", &format!("{n}={}", d.display())]);
         }
+        c.args(extra).envs(env.iter().copied());
         let mut child = c
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -91,6 +102,81 @@ impl Server {
         let status = r.status().as_u16();
         let v: Value = r.into_body().read_json().unwrap_or(Value::Null);
         (status, v)
+    }
+
+    /// The server's next stderr line that contains `needle` (blocks until it comes).
+    fn log_line(&mut self, needle: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                self.stderr.read_line(&mut line).unwrap() > 0,
+                "the server ended before logging '{needle}'"
+            );
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// `GET /health`: status and body.
+    fn health(&self) -> (u16, Value) {
+        let r = ureq::get(&format!("{}/health", self.base.trim_end_matches("/v1")))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.into_body().read_json().unwrap_or(Value::Null))
+    }
+
+    /// Waits (at most 60 s) until no request holds or awaits the model.
+    fn wait_idle(&self) {
+        let t = std::time::Instant::now();
+        while self.health().1["requests"] != 0 {
+            assert!(
+                t.elapsed().as_secs() < 60,
+                "a request kept its place: {:?}",
+                self.health()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// A POST whose client gives up after `secs` (it reads nothing back).
+    fn post_and_leave(&self, body: &Value, secs: f64) {
+        let r = ureq::post(&format!("{}/chat/completions", self.base))
+            .config()
+            .timeout_global(Some(std::time::Duration::from_secs_f64(secs)))
+            .build()
+            .send_json(body);
+        assert!(r.is_err(), "the request was answered within {secs} s");
+    }
+
+    /// Any request: method, path under the base URL's host, headers, body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.base.trim_end_matches("/v1"));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .allow_non_standard_methods(true)
+            .build()
+            .into();
+        let mut b = ureq::http::Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let r = agent
+            .run(b.body(body.unwrap_or_default().to_vec()).unwrap())
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.into_body().read_json().unwrap_or(Value::Null))
     }
 
     fn post_raw(&self, body: &str) -> (u16, Value) {
@@ -317,6 +403,64 @@ fn bad_requests_get_openai_errors_and_never_crash_the_server() {
             None,
             "stop",
         ),
+        // what the server does not do, or values of the wrong type, are refused, not ignored
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "n": 5})),
+            None,
+            "'n' must be 1",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "n": "five"})),
+            None,
+            "'n' must be",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"})),
+            None,
+            "'stream' must be true or false",
+        ),
+        (
+            400,
+            Some(
+                json!({"messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": "yes"}}),
+            ),
+            None,
+            "'include_usage' must be",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true})),
+            None,
+            "'logprobs' is not supported",
+        ),
+        // 1e-46 is 0 as the sampler's f32: refused, not top-p silently off
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 1e-46})),
+            None,
+            "32-bit float",
+        ),
+        (
+            400,
+            Some(json!({"messages": ["hi"]})),
+            None,
+            "messages[0] must be an object",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": 1, "content": "x"}]})),
+            None,
+            "messages[0].role must be a string",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user"}]})),
+            None,
+            "messages[0].content is missing",
+        ),
     ];
     for (want, body, raw, msg) in cases {
         let (status, v) = match (body, raw) {
@@ -329,9 +473,244 @@ fn bad_requests_get_openai_errors_and_never_crash_the_server() {
         assert!(e["message"].as_str().unwrap().contains(msg), "{msg}: {v}");
         assert!(e["type"].is_string(), "{v}");
     }
+    // transport-level errors in OpenAI's shape with their own statuses
+    let json_ct = [("content-type", "application/json")];
+    // a 5 MB body: 413 (read while the body is still being sent, as curl does)
+    let addr = srv
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        5 << 20
+    );
+    let sender = std::thread::spawn(move || {
+        let _ = w.write_all(head.as_bytes());
+        let _ = w.write_all(&vec![b' '; 5 << 20]); // the server may stop reading: ignored
+    });
+    let mut response = String::new();
+    BufReader::new(s).read_line(&mut response).unwrap();
+    assert!(response.contains(" 413 "), "{response}");
+    sender.join().unwrap();
+    let hi = serde_json::to_vec(&ask("smol", "hi")).unwrap();
+    type Case<'a> = (
+        u16,
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        Option<&'a [u8]>,
+        &'a str,
+    );
+    let transport: Vec<Case> = vec![
+        (
+            415,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "text/plain")],
+            Some(&hi),
+            "content type",
+        ),
+        (404, "GET", "/v1/nothing", &[], None, "no route"),
+        (
+            404,
+            "POST",
+            "/v1/completions",
+            &json_ct,
+            Some(&hi),
+            "no route",
+        ),
+        (405, "DELETE", "/v1/models", &[], None, "not allowed"),
+        (405, "GET", "/v1/chat/completions", &[], None, "not allowed"),
+        (405, "POST", "/health", &[], None, "not allowed"),
+    ];
+    for (want, method, path, headers, body, msg) in transport {
+        let (status, v) = srv.request(method, path, headers, body);
+        assert_eq!(status, want, "{method} {path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(msg),
+            "{method} {path}: {v}"
+        );
+        assert!(v["error"]["type"].is_string(), "{v}");
+    }
+    // a JSON body without a content type is read as JSON (curl -d with -H omitted is not)
+    assert_eq!(
+        srv.request("POST", "/v1/chat/completions", &[], Some(&hi))
+            .0,
+        200
+    );
+    // text parts are content too
+    let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 24});
+    let (status, v) = srv.post(&parts);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        srv.post(&ask("smol", "hi")).1["choices"][0]["message"]["content"]
+    );
     // still serving
     let (status, _) = srv.post(&ask("smol", "hi"));
     assert_eq!(status, 200);
+}
+
+/// Clients that give up while decoding, while their prompt is prefilled and while queued:
+/// each gives its place back (with a queue of 2, before the fix every one kept it and the
+/// server answered 429 forever), a long abandoned prompt is not prefilled to its end, and
+/// `/health` says 503 while no new request would be taken.
+#[test]
+fn clients_that_give_up_free_their_place_and_health_reports_a_full_queue() {
+    let real = real_model_dir().unwrap();
+    let mut srv = Server::start_with(&real, &[], &["--max-queue", "2"], &[]);
+    let long_story = json!({"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 400});
+    // leaves while decoding
+    srv.post_and_leave(&long_story, 1.5);
+    srv.log_line("stopped after");
+    srv.wait_idle();
+    // leaves while its ~3,000-token prompt is prefilled: stopped between chunks
+    let words = "story ".repeat(3000);
+    srv.post_and_leave(&ask("smol", &words), 1.5);
+    let line = srv.log_line("its prompt was stopped after");
+    let nums: Vec<usize> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(nums.len() == 2 && nums[0] < nums[1], "{line}");
+    srv.wait_idle();
+    // leaves while queued behind a running stream; the queue is full meanwhile
+    let body = json!({"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+                      "max_tokens": 2000, "stream": true});
+    let stream = ureq::post(&format!("{}/chat/completions", srv.base))
+        .send_json(&body)
+        .unwrap();
+    let mut reader = BufReader::new(stream.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let base = srv.base.clone();
+    let queued = std::thread::spawn(move || {
+        ureq::post(&format!("{base}/chat/completions"))
+            .config()
+            .timeout_global(Some(std::time::Duration::from_secs(3)))
+            .build()
+            .send_json(ask("smol", "hi"))
+            .is_err()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let (status, h) = srv.health();
+    assert_eq!((status, &h["status"]), (503, &json!("full")), "{h}");
+    assert_eq!(srv.post(&ask("smol", "hi")).0, 429);
+    assert!(queued.join().unwrap(), "the queued request was answered");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        srv.health().1["requests"],
+        1,
+        "only the stream holds a place"
+    );
+    drop(reader);
+    srv.wait_idle();
+    assert_eq!(srv.health().0, 200);
+    let (status, v) = srv.post(&ask("smol", "hi"));
+    assert_eq!(status, 200, "{v}");
+}
+
+/// A request that fails or panics with an adapter leaves nothing behind: the base answers as
+/// before. Before the fix a multibyte stop string panicked the request (bytes sliced inside
+/// '。') and every later base request was answered with the adapter's weights. The chat
+/// template's own errors (raise_exception) are the client's: 400 naming the problem.
+#[test]
+fn no_request_leaves_an_adapter_behind_and_template_errors_are_the_clients() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let a1 = tmp.path().join("a1");
+    adapter(&a1, 1);
+    // SmolLM2's template, with the alternation check many chat templates have
+    let template = tmp.path().join("strict.jinja");
+    std::fs::write(
+        &template,
+        "{%- for m in messages %}{%- if loop.index0 > 0 and m.role == messages[loop.index0 - 1].role %}\
+         {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}\
+         {{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' + '\n' }}{%- endfor %}\
+         {%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}",
+    )
+    .unwrap();
+    let srv = Server::start_with(
+        &real,
+        &[("calm", &a1)],
+        &["--template", template.to_str().unwrap()],
+        &[],
+    );
+    let prompt = "I cannot sleep before exams.";
+    let base_answer = |srv: &Server| {
+        let (status, v) = srv.post(&ask("smol", prompt));
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let before = base_answer(&srv);
+    let mut body = ask("calm", prompt);
+    body["stop"] = json!(["。", "zz。"]);
+    let (status, v) = srv.post(&body);
+    assert_eq!(status, 200, "{v}");
+    let tuned = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_ne!(tuned, before, "the adapter is in effect");
+    assert_eq!(base_answer(&srv), before, "the base answers as the base");
+    // the template refuses two user turns in a row: the client's mistake, said as such
+    let two = json!({"model": "calm", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]});
+    let (status, v) = srv.post(&two);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("must alternate"),
+        "{v}"
+    );
+    assert_eq!(base_answer(&srv), before);
+}
+
+/// `--api-key` (here from DIALORA_API_KEY, and from a file): every route but /health asks for
+/// it, and a wrong or missing key gets OpenAI's 401.
+#[test]
+fn an_api_key_is_required_when_set() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let key_file = tmp.path().join("key");
+    std::fs::write(&key_file, "sk-from-file\n").unwrap();
+    for (extra, env, key) in [
+        (
+            vec![],
+            vec![("DIALORA_API_KEY", "sk-test-123")],
+            "sk-test-123",
+        ),
+        (
+            vec!["--api-key-file", key_file.to_str().unwrap()],
+            vec![],
+            "sk-from-file",
+        ),
+    ] {
+        let srv = Server::start_with(&real, &[], &extra, &env);
+        let hi = serde_json::to_vec(&ask("smol", "hi")).unwrap();
+        let ct = ("content-type", "application/json");
+        let bearer = format!("Bearer {key}");
+        let wrong = format!("Bearer {key}x");
+        for auth in [None, Some(wrong.as_str()), Some("sk-test-123")] {
+            let mut h = vec![ct];
+            h.extend(auth.map(|a| ("authorization", a)));
+            let (status, v) = srv.request("POST", "/v1/chat/completions", &h, Some(&hi));
+            assert_eq!(status, 401, "{auth:?}: {v}");
+            assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+            assert_eq!(srv.request("GET", "/v1/models", &h, None).0, 401);
+        }
+        let h = [ct, ("authorization", bearer.as_str())];
+        assert_eq!(
+            srv.request("POST", "/v1/chat/completions", &h, Some(&hi)).0,
+            200
+        );
+        assert_eq!(srv.request("GET", "/v1/models", &h, None).0, 200);
+        assert_eq!(srv.health().0, 200, "/health stays open");
+    }
 }
 
 #[test]

@@ -85,4 +85,4 @@ impl Grads {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
