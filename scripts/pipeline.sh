@@ -29,7 +29,7 @@ scripts/merge.sh "$MODEL" "$RUN/adapter" "$RUN/merged" --overwrite
 step "compare (held-out conversations, base vs fine-tuned)"
 scripts/compare.sh "$MODEL" "$RUN/adapter" data/counsel_heldout.jsonl "$RUN/adapter/compare.jsonl" --max-new-tokens 80
 step "report"
-scripts/report.sh "$RUN/report.html" "$RUN/adapter"
+scripts/report.sh "$RUN/report.html" "$RUN/adapter" --overwrite
 echo
 echo "pipeline done in $(( $(date +%s) - t0 ))s"
 echo "  adapter:    $RUN/adapter (adapter_model.safetensors, adapter_config.json, metrics.csv, run.json)"

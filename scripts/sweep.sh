@@ -72,7 +72,7 @@ if [ -n "$REPORT" ]; then
     status=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("status","unknown"))' "$OUT/$point/run.json" 2>/dev/null || echo "not started")
     [ "$status" = completed ] || pending+=("$point: $status")
   done <"$OUT/manifest.tsv"
-  "$BIN/report" --partial --title "sweep $REPORT" -o "$OUT/report.html" "${dirs[@]}"
+  "$BIN/report" --partial --overwrite --title "sweep $REPORT" -o "$OUT/report.html" "${dirs[@]}"
   echo "sweep: ${#dirs[@]} points, $(( ${#dirs[@]} - ${#pending[@]} )) completed; report in $OUT/report.html"
   for p in "${pending[@]+"${pending[@]}"}"; do echo "  not completed: $p"; done
   exit 0

@@ -290,7 +290,7 @@ pub fn chart_svg(runs: &[Run], column: &str, title: &str, mark_best: bool) -> Re
 }
 
 const TEMPLATE: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>dialora runs: {{ title }}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="dialora report"><title>dialora runs: {{ title }}</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:20px 24px;color:#222;max-width:1400px}
 h1{font-size:20px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px} .sub{color:#666;font-size:13px;margin:0 0 14px}
@@ -351,7 +351,58 @@ pub fn duration(s: f64) -> String {
 /// Reads the run directories and writes the report to `out` (atomically). With `partial`, a
 /// directory without metrics yet (a sweep point not started, or stopped before it logged) is
 /// listed as such instead of failing the report.
-pub fn write_report(dirs: &[PathBuf], out: &Path, title: &str, partial: bool) -> Result<Vec<Run>> {
+/// The mark every report carries, by which `--overwrite` knows a file it may replace inside a
+/// run directory.
+const GENERATOR: &str = r#"<meta name="generator" content="dialora report">"#;
+
+/// Checks that `out` may be written: a file that does not exist, or (with `overwrite`) one
+/// that does; and never a file inside one of the run directories, the report's inputs, unless
+/// it is an earlier report.
+pub fn check_output(out: &Path, dirs: &[PathBuf], overwrite: bool) -> Result<()> {
+    if out.is_dir() {
+        bail!(
+            "{}: output is a directory; name the HTML file to write",
+            out.display()
+        );
+    }
+    if !out.exists() {
+        return Ok(());
+    }
+    let earlier_report = std::fs::read(out)
+        .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).contains(GENERATOR))
+        .unwrap_or(false);
+    for d in dirs {
+        if !earlier_report && crate::atomic::refuse_inside(out, d, "run directory").is_err() {
+            bail!(
+                "{}: output is a file of the run directory {} that the report reads; write the report elsewhere",
+                out.display(),
+                d.display()
+            );
+        }
+    }
+    if !overwrite {
+        bail!(
+            "{}: output exists (use --overwrite to replace it)",
+            out.display()
+        );
+    }
+    if !earlier_report {
+        bail!(
+            "{}: output exists and is not a dialora report; refusing to replace it even with --overwrite",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn write_report(
+    dirs: &[PathBuf],
+    out: &Path,
+    title: &str,
+    partial: bool,
+    overwrite: bool,
+) -> Result<Vec<Run>> {
+    check_output(out, dirs, overwrite)?;
     let mut runs: Vec<Run> = dirs
         .iter()
         .map(|d| Run::read(d, partial))
@@ -472,13 +523,48 @@ mod tests {
     }
 
     #[test]
+    fn report_never_replaces_a_run_file_and_asks_before_replacing_a_report() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a/adapter");
+        fake_run(&a, 1e-3, &[(0, 3.6), (10, 2.0)]);
+        let runs = [a.clone()];
+        std::fs::write(a.join("adapter_model.safetensors"), b"weights").unwrap();
+        // the run's own files: refused, with or without --overwrite, and left as they were
+        for f in ["adapter_model.safetensors", "metrics.csv", "run.json"] {
+            let target = a.join(f);
+            let before = std::fs::read(&target).unwrap();
+            for overwrite in [false, true] {
+                let e = write_report(&runs, &target, "t", false, overwrite).unwrap_err();
+                assert!(e.to_string().contains("that the report reads"), "{e}");
+                assert_eq!(std::fs::read(&target).unwrap(), before, "{f}");
+            }
+        }
+        // the run can still be reported; a new file inside the run directory is fine
+        write_report(&runs, &a.join("report.html"), "t", false, false).unwrap();
+        // any existing output needs --overwrite; an earlier report may then be replaced
+        let out = d.path().join("r.html");
+        write_report(&runs, &out, "t", false, false).unwrap();
+        let e = write_report(&runs, &out, "t", false, false).unwrap_err();
+        assert!(e.to_string().contains("--overwrite"), "{e}");
+        write_report(&runs, &out, "t", false, true).unwrap();
+        write_report(&runs, &a.join("report.html"), "t", false, true).unwrap();
+        // but not a file that is not a report
+        let notes = d.path().join("notes.txt");
+        std::fs::write(&notes, "mine").unwrap();
+        let e = write_report(&runs, &notes, "t", false, true).unwrap_err();
+        assert!(e.to_string().contains("not a dialora report"), "{e}");
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine");
+        assert!(write_report(&runs, d.path(), "t", false, true).is_err());
+    }
+
+    #[test]
     fn report_opens_on_results_then_differences_then_charts() {
         let d = tempfile::tempdir().unwrap();
         let (a, b) = (d.path().join("a/adapter"), d.path().join("b/adapter"));
         fake_run(&a, 1e-3, &[(0, 3.6), (10, 2.0), (20, 2.2)]);
         fake_run(&b, 2e-4, &[(0, 3.6), (10, 3.0), (20, 2.9)]);
         let out = d.path().join("r.html");
-        let runs = write_report(&[a.clone(), b], &out, "t", false).unwrap();
+        let runs = write_report(&[a.clone(), b], &out, "t", false, false).unwrap();
         let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["a/adapter", "b/adapter"]);
         let html = std::fs::read_to_string(&out).unwrap();
@@ -502,8 +588,8 @@ mod tests {
         // a sweep point without metrics: an error, or with `partial` a row that says so
         let pending = d.path().join("c/adapter");
         std::fs::create_dir_all(&pending).unwrap();
-        assert!(write_report(&[a.clone(), pending.clone()], &out, "t", false).is_err());
-        write_report(&[a, pending], &out, "t", true).unwrap();
+        assert!(write_report(&[a.clone(), pending.clone()], &out, "t", false, true).is_err());
+        write_report(&[a, pending], &out, "t", true, true).unwrap();
         let html = std::fs::read_to_string(&out).unwrap();
         assert!(
             html.contains("c&#x2f;adapter") && html.contains("not started"),

@@ -18,9 +18,13 @@ struct Args {
     /// Run directories (each with metrics.csv; run.json and compare.jsonl optional).
     #[arg(required = true)]
     runs: Vec<PathBuf>,
-    /// Output HTML file.
+    /// Output HTML file. An existing one is replaced only with --overwrite, and only when it
+    /// is an earlier report; a file of a run directory is never written over.
     #[arg(long, short, default_value = "report.html")]
     output: PathBuf,
+    /// Replace an existing report at --output.
+    #[arg(long)]
+    overwrite: bool,
     /// Title of the report.
     #[arg(long, default_value = "dialora")]
     title: String,
@@ -33,12 +37,13 @@ struct Args {
 fn main() {
     let a = Args::parse();
     let outcome =
-        common::report::write_report(&a.runs, &a.output, &a.title, a.partial).and_then(|runs| {
-            common::cli::say(format!(
-                "report: {} run(s) -> {}",
-                runs.len(),
-                a.output.display()
-            ))
-        });
+        common::report::write_report(&a.runs, &a.output, &a.title, a.partial, a.overwrite)
+            .and_then(|runs| {
+                common::cli::say(format!(
+                    "report: {} run(s) -> {}",
+                    runs.len(),
+                    a.output.display()
+                ))
+            });
     common::cli::finish("report", outcome.map(|_| 0));
 }
