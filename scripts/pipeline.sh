@@ -22,7 +22,7 @@ step "train"
 rm -rf "$RUN/adapter"
 scripts/train.sh "$MODEL" "$RUN/shards" "$RUN/adapter" --run-name "$(basename "$RUN")" \
   --lora-r 8 --lora-alpha 16 --lora-dropout 0.05 --target-modules all-linear \
-  --learning-rate "$LR" --num-train-epochs "$EPOCHS" --per-device-train-batch-size 4 \
+  --learning-rate "$LR" --num-train-epochs "$EPOCHS" --per-device-train-batch-size 4 --group-by-length true \
   --lr-scheduler-type cosine --warmup-ratio 0.1 --logging-steps 2 --eval-steps 7 --save-steps 14
 step "merge"
 scripts/merge.sh "$MODEL" "$RUN/adapter" "$RUN/merged" --overwrite

@@ -85,13 +85,15 @@ fn main() {
 fn run(args: TrainArgs) -> Result<i32> {
     let t0 = Instant::now();
     if args.resume_from_checkpoint.is_some() {
-        if let Some(done) = common::train::completed_run(&args.output_dir) {
-            common::cli::say(format!(
-                "trainer: the run in {} already completed at step {}; nothing to resume (adapter in {})",
+        if let Some(done) = common::train::check_completed(&args)? {
+            let line = format!(
+                "trainer: the run in {} already completed at step {} with these arguments; nothing to resume (adapter in {})",
                 args.output_dir.display(),
                 done.global_step,
                 args.output_dir.display()
-            ))?;
+            );
+            eprintln!("{line}");
+            common::cli::say(line)?;
             return Ok(common::cli::exit::OK);
         }
     }

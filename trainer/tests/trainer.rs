@@ -319,6 +319,15 @@ fn bad_arguments_are_clear_errors() {
             "unknown target module 'qkv_proj'",
         ),
         (vec!["--learning-rate", "-1"], "--learning-rate must be > 0"),
+        (vec!["--learning-rate", "0"], "--learning-rate must be > 0"),
+        (
+            vec!["--num-train-epochs", "0"],
+            "--num-train-epochs must be > 0",
+        ),
+        (
+            vec!["--target-modules", "q_prj,v_proj"],
+            "unknown target module 'q_prj'",
+        ),
         (
             vec!["--lora-dropout", "1.5"],
             "lora_dropout must be in [0, 1)",
@@ -341,7 +350,8 @@ fn bad_arguments_are_clear_errors() {
         ),
     ] {
         let (code, log) = base(&extra);
-        assert_ne!(code, 0, "{extra:?}");
+        // bad arguments exit 2, as clap's own errors do
+        assert_eq!(code, 2, "{extra:?}: {log}");
         assert!(log.contains(want), "{extra:?}: want '{want}' in {log}");
         assert_eq!(
             log.lines().filter(|l| l.contains("error")).count(),
@@ -507,9 +517,28 @@ fn resume_refuses_another_run_and_a_completed_run_says_so() {
     ));
     assert_eq!(code, 0, "{log}");
     assert!(
-        log.contains("already completed at step 4; nothing to resume"),
+        log.contains("already completed at step 4 with these arguments; nothing to resume"),
         "{log}"
     );
+    // asking a completed run for more steps, or other settings, is refused (exit 2), never a
+    // silent no-op, and changes nothing
+    for extra in [
+        &["--max-steps", "6"][..],
+        &["--num-train-epochs", "3", "--max-steps", "-1"][..],
+        &["--learning-rate", "1e-3", "--lora-r", "8"][..],
+    ] {
+        for spec in ["latest", "auto", "checkpoint-2"] {
+            let mut a = short_run(&model, &data, &o, &["--resume-from-checkpoint", spec]);
+            a.extend(extra.iter().map(|s| s.to_string()));
+            let (code, log) = run_trainer(&a);
+            assert_eq!(code, 2, "{extra:?} {spec}: {log}");
+            assert!(log.contains("a completed run is not continued"), "{log}");
+            assert_eq!(
+                std::fs::read(o.join("adapter_model.safetensors")).unwrap(),
+                before
+            );
+        }
+    }
     assert_eq!(
         std::fs::read(o.join("adapter_model.safetensors")).unwrap(),
         before
@@ -531,7 +560,7 @@ fn resume_refuses_another_run_and_a_completed_run_says_so() {
             "7",
         ],
     ));
-    assert_eq!(code, 1, "{log}");
+    assert_eq!(code, 2, "{log}");
     for want in [
         "--lora-r: checkpoint 4, now 8",
         "--seed: checkpoint 42, now 7",
@@ -958,4 +987,156 @@ fn bf16_mixed_precision_trains_with_f32_lora_weights() {
         "eval loss f32 {ef} vs bf16 {em}"
     );
     assert_ne!(adapter_values(&full), adapter_values(&mixed));
+}
+
+fn run_json(o: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let s = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(s.success());
+}
+
+/// A second SIGINT 0.2 s after the first aborts without saving and run.json says `aborted` at
+/// the step reached (it said `running`, step 0); a resume that cannot load its checkpoint says
+/// `failed` with the reason (it said `running`).
+#[test]
+fn a_second_signal_and_a_failed_resume_are_recorded() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 64);
+    let o = tmp.path().join("run");
+    let a = short_run(
+        &real,
+        &data,
+        &o,
+        &[
+            "--max-steps",
+            "400",
+            "--save-steps",
+            "1",
+            "--eval-strategy",
+            "no",
+        ],
+    );
+    let mut child = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&o.join("checkpoint-1"), &mut child);
+    signal(&child, "INT");
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child, "INT");
+    let code = child.wait().unwrap().code();
+    let rec = run_json(&o);
+    assert_eq!(code, Some(1), "{rec}");
+    assert_eq!(rec["status"], "aborted", "{rec}");
+    assert!(rec["global_step"].as_u64().unwrap() >= 1, "{rec}");
+    assert!(
+        rec["error"].as_str().unwrap().contains("second interrupt"),
+        "{rec}"
+    );
+    // the latest checkpoint's optimizer file cut short: the resume fails and says why
+    let latest = common::train::checkpoint::list(&o)
+        .last()
+        .unwrap()
+        .1
+        .clone();
+    let opt = latest.join("optimizer.safetensors");
+    let bytes = std::fs::read(&opt).unwrap();
+    std::fs::write(&opt, &bytes[..bytes.len() / 2]).unwrap();
+    let mut resume = a.clone();
+    resume.extend(["--resume-from-checkpoint".into(), "latest".into()]);
+    let (code, log) = run_trainer(&resume);
+    assert_eq!(code, 1, "{log}");
+    let rec = run_json(&o);
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert!(
+        rec["error"].as_str().unwrap().contains("could not resume")
+            && rec["error"]
+                .as_str()
+                .unwrap()
+                .contains("optimizer.safetensors"),
+        "{rec}"
+    );
+}
+
+/// Evaluations asked for on shards with no validation sequences are refused (exit 2); the
+/// default strategy trains and warns that nothing is evaluated.
+#[test]
+fn evaluation_without_validation_data_is_refused_or_warned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 32, 1, 3).unwrap();
+    let data = common::testing::sample_shards(tmp.path(), 96, 0.0).unwrap();
+    for extra in [
+        &["--eval-strategy", "steps", "--eval-steps", "1"][..],
+        &["--eval-strategy", "epoch"][..],
+    ] {
+        let o = tmp.path().join("refused");
+        let (code, log) = run_trainer(&short_run(&model, &data, &o, extra));
+        assert_eq!(code, 2, "{extra:?}: {log}");
+        assert!(log.contains("no validation sequences"), "{log}");
+        assert!(!o.join("metrics.csv").exists());
+    }
+    let o = tmp.path().join("default");
+    let (code, log) = run_trainer(&short_run(&model, &data, &o, &[]));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("warning") && log.contains("not evaluated"),
+        "{log}"
+    );
+}
+
+/// Two trainers on one output directory: the second is refused with the holder's PID and host
+/// while the first trains; a holder killed with SIGKILL leaves a lock the next one takes.
+#[test]
+fn one_trainer_per_output_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_inputs(tmp.path());
+    let o = tmp.path().join("run");
+    let a = short_run(
+        &model,
+        &data,
+        &o,
+        &[
+            "--max-steps",
+            "3000",
+            "--save-steps",
+            "100000",
+            "--resume-from-checkpoint",
+            "auto",
+        ],
+    );
+    let mut first = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&o.join("metrics.csv"), &mut first);
+    let (code, log) = run_trainer(&a);
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains("another trainer is writing this output directory")
+            && log.contains(&format!("pid {}", first.id())),
+        "{log}"
+    );
+    assert!(first.try_wait().unwrap().is_none(), "the first one runs on");
+    signal(&first, "KILL");
+    first.wait().unwrap();
+    // the lock went with the process: the next attempt resumes and completes
+    let short = short_run(
+        &model,
+        &data,
+        &o,
+        &["--max-steps", "40", "--resume-from-checkpoint", "auto"],
+    );
+    let (code, log) = run_trainer(&short);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(run_json(&o)["status"], "completed");
 }

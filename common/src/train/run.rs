@@ -21,6 +21,8 @@ pub enum RunStatus {
     Diverged,
     /// Stopped by an error (`error` says which).
     Failed,
+    /// Stopped by a second signal without saving (`error` says after which step).
+    Aborted,
     #[default]
     #[serde(other)]
     Unknown,
@@ -34,6 +36,7 @@ impl RunStatus {
             RunStatus::Interrupted => "interrupted",
             RunStatus::Diverged => "diverged",
             RunStatus::Failed => "failed",
+            RunStatus::Aborted => "aborted",
             RunStatus::Unknown => "unknown",
         }
     }

@@ -93,15 +93,99 @@ pub struct Trainer {
     /// When this attempt started (before loading), and the wall time of earlier attempts.
     started: Instant,
     wall0: f64,
+    /// Held for the trainer's life: no second trainer writes this output directory.
+    _lock: OutputLock,
+}
+
+/// A bad argument found while setting up: exit status 2 (`cli::usage`).
+fn as_usage(e: anyhow::Error) -> anyhow::Error {
+    crate::cli::usage(format!("{e:#}"))
+}
+
+/// Batches per epoch, optimizer steps per epoch and the run's total steps, for a train split
+/// of `train_len` sequences.
+pub fn steps(args: &TrainArgs, train_len: usize) -> (usize, usize, usize) {
+    let batches_per_epoch = train_len.div_ceil(args.per_device_train_batch_size);
+    let steps_per_epoch = batches_per_epoch
+        .div_ceil(args.gradient_accumulation_steps)
+        .max(1);
+    let total_steps = if args.max_steps > 0 {
+        args.max_steps as usize
+    } else {
+        ((args.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
+    };
+    (batches_per_epoch, steps_per_epoch, total_steps)
+}
+
+/// The lock file in an output directory (ignored when judging whether it is empty).
+pub const LOCK_FILE: &str = ".dialora-trainer.lock";
+
+/// An exclusive lock on an output directory (an OS file lock on `LOCK_FILE`, which names the
+/// holder). The OS releases it when the process ends however it ends, so a lock left by a
+/// crashed trainer is simply taken by the next one; the file itself stays.
+pub struct OutputLock {
+    dir: PathBuf,
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    pub fn acquire(dir: &std::path::Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open the lock file", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                file.read_to_string(&mut holder).ok();
+                let holder = holder.trim();
+                bail!(
+                    "{}: another trainer is writing this output directory ({}); wait for it to end or stop it (its lock is released when it exits, crashed or not)",
+                    dir.display(),
+                    if holder.is_empty() { "holder unknown".to_string() } else { holder.to_string() }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("{}: cannot lock", path.display()))
+            }
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown host".into());
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "pid {} on {host}", std::process::id())?;
+        file.flush()?;
+        Ok(OutputLock {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    /// Whether the directory holds nothing but the lock file.
+    pub fn dir_is_empty(&self) -> Result<bool> {
+        Ok(std::fs::read_dir(&self.dir)
+            .with_context(|| format!("{}: cannot read", self.dir.display()))?
+            .filter_map(|e| e.ok())
+            .all(|e| e.file_name() == LOCK_FILE))
+    }
 }
 
 impl Trainer {
     /// Loads model and data, attaches LoRA (fresh or from a checkpoint) and validates the run.
     pub fn new(args: TrainArgs) -> Result<Self> {
         let started = Instant::now();
-        args.validate()?;
-        let device = crate::device::parse(&args.device)?;
-        let lora_cfg = args.lora_config()?;
+        args.validate().map_err(as_usage)?;
+        let device = crate::device::parse(&args.device).map_err(as_usage)?;
+        let lora_cfg = args.lora_config().map_err(as_usage)?;
         let meta = Meta::load(&args.data)?;
         let tok = crate::tokenizer::load(&args.model)?;
         check_tokenizer(
@@ -120,8 +204,29 @@ impl Trainer {
             None
         };
         if val.is_none() && (args.load_best_model_at_end || args.early_stopping_patience > 0) {
-            bail!(
+            return Err(crate::cli::usage(format!(
                 "{}: --load-best-model-at-end and --early-stopping-patience need a validation split (dataprep --val-split)",
+                args.data.display()
+            )));
+        }
+        // evaluations asked for (an interval, or per epoch) need something to evaluate on, as
+        // HF Trainer says; the default (steps, at the start and the end) just has none
+        if val.is_none()
+            && (args.eval_strategy == IntervalStrategy::Epoch
+                || (args.eval_strategy == IntervalStrategy::Steps && args.eval_steps > 0))
+        {
+            return Err(crate::cli::usage(format!(
+                "{}: --eval-strategy {} asks for evaluations, but the shards have no validation sequences (make them with dataprep --val-split, or pass --eval-strategy no)",
+                args.data.display(),
+                match args.eval_strategy {
+                    IntervalStrategy::Epoch => "epoch".to_string(),
+                    _ => format!("steps --eval-steps {}", args.eval_steps),
+                }
+            )));
+        }
+        if val.is_none() && args.eval_strategy != IntervalStrategy::No {
+            eprintln!(
+                "trainer: warning: {} has no validation sequences: this run is not evaluated (no eval_loss)",
                 args.data.display()
             );
         }
@@ -144,38 +249,31 @@ impl Trainer {
             .or_else(|| model.config.eos_token_ids().first().copied())
             .unwrap_or(0);
 
-        // output directory policy
+        // output directory policy, under the directory's lock
         let out = &args.output_dir;
+        let lock = OutputLock::acquire(out)?;
         let resume = match args.resume_from_checkpoint.as_deref() {
-            Some(spec) => checkpoint::resolve(out, spec)?,
+            Some(spec) => checkpoint::resolve(out, spec).map_err(as_usage)?,
             None => None,
         };
         // `auto` with no checkpoint yet starts afresh over what an attempt stopped before its
         // first checkpoint left behind (run.json, metrics.csv)
         let auto = args.resume_from_checkpoint.as_deref() == Some("auto");
-        if resume.is_none()
-            && !auto
-            && out.exists()
-            && std::fs::read_dir(out)?.next().is_some()
-            && !args.overwrite_output_dir
-        {
+        if resume.is_none() && !auto && !lock.dir_is_empty()? && !args.overwrite_output_dir {
             bail!(
                 "{}: output directory is not empty; resume with --resume-from-checkpoint latest, or pass --overwrite-output-dir",
                 out.display()
             );
         }
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("{}: cannot create", out.display()))?;
-
         let n = model.attach_lora(
             &lora_cfg,
             crate::lora::initializer(&lora_cfg.init_lora_weights, args.seed, &device),
         )?;
         if n == 0 {
-            bail!(
+            return Err(crate::cli::usage(format!(
                 "no module of the model matches --target-modules {}",
                 args.target_modules
-            );
+            )));
         }
         let module_names: Vec<String> = model.loras().iter().map(|(n, _)| n.to_string()).collect();
         let opt_cfg = AdamWConfig {
@@ -186,16 +284,7 @@ impl Trainer {
         };
         let mut opt = AdamW::new(opt_cfg, 2 * n);
 
-        let bs = args.per_device_train_batch_size;
-        let batches_per_epoch = train.len().div_ceil(bs);
-        let steps_per_epoch = batches_per_epoch
-            .div_ceil(args.gradient_accumulation_steps)
-            .max(1);
-        let total_steps = if args.max_steps > 0 {
-            args.max_steps as usize
-        } else {
-            ((args.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
-        };
+        let (batches_per_epoch, steps_per_epoch, total_steps) = steps(&args, train.len());
         let warmup = if args.warmup_steps > 0 {
             args.warmup_steps
         } else {
@@ -220,14 +309,16 @@ impl Trainer {
             ..Default::default()
         };
         if let Some(dir) = &resume {
-            let (st, adapter) = checkpoint::load(dir, &mut opt, &module_names, &device)?;
-            checkpoint::check_identity(dir, &st.identity, &identity)?;
+            // a damaged checkpoint ends this attempt: run.json says so (under the lock)
+            let (st, adapter) = checkpoint::load(dir, &mut opt, &module_names, &device)
+                .inspect_err(|e| super::record_failed_start(out, e))?;
+            checkpoint::check_identity(dir, &st.identity, &identity).map_err(as_usage)?;
             if st.total_steps != total_steps {
-                bail!(
+                return Err(crate::cli::usage(format!(
                     "{}: checkpoint was made for {} total steps but these arguments give {total_steps}; resume with the same arguments",
                     dir.display(),
                     st.total_steps
-                );
+                )));
             }
             // the checkpoint's adapter is exactly this run's LoRA modules, shape for shape
             let lora_shapes: BTreeMap<&str, (Vec<usize>, Vec<usize>)> = model
@@ -284,6 +375,7 @@ impl Trainer {
             steps_per_epoch,
             started,
             wall0: state_wall0,
+            _lock: lock,
         })
     }
 
@@ -433,7 +525,26 @@ impl Trainer {
     }
 
     fn write_run_json(&self, status: RunStatus) -> Result<()> {
-        self.record(status).save(&self.args.output_dir)
+        self.save_record(self.record(status))
+    }
+
+    /// Writes run.json. While the run is `running` its record is also what a second signal
+    /// records as `aborted`; any other status ends that first, so an abort never overwrites
+    /// how the run really ended.
+    fn save_record(&self, r: RunRecord) -> Result<()> {
+        let mut last = ABORT_RECORD.lock().unwrap_or_else(|p| p.into_inner());
+        *last = (r.status == RunStatus::Running).then(|| (self.args.output_dir.clone(), r.clone()));
+        r.save(&self.args.output_dir)
+    }
+
+    /// Keeps the abort snapshot at the current step.
+    fn note_progress(&self) {
+        let mut last = ABORT_RECORD.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, r)) = last.as_mut() {
+            r.global_step = self.state.global_step;
+            r.elapsed_s = self.state.elapsed_s;
+            r.wall_s = self.state.wall_s;
+        }
     }
 
     /// Runs to completion, interruption (flag set by a signal handler) or divergence. Every
@@ -443,7 +554,7 @@ impl Trainer {
         if let Err(e) = &outcome {
             let mut r = self.record(RunStatus::Failed);
             r.error = Some(format!("{e:#}"));
-            r.save(&self.args.output_dir).ok();
+            self.save_record(r).ok();
         }
         outcome
     }
@@ -553,7 +664,7 @@ impl Trainer {
                     );
                     let mut r = self.record(RunStatus::Diverged);
                     r.reason = Some(message.clone());
-                    r.save(&self.args.output_dir)?;
+                    self.save_record(r)?;
                     return Ok(Outcome::Diverged { message });
                 }
             } else {
@@ -567,6 +678,7 @@ impl Trainer {
             self.state.adam_t = self.opt.t;
             self.state.elapsed_s = elapsed0 + t_start.elapsed().as_secs_f64();
             self.state.wall_s = self.wall0 + self.started.elapsed().as_secs_f64();
+            self.note_progress();
             eta.step_s += t_step.elapsed().as_secs_f64();
             eta.steps += 1;
             let step = self.state.global_step;
@@ -661,7 +773,7 @@ impl Trainer {
         let mut r = self.record(RunStatus::Completed);
         r.reason = stopped_early.then(|| "early_stopping".to_string());
         r.kept_step = Some(kept_step);
-        r.save(&self.args.output_dir)?;
+        self.save_record(r.clone())?;
         Ok(Outcome::Completed {
             adapter_dir: self.args.output_dir.clone(),
             final_eval_loss: final_eval,
@@ -719,12 +831,33 @@ fn due(strategy: IntervalStrategy, every: usize, step: usize, epoch_end: bool) -
 }
 
 /// Installs SIGINT/SIGTERM handlers that set the returned flag (the loop saves and exits).
+/// The record of the run in its loop, as of its last optimizer step: what a second signal
+/// writes as `aborted` before the process exits.
+static ABORT_RECORD: std::sync::Mutex<Option<(PathBuf, RunRecord)>> = std::sync::Mutex::new(None);
+
+/// Records in run.json that a second signal ended the run without saving (when a run is in its
+/// loop).
+fn record_abort() {
+    let mut last = ABORT_RECORD.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((dir, mut r)) = last.take() {
+        r.status = RunStatus::Aborted;
+        r.error = Some(format!(
+            "aborted by a second interrupt after step {}: nothing saved since the last checkpoint (resume continues from it)",
+            r.global_step
+        ));
+        if let Err(e) = r.save(&dir) {
+            eprintln!("trainer: cannot record the abort in run.json: {e:#}");
+        }
+    }
+}
+
 pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     ctrlc::set_handler(move || {
         if f.swap(true, Ordering::SeqCst) {
             eprintln!("second interrupt: exiting without saving");
+            record_abort();
             std::process::exit(crate::cli::exit::ERROR);
         }
         eprintln!("interrupt received: finishing this step and saving a checkpoint (interrupt again to abort)");
