@@ -608,4 +608,86 @@ fn empty_replies_encodings_and_empty_files() {
         "{err}"
     );
     assert_eq!(Meta::load(&out).unwrap().empty_replies, 1);
+    // a whitespace-only reply: trained as that whitespace and the end of turn, and the
+    // warning says exactly that (it said "an immediate end of turn")
+    let blank = r#"{"conversation":[{"input":"hello","output":"\n\t "}]}"#;
+    let (code, err, out) = run(
+        "w.jsonl",
+        format!("{blank}\n").as_bytes(),
+        &["--val-split", "0"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("w.jsonl:1")
+            && err.contains("1 assistant reply of whitespace only")
+            && err.contains("whitespace tokens are trained before the end of turn"),
+        "{err}"
+    );
+    let meta = Meta::load(&out).unwrap();
+    assert_eq!((meta.empty_replies, meta.blank_replies), (0, 1));
+    let shard = ShardReader::open(&out, &meta, "train").unwrap();
+    let (toks, mask) = shard.get(0);
+    let labelled: Vec<u32> = toks
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m != 0)
+        .map(|(&t, _)| t)
+        .collect();
+    let tok = tokenizer::load(&dir).unwrap();
+    // what the labels hold: whitespace, then the end-of-turn token
+    let text = tokenizer::decode(&tok, &labelled).unwrap();
+    let ws = text
+        .strip_suffix("<|im_end|>")
+        .unwrap_or_else(|| panic!("{text:?}"));
+    assert!(!ws.is_empty() && ws.trim().is_empty(), "{text:?}");
+}
+
+/// A key given twice in one object is a bad record naming the key (serde_json would keep the
+/// last value and the record would lose data silently), in JSONL and in JSON arrays.
+#[test]
+fn duplicate_keys_are_bad_records_naming_the_key() {
+    let dir = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let twice_output = r#"{"conversation":[{"input":"hello","output":"Hi.","output":"Bye."}]}"#;
+    let twice_conv = r#"{"conversation":[{"input":"a","output":"b"}],"conversation":[{"input":"c","output":"d"}]}"#;
+    for (name, text, key, at) in [
+        (
+            "o.jsonl",
+            format!("{GOOD}\n{twice_output}\n"),
+            "output",
+            "o.jsonl:2",
+        ),
+        (
+            "c.json",
+            format!("[{GOOD}, {twice_conv}]"),
+            "conversation",
+            "c.json: record 1",
+        ),
+    ] {
+        let input = tmp.path().join(name);
+        std::fs::write(&input, text).unwrap();
+        let out = tmp.path().join(format!("{name}.out"));
+        let args = [
+            input.to_str().unwrap(),
+            "--model",
+            dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        let (code, err) = dataprep(&args);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(at)
+                && err.contains(&format!("field '{key}'"))
+                && err.contains("appears twice"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // counted as a bad record: --max-bad 1 lets the rest through
+        let mut more = args.to_vec();
+        more.extend(["--max-bad", "1"]);
+        let (code, err) = dataprep(&more);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(Meta::load(&out).unwrap().bad_records, 1);
+    }
 }

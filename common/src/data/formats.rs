@@ -107,6 +107,88 @@ impl Conversation {
     }
 }
 
+/// A JSON value read with duplicate object keys refused: serde_json's `Value` keeps the last
+/// of them silently, and a record with `"output"` twice would lose a reply.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+/// The start of serde's message for a duplicate key; the key follows, quoted.
+const DUPLICATE_KEY: &str = "duplicate key '";
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Strict(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("{DUPLICATE_KEY}{k}'")));
+            }
+            let Strict(v) = map.next_value()?;
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
+}
+
+/// Parses one record's JSON, duplicate keys refused: a bad record naming the key.
+fn parse_json(text: &str, at: &Location) -> Result<Value, BadRecord> {
+    serde_json::from_str::<Strict>(text).map(|s| s.0).map_err(|e| {
+        let msg = e.to_string();
+        match msg.strip_prefix(DUPLICATE_KEY).and_then(|r| r.split_once('\'')) {
+            Some((key, _)) => BadRecord {
+                at: at.clone(),
+                field: key.to_string(),
+                problem: format!(
+                    "the key appears twice in one object ({msg}); JSON keeps only one of them, so the record is refused rather than read with data lost"
+                ),
+            },
+            None => BadRecord {
+                at: at.clone(),
+                field: String::new(),
+                problem: format!("invalid JSON: {e}"),
+            },
+        }
+    })
+}
+
 /// One record of a file: a conversation, or what is wrong with it.
 pub type Record = Result<Conversation, BadRecord>;
 
@@ -128,19 +210,21 @@ pub fn read_file(path: &Path, purpose: Purpose) -> anyhow::Result<Vec<Record>> {
     };
     let mut out = Vec::new();
     if bytes[first] == b'[' {
-        let arr: Vec<Value> = serde_json::from_slice(bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: invalid JSON array at line {} column {}: {e}",
-                path.display(),
-                e.line(),
-                e.column()
-            )
-        })?;
+        let arr: Vec<&serde_json::value::RawValue> =
+            serde_json::from_slice(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: invalid JSON array at line {} column {}: {e}",
+                    path.display(),
+                    e.line(),
+                    e.column()
+                )
+            })?;
         if arr.is_empty() {
             anyhow::bail!("{}: empty JSON array (no records)", path.display());
         }
-        for (i, v) in arr.iter().enumerate() {
-            out.push(parse_record(v, at(i, false), purpose));
+        for (i, raw) in arr.iter().enumerate() {
+            let loc = at(i, false);
+            out.push(parse_json(raw.get(), &loc).and_then(|v| parse_record(&v, loc, purpose)));
         }
     } else {
         for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -162,14 +246,7 @@ pub fn read_file(path: &Path, purpose: Purpose) -> anyhow::Result<Vec<Record>> {
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<Value>(line) {
-                Ok(v) => out.push(parse_record(&v, loc, purpose)),
-                Err(e) => out.push(Err(BadRecord {
-                    at: loc,
-                    field: String::new(),
-                    problem: format!("invalid JSON: {e}"),
-                })),
-            }
+            out.push(parse_json(line, &loc).and_then(|v| parse_record(&v, loc, purpose)));
         }
     }
     Ok(out)

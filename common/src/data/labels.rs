@@ -98,6 +98,9 @@ pub struct Prepared {
     pub lengths: Vec<usize>,
     /// Labelled assistant replies that are empty (trained as an immediate end of turn).
     pub empty_replies: usize,
+    /// Labelled replies of whitespace only: their whitespace tokens (as the rendered
+    /// conversation tokenizes, once) are trained, then the end of turn.
+    pub blank_replies: usize,
     /// Samples that were longer than the limit and cut.
     pub truncated: usize,
     /// User/assistant exchanges dropped from the start of samples (`turns`).
@@ -224,7 +227,11 @@ impl Labeler<'_> {
         };
         p.empty_replies = labelled
             .iter()
-            .filter(|&&i| msgs[i].content.trim().is_empty())
+            .filter(|&&i| msgs[i].content.is_empty())
+            .count();
+        p.blank_replies = labelled
+            .iter()
+            .filter(|&&i| !msgs[i].content.is_empty() && msgs[i].content.trim().is_empty())
             .count();
         p.samples = match self.mode {
             LabelMode::All | LabelMode::Last => vec![self.fitted(msgs, labelled, &mut p)?],

@@ -111,17 +111,28 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
     let mut progress = crate::progress::Progress::new(convs.len() as u64, "dataprep");
     let mut samples: Vec<labels::Prepared> = Vec::with_capacity(convs.len());
     let mut empty_replies = 0;
+    let mut blank_replies = 0;
     for c in &convs {
         match labeler.conversation(&c.messages) {
             Ok(p) => {
+                let replies = |n: usize| if n == 1 { "y" } else { "ies" };
                 if p.empty_replies > 0 {
                     warn(&format!(
                         "warning: {}: {} empty assistant repl{} (trained as an immediate end of turn)",
                         c.at,
                         p.empty_replies,
-                        if p.empty_replies == 1 { "y" } else { "ies" }
+                        replies(p.empty_replies)
                     ));
                     empty_replies += p.empty_replies;
+                }
+                if p.blank_replies > 0 {
+                    warn(&format!(
+                        "warning: {}: {} assistant repl{} of whitespace only (its whitespace tokens are trained before the end of turn, as the rendered conversation tokenizes; not an immediate end of turn)",
+                        c.at,
+                        p.blank_replies,
+                        replies(p.blank_replies)
+                    ));
+                    blank_replies += p.blank_replies;
                 }
                 samples.push(p);
             }
@@ -222,6 +233,7 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
             turns_dropped,
             tokens_cut,
             empty_replies,
+            blank_replies,
             dropped_long,
             dropped_no_labels,
             train: train.finish()?,

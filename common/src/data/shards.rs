@@ -140,6 +140,9 @@ pub struct Meta {
     /// Labelled assistant replies that were empty.
     #[serde(default)]
     pub empty_replies: usize,
+    /// Labelled assistant replies of whitespace only (their whitespace is trained).
+    #[serde(default)]
+    pub blank_replies: usize,
     pub dropped_long: usize,
     pub dropped_no_labels: usize,
     pub train: SplitInfo,
