@@ -42,6 +42,24 @@ pub fn is_usage(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Usage>())
 }
 
+/// An error as the one line a user sees: its chain joined by ": ", without the backtrace that
+/// candle's errors carry in their text when RUST_BACKTRACE is set.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    let mut kept = Vec::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| n.parse::<u32>().is_ok());
+        if frame && t.starts_with("0: ") {
+            break;
+        }
+        kept.push(line.trim_end());
+    }
+    kept.join(" ").trim_end().to_string()
+}
+
 /// Whether an error is a write to a closed pipe or socket.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -75,11 +93,11 @@ pub fn finish(name: &str, outcome: Result<i32>) -> ! {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => exit::OK,
         Err(e) if is_usage(&e) => {
-            eprintln!("{name}: error: {e:#}");
+            eprintln!("{name}: error: {}", error_line(&e));
             exit::USAGE
         }
         Err(e) => {
-            eprintln!("{name}: error: {e:#}");
+            eprintln!("{name}: error: {}", error_line(&e));
             exit::ERROR
         }
     };
@@ -89,6 +107,16 @@ pub fn finish(name: &str, outcome: Result<i32>) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_facing_errors_are_one_line_without_a_backtrace() {
+        let inner = anyhow::anyhow!(
+            "tensor needs 69120 bytes\n   0: candle_core::error::Error::bt\n   1: main\n             at ./x.rs:1:2"
+        );
+        let e = inner.context("/tmp/t.gguf");
+        assert_eq!(error_line(&e), "/tmp/t.gguf: tensor needs 69120 bytes");
+        assert!(is_usage(&usage("bad")) && !is_usage(&e));
+    }
 
     #[test]
     fn broken_pipes_are_recognised_through_context() {

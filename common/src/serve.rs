@@ -457,7 +457,7 @@ impl Engine {
     fn check_prompt(&self, req: &mut ChatRequest) -> Result<(), ApiError> {
         // the template's own complaints (raise_exception) are about the request
         let prompt = crate::infer::prompt_ids(&self.template, &self.tok, &req.messages)
-            .map_err(|e| ApiError::bad(format!("{e:#}"), Some("messages")))?;
+            .map_err(|e| ApiError::bad(crate::cli::error_line(&e), Some("messages")))?;
         let (params, _) = req.flags.resolve(&self.gen_config, false);
         if prompt.len() + params.max_new_tokens > self.context {
             return Err(ApiError {
@@ -521,7 +521,7 @@ impl Engine {
                 },
                 || stopped.get() || cancel.load(Ordering::SeqCst),
             )
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            .map_err(|e| ApiError::internal(crate::cli::error_line(&e)))?;
         drop(s);
         if g.prefilled < g.prompt_tokens {
             eprintln!(

@@ -139,3 +139,38 @@ pub fn sample_shards(dir: &Path, max_seq_len: usize, val_split: f64) -> Result<P
     crate::data::prepare(&opts, &mut |_| {})?;
     Ok(out)
 }
+
+/// `program` to be run as a user without privileges: as root (CI), through
+/// `setpriv --reuid=nobody` (root ignores file permissions, so a read-only directory would not
+/// be read-only to it); as any other user, as that user. `dir` and its parents are made
+/// traversable and readable by that user.
+pub fn unprivileged(program: &Path, dir: &Path) -> std::process::Command {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    if !root {
+        return std::process::Command::new(program);
+    }
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        if let Ok(m) = std::fs::metadata(p) {
+            let mode = m.permissions().mode();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o055)).ok();
+        }
+        d = p.parent();
+    }
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(program);
+    c
+}
+
+/// A directory nobody may write into (mode 0555), inside `parent`.
+pub fn read_only_dir(parent: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let ro = parent.join("read-only");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    ro
+}

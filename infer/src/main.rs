@@ -382,7 +382,11 @@ fn batch(
             let item = match s.compare(&c, system) {
                 Ok(item) => item,
                 Err(e) => {
-                    fail(format!("conversation {}: {e:#}", c.name()))?;
+                    fail(format!(
+                        "conversation {}: {}",
+                        c.name(),
+                        common::cli::error_line(&e)
+                    ))?;
                     continue;
                 }
             };
@@ -399,7 +403,11 @@ fn batch(
             let replies = match s.answer_conversation(&c, system, |_, _| {}) {
                 Ok(r) => r,
                 Err(e) => {
-                    fail(format!("conversation {}: {e:#}", c.name()))?;
+                    fail(format!(
+                        "conversation {}: {}",
+                        c.name(),
+                        common::cli::error_line(&e)
+                    ))?;
                     continue;
                 }
             };

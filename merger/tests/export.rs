@@ -335,3 +335,85 @@ fn what_cannot_be_exported_faithfully_is_refused() {
     assert!(log.contains("--overwrite"), "{log}");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
 }
+
+/// An output directory the user may not write into: merger and export-gguf say so in one line
+/// naming the path, exit non-zero, and leave nothing behind (run unprivileged: root would write
+/// anyway). A truncated GGUF gives import-gguf's one-line error, no backtrace, even with
+/// RUST_BACKTRACE=1.
+#[test]
+fn unwritable_outputs_and_damaged_inputs_are_one_line_errors() {
+    use common::testing::{read_only_dir, unprivileged};
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    random_adapter(&adapter, &real);
+    let ro = read_only_dir(tmp.path());
+    let cases = [
+        (
+            env!("CARGO_BIN_EXE_merger"),
+            vec![
+                "--base".to_string(),
+                real.display().to_string(),
+                "--adapter".into(),
+                adapter.display().to_string(),
+                "--output".into(),
+                ro.join("merged").display().to_string(),
+            ],
+        ),
+        (
+            env!("CARGO_BIN_EXE_export-gguf"),
+            vec![
+                "--model".to_string(),
+                real.display().to_string(),
+                "-o".into(),
+                ro.join("m.gguf").display().to_string(),
+                "--type".into(),
+                "q8_0".into(),
+            ],
+        ),
+    ];
+    for (bin, args) in cases {
+        let o = unprivileged(Path::new(bin), tmp.path())
+            .args(&args)
+            .env("DIALORA_NO_BAR", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{bin}: {err}");
+        assert_eq!(err.lines().count(), 1, "{bin}: one line: {err}");
+        assert!(
+            err.contains("error") && err.contains(ro.to_str().unwrap()),
+            "{bin}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(&ro).unwrap().count(),
+            0,
+            "{bin} left files"
+        );
+    }
+    // a GGUF cut short
+    let gguf = tmp.path().join("m.gguf");
+    let (code, log) = export(&[
+        "--model",
+        real.to_str().unwrap(),
+        "-o",
+        gguf.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
+    assert_eq!(code, 0, "{log}");
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&gguf, &bytes[..bytes.len() / 3]).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_import-gguf"))
+        .args(["--gguf", gguf.to_str().unwrap(), "--output"])
+        .arg(tmp.path().join("imported"))
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "no backtrace: {err}");
+    assert!(err.contains("m.gguf"), "{err}");
+    assert!(!tmp.path().join("imported").exists());
+}

@@ -606,7 +606,10 @@ fn every_end_is_recorded_and_foreign_token_ids_are_refused() {
         .unwrap_err();
     let rec = common::train::run::RunRecord::load(&tmp.path().join("failing")).unwrap();
     assert_eq!(rec.status, common::train::run::RunStatus::Failed);
-    assert_eq!(rec.error.as_deref(), Some(format!("{e:#}").as_str()));
+    assert_eq!(
+        rec.error.as_deref(),
+        Some(common::cli::error_line(&e).as_str())
+    );
     // token ids past the model's vocabulary: an error naming the shard, no panic
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
@@ -1139,4 +1142,26 @@ fn one_trainer_per_output_directory() {
     let (code, log) = run_trainer(&short);
     assert_eq!(code, 0, "{log}");
     assert_eq!(run_json(&o)["status"], "completed");
+}
+
+/// An output directory that cannot be created (its parent is read-only to the user): one line
+/// naming it, status 1, nothing written (run unprivileged: root would write anyway).
+#[test]
+fn an_unwritable_output_directory_is_a_one_line_error() {
+    use common::testing::{read_only_dir, unprivileged};
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = tiny_inputs(tmp.path());
+    let ro = read_only_dir(tmp.path());
+    let o = ro.join("run");
+    let a = short_run(&model, &data, &o, &[]);
+    let out = unprivileged(Path::new(env!("CARGO_BIN_EXE_trainer")), tmp.path())
+        .args(&a)
+        .env("DIALORA_NO_BAR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(o.to_str().unwrap()), "{err}");
+    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0);
 }

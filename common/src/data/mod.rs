@@ -140,7 +140,7 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
                 let b = BadRecord {
                     at: c.at.clone(),
                     field: String::new(),
-                    problem: format!("{e:#}"),
+                    problem: crate::cli::error_line(&e),
                 };
                 if o.strict {
                     bail!("{b}");

@@ -45,7 +45,7 @@ pub fn check_completed(args: &args::TrainArgs) -> Result<Option<run::RunRecord>>
     };
     let lora = args
         .lora_config()
-        .map_err(|e| crate::cli::usage(format!("{e:#}")))?;
+        .map_err(|e| crate::cli::usage(crate::cli::error_line(&e)))?;
     let now = checkpoint::identity(
         args,
         &lora,
@@ -89,7 +89,10 @@ pub fn record_failed_start(output_dir: &std::path::Path, error: &anyhow::Error) 
         return;
     }
     r.status = run::RunStatus::Failed;
-    r.error = Some(format!("could not resume: {error:#}"));
+    r.error = Some(format!(
+        "could not resume: {}",
+        crate::cli::error_line(error)
+    ));
     if let Err(e) = r.save(output_dir) {
         eprintln!("trainer: cannot record the failure in run.json: {e:#}");
     }

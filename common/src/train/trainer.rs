@@ -99,7 +99,7 @@ pub struct Trainer {
 
 /// A bad argument found while setting up: exit status 2 (`cli::usage`).
 fn as_usage(e: anyhow::Error) -> anyhow::Error {
-    crate::cli::usage(format!("{e:#}"))
+    crate::cli::usage(crate::cli::error_line(&e))
 }
 
 /// Batches per epoch, optimizer steps per epoch and the run's total steps, for a train split
@@ -553,7 +553,7 @@ impl Trainer {
         let outcome = self.run_steps(stop, rep);
         if let Err(e) = &outcome {
             let mut r = self.record(RunStatus::Failed);
-            r.error = Some(format!("{e:#}"));
+            r.error = Some(crate::cli::error_line(e));
             self.save_record(r).ok();
         }
         outcome
