@@ -1,6 +1,7 @@
 # dialora: the whole job (`make pipeline`) and the test suite (`make test`).
 SHELL := /bin/bash
-BIN   ?= target/release
+# where cargo puts the release binaries (CARGO_TARGET_DIR moves them, as cargo does)
+BIN   ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/release
 MODEL ?= models/smollm2-135m-instruct
 CARGO ?= cargo
 

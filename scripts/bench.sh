@@ -7,7 +7,7 @@
 #   BENCH_PYTORCH=0 scripts/bench.sh   # dialora only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${DIALORA_BIN:-target/release}
+. scripts/bin-dir.sh
 MODEL=${MODEL:-models/smollm2-135m-instruct}
 OUT=${BENCH_OUT:-runs/bench}
 if [ "${BENCH_PYTORCH:-1}" != 0 ]; then HF_PYTHON=$(scripts/hf-env.sh); else HF_PYTHON=""; fi

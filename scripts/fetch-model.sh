@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-models/smollm2-135m-instruct}
 CACHE=${DIALORA_CACHE:-models/.cache}
-BIN=${DIALORA_BIN:-target/release}
+. scripts/bin-dir.sh
 if [ -f "$OUT/config.json" ] && [ -f "$OUT/model.safetensors" ] && [ -f "$OUT/tokenizer.json" ]; then
   echo "fetch-model: $OUT already present"
   exit 0

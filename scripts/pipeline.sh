@@ -4,7 +4,8 @@
 # Rebuilds runs/demo (RUN_DIR) on every call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export DIALORA_BIN=${DIALORA_BIN:-$PWD/target/release}
+. scripts/bin-dir.sh
+export DIALORA_BIN=$BIN
 MODEL=${MODEL:-models/smollm2-135m-instruct}
 RUN=${RUN_DIR:-runs/demo}
 EPOCHS=${EPOCHS:-1}

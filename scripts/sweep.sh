@@ -60,7 +60,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 RUNS=$(abs "$RUNS")
-BIN=$(abs "${DIALORA_BIN:-$ROOT/target/release}")
+. "$ROOT/scripts/bin-dir.sh"
+BIN=$(abs "$BIN")
 
 # ---- --report NAME: every point of the manifest, finished or not
 if [ -n "$REPORT" ]; then

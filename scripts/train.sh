@@ -5,6 +5,6 @@
 # time-limit warning) reach the trainer. For a job that may run again, pass
 # --resume-from-checkpoint auto (scripts/sweep.sh does).
 set -euo pipefail
-BIN=${DIALORA_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
+. "$(dirname "$0")/bin-dir.sh"
 MODEL=$1; DATA=$2; OUT=$3; shift 3
 exec "$BIN/trainer" --model "$MODEL" --data "$DATA" --output-dir "$OUT" "$@"

@@ -78,18 +78,10 @@ impl Server {
             base: String::new(),
             stderr,
         };
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(
-                server.stderr.read_line(&mut line).unwrap() > 0,
-                "server ended before serving"
-            );
-            if let Some(rest) = line.split("on http://").nth(1) {
-                server.base = format!("http://{}", rest.split_whitespace().next().unwrap());
-                return server;
-            }
-        }
+        let line = server.log_line("on http://");
+        let rest = line.split("on http://").nth(1).unwrap();
+        server.base = format!("http://{}", rest.split_whitespace().next().unwrap());
+        server
     }
 
     fn post(&self, body: &Value) -> (u16, Value) {

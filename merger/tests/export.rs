@@ -348,6 +348,18 @@ fn unwritable_outputs_and_damaged_inputs_are_one_line_errors() {
     let adapter = tmp.path().join("adapter");
     random_adapter(&adapter, &real);
     let ro = read_only_dir(tmp.path());
+    let q8_args = |out: &Path| -> Vec<String> {
+        [
+            "--model",
+            real.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--type",
+            "q8_0",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
     let cases = [
         (
             env!("CARGO_BIN_EXE_merger"),
@@ -362,19 +374,12 @@ fn unwritable_outputs_and_damaged_inputs_are_one_line_errors() {
         ),
         (
             env!("CARGO_BIN_EXE_export-gguf"),
-            vec![
-                "--model".to_string(),
-                real.display().to_string(),
-                "-o".into(),
-                ro.join("m.gguf").display().to_string(),
-                "--type".into(),
-                "q8_0".into(),
-            ],
+            q8_args(&ro.join("m.gguf")),
         ),
     ];
-    for (bin, args) in cases {
+    for (bin, args) in &cases {
         let o = unprivileged(Path::new(bin), tmp.path())
-            .args(&args)
+            .args(args)
             .env("DIALORA_NO_BAR", "1")
             .output()
             .unwrap();
@@ -394,14 +399,12 @@ fn unwritable_outputs_and_damaged_inputs_are_one_line_errors() {
     }
     // a GGUF cut short
     let gguf = tmp.path().join("m.gguf");
-    let (code, log) = export(&[
-        "--model",
-        real.to_str().unwrap(),
-        "-o",
-        gguf.to_str().unwrap(),
-        "--type",
-        "q8_0",
-    ]);
+    let (code, log) = export(
+        &q8_args(&gguf)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(code, 0, "{log}");
     let bytes = std::fs::read(&gguf).unwrap();
     std::fs::write(&gguf, &bytes[..bytes.len() / 3]).unwrap();

@@ -93,7 +93,6 @@ fn run(args: TrainArgs) -> Result<i32> {
                 args.output_dir.display()
             );
             eprintln!("{line}");
-            common::cli::say(line)?;
             return Ok(common::cli::exit::OK);
         }
     }

@@ -185,18 +185,75 @@ fn local_four_point_sweep_and_report() {
     assert!(loss.matches("<polyline").count() >= 4, "4 curves");
     // a second call finds the points completed (each trainer says so and exits 0) and only
     // rebuilds the report
-    let (code, log) = sweep(
-        tmp.path(),
-        &[
-            "--name",
-            "s",
-            "--model",
-            model.to_str().unwrap(),
-            "learning_rate=1e-3,1e-2",
-            "lora_r=2,4",
-        ],
-    );
+    let args = [
+        "--name",
+        "s",
+        "--model",
+        model.to_str().unwrap(),
+        "learning_rate=1e-3,1e-2",
+        "lora_r=2,4",
+        "--",
+        "--max-steps",
+        "3",
+        "--logging-steps",
+        "1",
+        "--per-device-train-batch-size",
+        "2",
+    ];
+    let (code, log) = sweep(tmp.path(), &args);
     assert_eq!(code, 0, "{log}");
     assert_eq!(log.matches("already completed").count(), 4, "{log}");
     assert!(log.contains("4 points, 4 completed"), "{log}");
+    // the same sweep with other trainer arguments would be another run: refused, not
+    // reported as if its points had been trained so
+    let (code, log) = sweep(tmp.path(), &args[..6]);
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("a completed run is not continued")
+            && log.contains("--per-device-train-batch-size: run 2, now 8"),
+        "{log}"
+    );
+}
+
+/// With CARGO_TARGET_DIR set (absolute or relative to the repository) and no DIALORA_BIN, the
+/// scripts and the Makefile look for the binaries where cargo put them (they looked in
+/// target/release, and `make test` failed in such a shell).
+#[test]
+fn scripts_find_the_binaries_in_cargo_target_dir() {
+    let root = repo_root();
+    let tmp = tempfile::Builder::new()
+        .prefix(".test-target-")
+        .tempdir_in(root.join("target"))
+        .unwrap();
+    let release = tmp.path().join("release");
+    std::fs::create_dir_all(&release).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_trainer"), release.join("trainer")).unwrap();
+    let relative = tmp.path().strip_prefix(&root).unwrap().to_path_buf();
+    for target in [tmp.path().to_path_buf(), relative] {
+        let o = Command::new("bash")
+            .arg(root.join("scripts/train.sh"))
+            .args(["m", "d", "o", "--help"])
+            .env_remove("DIALORA_BIN")
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains("--per-device-train-batch-size"),
+            "{target:?}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let o = Command::new("make")
+            .args(["-s", "-n", "model"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        let plan = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            plan.contains(&format!("DIALORA_BIN={}/release", target.display())),
+            "{plan}"
+        );
+    }
 }

@@ -877,7 +877,7 @@ fn epoch_strategies_evaluate_and_save_at_epoch_ends() {
             "2",
         ],
     ));
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "bad arguments: {log}");
     assert!(log.contains("round multiple of --eval-steps"), "{log}");
 }
 
