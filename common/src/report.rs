@@ -41,6 +41,8 @@ const NOT_HYPERPARAMETERS: &[&str] = &[
     "run_name",
     "resume_from_checkpoint",
     "overwrite_output_dir",
+    "report_to",
+    "logging_dir",
 ];
 
 impl Run {

@@ -1165,3 +1165,140 @@ fn an_unwritable_output_directory_is_a_one_line_error() {
     assert!(err.contains(o.to_str().unwrap()), "{err}");
     assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0);
 }
+
+/// A Python with TensorBoard (scripts/tb-env.sh), or None when pip cannot reach PyPI (said).
+fn tensorboard_python() -> Option<String> {
+    let o = Command::new("bash")
+        .arg(common::testing::repo_root().join("scripts/tb-env.sh"))
+        .output()
+        .unwrap();
+    match o.status.code() {
+        Some(0) => Some(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        Some(3) => {
+            eprintln!(
+                "SKIPPED: no TensorBoard to read the event files with: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            None
+        }
+        _ => panic!("tb-env.sh: {}", String::from_utf8_lossy(&o.stderr)),
+    }
+}
+
+/// `--report-to tensorboard`: TensorBoard's own reader (EventAccumulator) reads back every
+/// logged value of metrics.csv under HF's tags and the arguments as text; a run interrupted
+/// after its checkpoint and resumed has each step once, with the values of metrics.csv.
+#[test]
+fn tensorboard_reads_back_every_logged_value_once_across_a_resume() {
+    let Some(py) = tensorboard_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 64, 2, 3).unwrap();
+    let data = shards(tmp.path(), 128);
+    let o = tmp.path().join("run");
+    let a = short_run(
+        &model,
+        &data,
+        &o,
+        &[
+            "--max-steps",
+            "400",
+            "--save-steps",
+            "3",
+            "--logging-steps",
+            "1",
+            "--eval-steps",
+            "5",
+            "--report-to",
+            "tensorboard",
+        ],
+    );
+    let mut child = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&o.join("checkpoint-6"), &mut child);
+    // a few steps past the checkpoint, logged by this attempt and then superseded
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "KILL");
+    child.wait().unwrap();
+    let checkpoint = common::train::checkpoint::list(&o).last().unwrap().0;
+    let mut resume = a.clone();
+    resume.extend(["--resume-from-checkpoint".into(), "latest".into()]);
+    // the second attempt: stopped by SIGTERM (a checkpoint, status 75) six steps on
+    let mut child = trainer(&resume.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        &o.join(format!("checkpoint-{}", checkpoint + 6)),
+        &mut child,
+    );
+    signal(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(75));
+    let rows = common::train::metrics::read(&o).unwrap();
+    let events = Command::new(&py)
+        .arg(common::testing::repo_root().join("scripts/read-tensorboard.py"))
+        .arg(o.join("runs"))
+        .output()
+        .unwrap();
+    assert!(
+        events.status.success(),
+        "{}",
+        String::from_utf8_lossy(&events.stderr)
+    );
+    let tb: serde_json::Value = serde_json::from_slice(&events.stdout).unwrap();
+    assert_eq!(
+        std::fs::read_dir(o.join("runs")).unwrap().count(),
+        2,
+        "one event file per attempt"
+    );
+    let series = |tag: &str| -> Vec<(usize, f64)> {
+        tb["scalars"][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {tb}"))
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap()))
+            .collect()
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-3);
+    for (tag, col) in [
+        (
+            "train/loss",
+            (|r: &common::train::metrics::MetricsRow| r.loss) as fn(&_) -> _,
+        ),
+        ("train/grad_norm", |r| r.grad_norm),
+        ("train/learning_rate", |r| r.learning_rate),
+        ("eval/loss", |r| r.eval_loss),
+    ] {
+        let want: Vec<(usize, f64)> = rows
+            .iter()
+            .filter_map(|r| col(r).map(|v| (r.step, v)))
+            .collect();
+        let got = series(tag);
+        assert_eq!(
+            got.iter().map(|p| p.0).collect::<Vec<_>>(),
+            want.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "{tag}: each step once, as in metrics.csv"
+        );
+        for ((s, g), (_, w)) in got.iter().zip(&want) {
+            assert!(close(*g, *w), "{tag} at step {s}: {g} vs {w}");
+        }
+    }
+    assert!(series("train/epoch").len() == rows.iter().filter(|r| r.loss.is_some()).count());
+    // how: the resumed attempt's file starts a session after the checkpoint, which tells every
+    // reader (not only TensorBoard's, which also drops steps that go backwards) to drop what
+    // the killed attempt logged past it
+    assert_eq!(
+        tb["session_starts"],
+        serde_json::json!([[], [checkpoint + 1]]),
+        "{}",
+        tb["session_starts"]
+    );
+    let args = tb["text"]["args"][0].as_str().unwrap();
+    assert!(args.contains("\"lora_r\": 4"), "{args}");
+}

@@ -131,6 +131,15 @@ pub struct TrainArgs {
     /// Log a metrics.csv row every N optimizer steps.
     #[arg(long, default_value_t = 10)]
     pub logging_steps: usize,
+    /// Where else every logged row goes, as HF's report_to: `none`, or `tensorboard` (event
+    /// files in --logging-dir, which TensorBoard reads, and from it `wandb sync
+    /// --sync-tensorboard` and `swanlab convert -t tensorboard`); `all` is `tensorboard`.
+    #[arg(long, default_value = "none")]
+    pub report_to: String,
+    /// TensorBoard log directory [default: OUTPUT_DIR/runs, one directory for every attempt
+    /// of the run].
+    #[arg(long)]
+    pub logging_dir: Option<PathBuf>,
     /// When to evaluate on the validation split: steps (every --eval-steps), epoch (at the end
     /// of every epoch) or no. With steps or epoch the run also evaluates before training and
     /// after its last step.
@@ -261,8 +270,37 @@ impl TrainArgs {
         Ok(c)
     }
 
+    /// Whether the run writes TensorBoard event files (`--report-to`).
+    pub fn reports_to_tensorboard(&self) -> Result<bool> {
+        let mut tb = false;
+        for t in self
+            .report_to
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            match t {
+                "none" => {}
+                "tensorboard" | "all" => tb = true,
+                "wandb" | "swanlab" | "mlflow" | "comet_ml" | "clearml" | "neptune" => bail!(
+                    "--report-to {t}: dialora writes TensorBoard logs (--report-to tensorboard), which {t} imports (wandb sync --sync-tensorboard DIR, swanlab convert -t tensorboard --tb-logdir DIR)"
+                ),
+                other => bail!("--report-to {other}: expected none, tensorboard or all"),
+            }
+        }
+        Ok(tb)
+    }
+
+    /// The TensorBoard log directory (`--logging-dir`, else `OUTPUT_DIR/runs`).
+    pub fn tensorboard_dir(&self) -> PathBuf {
+        self.logging_dir
+            .clone()
+            .unwrap_or_else(|| super::tensorboard::default_dir(&self.output_dir))
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.lora_config()?;
+        self.reports_to_tensorboard()?;
         let pos = |v: f64, name: &str| {
             if v > 0.0 && v.is_finite() {
                 Ok(())

@@ -75,10 +75,12 @@ pub fn read(dir: &Path) -> Result<Vec<MetricsRow>> {
         .collect()
 }
 
-/// The open metrics log of a run.
+/// The open metrics log of a run: metrics.csv, and TensorBoard event files when the run
+/// reports there (every row goes to both).
 pub struct MetricsLog {
     path: PathBuf,
     w: csv::Writer<std::fs::File>,
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 impl MetricsLog {
@@ -121,7 +123,28 @@ impl MetricsLog {
         let w = csv::WriterBuilder::new()
             .has_headers(false)
             .from_writer(file);
-        Ok(MetricsLog { path, w })
+        Ok(MetricsLog {
+            path,
+            w,
+            tensorboard: None,
+        })
+    }
+
+    /// Also writes every row to a new TensorBoard event file in `dir`. `resumed_at`: the step
+    /// an attempt resumes from (what an earlier one logged after it is superseded, as in
+    /// metrics.csv); a fresh run first records `args` (the run's arguments, as HF does).
+    pub fn report_to_tensorboard(
+        &mut self,
+        dir: &Path,
+        resumed_at: Option<usize>,
+        args: &str,
+    ) -> Result<()> {
+        let mut w = super::tensorboard::EventWriter::create(dir, resumed_at)?;
+        if resumed_at.is_none() {
+            w.text(0, "args", args)?;
+        }
+        self.tensorboard = Some(w);
+        Ok(())
     }
 
     /// Appends a row and flushes it to disk (a killed run keeps every row it logged).
@@ -129,7 +152,11 @@ impl MetricsLog {
         self.w
             .serialize(row.rounded())
             .and_then(|_| Ok(self.w.flush()?))
-            .with_context(|| format!("{}: cannot write", self.path.display()))
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.row(row)?;
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+pub mod tensorboard;
 mod trainer;
 
 pub use trainer::{steps, stop_flag, Outcome, OutputLock, Reporter, Trainer, LOCK_FILE};

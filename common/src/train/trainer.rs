@@ -563,6 +563,16 @@ impl Trainer {
         let resumed = self.state.global_step;
         let mut metrics =
             MetricsLog::open(&self.args.output_dir, (resumed > 0).then_some(resumed))?;
+        if self.args.reports_to_tensorboard()? {
+            let args = serde_json::to_string_pretty(&serde_json::json!({
+                "args": &self.args, "lora_config": &self.lora_cfg,
+            }))?;
+            metrics.report_to_tensorboard(
+                &self.args.tensorboard_dir(),
+                (resumed > 0).then_some(resumed),
+                &args,
+            )?;
+        }
         self.write_run_json(RunStatus::Running)?;
         let bs = self.args.per_device_train_batch_size;
         let gas = self.args.gradient_accumulation_steps;
