@@ -321,6 +321,14 @@ fn bad_arguments_are_clear_errors() {
         (vec!["--learning-rate", "-1"], "--learning-rate must be > 0"),
         (vec!["--learning-rate", "0"], "--learning-rate must be > 0"),
         (
+            vec!["--report-to", "wandb"],
+            "swanlab convert -t tensorboard",
+        ),
+        (
+            vec!["--report-to", "tensorbord"],
+            "expected none, tensorboard or all",
+        ),
+        (
             vec!["--num-train-epochs", "0"],
             "--num-train-epochs must be > 0",
         ),

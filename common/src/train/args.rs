@@ -132,8 +132,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 10)]
     pub logging_steps: usize,
     /// Where else every logged row goes, as HF's report_to: `none`, or `tensorboard` (event
-    /// files in --logging-dir, which TensorBoard reads, and from it `wandb sync
-    /// --sync-tensorboard` and `swanlab convert -t tensorboard`); `all` is `tensorboard`.
+    /// files in --logging-dir, which TensorBoard reads, and from it `swanlab convert -t
+    /// tensorboard` and `wandb sync --sync-tensorboard`); `all` is `tensorboard`.
     #[arg(long, default_value = "none")]
     pub report_to: String,
     /// TensorBoard log directory [default: OUTPUT_DIR/runs, one directory for every attempt
@@ -283,7 +283,7 @@ impl TrainArgs {
                 "none" => {}
                 "tensorboard" | "all" => tb = true,
                 "wandb" | "swanlab" | "mlflow" | "comet_ml" | "clearml" | "neptune" => bail!(
-                    "--report-to {t}: dialora writes TensorBoard logs (--report-to tensorboard), which {t} imports (wandb sync --sync-tensorboard DIR, swanlab convert -t tensorboard --tb-logdir DIR)"
+                    "--report-to {t}: dialora writes TensorBoard logs (--report-to tensorboard), which {t} imports (swanlab convert -t tensorboard --tb-log-dir DIR; wandb sync --sync-tensorboard DIR up to wandb 0.29)"
                 ),
                 other => bail!("--report-to {other}: expected none, tensorboard or all"),
             }
