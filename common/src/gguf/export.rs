@@ -16,6 +16,7 @@ use crate::config::ModelConfig;
 use crate::lora::Adapter;
 use crate::weights::SafetensorsStore;
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use serde_json::Value as Json;
@@ -147,57 +148,44 @@ fn tensor_type(
     t
 }
 
-/// A GGUF metadata value.
-enum Meta {
-    U32(u32),
-    F32(f32),
-    Bool(bool),
-    Str(String),
-    Strs(Vec<String>),
-    I32s(Vec<i32>),
-}
+/// GGUF metadata values are candle's (`gguf_file::Value`); `gguf_file::write` serialises them.
+type Meta = Value;
 
+/// A GGUF string: its length (u64) and bytes (tensor names in the tensor infos).
 fn put_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
     w.write_all(&(s.len() as u64).to_le_bytes())?;
     w.write_all(s.as_bytes())
 }
 
-impl Meta {
-    /// The value's type id and payload (GGUF: u32 4, i32 5, f32 6, bool 7, string 8, array 9
-    /// of an element type and a count).
-    fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
-        let ty = |w: &mut dyn Write, t: u32| w.write_all(&t.to_le_bytes());
-        match self {
-            Meta::U32(v) => {
-                ty(w, 4)?;
-                w.write_all(&v.to_le_bytes())
-            }
-            Meta::F32(v) => {
-                ty(w, 6)?;
-                w.write_all(&v.to_le_bytes())
-            }
-            Meta::Bool(v) => {
-                ty(w, 7)?;
-                w.write_all(&[u8::from(*v)])
-            }
-            Meta::Str(s) => {
-                ty(w, 8)?;
-                put_str(w, s)
-            }
-            Meta::Strs(v) => {
-                ty(w, 9)?;
-                ty(w, 8)?;
-                w.write_all(&(v.len() as u64).to_le_bytes())?;
-                v.iter().try_for_each(|s| put_str(w, s))
-            }
-            Meta::I32s(v) => {
-                ty(w, 9)?;
-                ty(w, 5)?;
-                w.write_all(&(v.len() as u64).to_le_bytes())?;
-                v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
-            }
-        }
+/// A list of strings as a GGUF array.
+fn strings(v: Vec<String>) -> Meta {
+    Value::Array(v.into_iter().map(Value::String).collect())
+}
+
+/// The GGUF header up to the tensor infos: magic, version 3, the tensor count, and the
+/// metadata, serialised by candle's GGUF writer (asked for a file with no tensors, and read
+/// back by candle's reader, which also checks it; the writer says version 2 and 0 tensors,
+/// set here to 3, the version llama.cpp writes, which differs from 2 only in allowing
+/// big-endian files, and to the tensor count).
+fn header(meta: &[(String, Meta)], tensors: usize) -> Result<Vec<u8>> {
+    let refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut buf = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut buf, &refs, &[])?;
+    let mut read = std::io::Cursor::new(buf.into_inner());
+    let content = gguf_file::Content::read(&mut read)?;
+    if content.metadata.len() != meta.len() {
+        bail!(
+            "GGUF metadata: wrote {} keys, read back {}",
+            meta.len(),
+            content.metadata.len()
+        );
     }
+    let end = read.position() as usize;
+    let mut head = read.into_inner();
+    head.truncate(end);
+    head[4..8].copy_from_slice(&3u32.to_le_bytes());
+    head[8..16].copy_from_slice(&(tensors as u64).to_le_bytes());
+    Ok(head)
 }
 
 /// The tokenizer of a model directory as llama.cpp's `tokenizer.ggml.*` keys.
@@ -287,11 +275,14 @@ fn tokenizer_meta(dir: &Path, cfg: &ModelConfig, meta: &mut Vec<(String, Meta)>)
     let first = |ids: &Option<crate::config::TokenIds>| {
         ids.as_ref().and_then(|x| x.to_vec().first().copied())
     };
-    meta.push(("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())));
-    meta.push(("tokenizer.ggml.pre".into(), Meta::Str(pre.into())));
-    meta.push(("tokenizer.ggml.tokens".into(), Meta::Strs(tokens.clone())));
-    meta.push(("tokenizer.ggml.token_type".into(), Meta::I32s(types)));
-    meta.push(("tokenizer.ggml.merges".into(), Meta::Strs(merges)));
+    meta.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+    meta.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
+    meta.push(("tokenizer.ggml.tokens".into(), strings(tokens.clone())));
+    meta.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
+    meta.push(("tokenizer.ggml.merges".into(), strings(merges)));
     for (key, id) in [
         (
             "bos_token_id",
@@ -308,19 +299,19 @@ fn tokenizer_meta(dir: &Path, cfg: &ModelConfig, meta: &mut Vec<(String, Meta)>)
         ("unknown_token_id", token_id("unk_token")),
     ] {
         if let Some(id) = id {
-            meta.push((format!("tokenizer.ggml.{key}"), Meta::U32(id)));
+            meta.push((format!("tokenizer.ggml.{key}"), Value::U32(id)));
         }
     }
     for key in ["add_bos_token", "add_eos_token"] {
         meta.push((
             format!("tokenizer.ggml.{key}"),
-            Meta::Bool(tc[key].as_bool().unwrap_or(false)),
+            Value::Bool(tc[key].as_bool().unwrap_or(false)),
         ));
     }
     let template = crate::chat::ChatTemplate::from_model_dir(dir)?;
     meta.push((
         "tokenizer.chat_template".into(),
-        Meta::Str(template.source().to_string()),
+        Value::String(template.source().to_string()),
     ));
     Ok(())
 }
@@ -350,13 +341,13 @@ fn llama_meta(cfg: &ModelConfig, name: &str, ty: ExportType) -> Result<Vec<(Stri
         bail!("attention biases cannot be exported for the llama architecture");
     }
     let mut m: Vec<(String, Meta)> = vec![
-        ("general.architecture".into(), Meta::Str("llama".into())),
-        ("general.name".into(), Meta::Str(name.into())),
-        ("general.file_type".into(), Meta::U32(ty.file_type())),
-        ("general.quantization_version".into(), Meta::U32(2)),
-        ("general.alignment".into(), Meta::U32(ALIGN as u32)),
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.file_type".into(), Value::U32(ty.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+        ("general.alignment".into(), Value::U32(ALIGN as u32)),
     ];
-    let u = |k: &str, v: usize| (format!("llama.{k}"), Meta::U32(v as u32));
+    let u = |k: &str, v: usize| (format!("llama.{k}"), Value::U32(v as u32));
     m.push(u("context_length", cfg.max_position_embeddings));
     m.push(u("embedding_length", cfg.hidden_size));
     m.push(u("block_count", cfg.num_hidden_layers));
@@ -371,11 +362,11 @@ fn llama_meta(cfg: &ModelConfig, name: &str, ty: ExportType) -> Result<Vec<(Stri
     }
     m.push((
         "llama.rope.freq_base".into(),
-        Meta::F32(cfg.rope_theta() as f32),
+        Value::F32(cfg.rope_theta() as f32),
     ));
     m.push((
         "llama.attention.layer_norm_rms_epsilon".into(),
-        Meta::F32(cfg.rms_norm_eps as f32),
+        Value::F32(cfg.rms_norm_eps as f32),
     ));
     let scaling = cfg
         .rope_scaling
@@ -385,10 +376,13 @@ fn llama_meta(cfg: &ModelConfig, name: &str, ty: ExportType) -> Result<Vec<(Stri
     match scaling {
         None => {}
         Some(s) if s.rope_type == "linear" => {
-            m.push(("llama.rope.scaling.type".into(), Meta::Str("linear".into())));
+            m.push((
+                "llama.rope.scaling.type".into(),
+                Value::String("linear".into()),
+            ));
             m.push((
                 "llama.rope.scaling.factor".into(),
-                Meta::F32(s.factor.unwrap_or(1.0) as f32),
+                Value::F32(s.factor.unwrap_or(1.0) as f32),
             ));
         }
         Some(s) => bail!(
@@ -488,16 +482,9 @@ pub fn export(o: &ExportOptions, mut progress: impl FnMut(usize, usize)) -> Resu
 
     let mut f = crate::atomic::AtomicFile::create(&o.output)?;
     let io = |e: std::io::Error| anyhow!("{}: cannot write: {e}", o.output.display());
-    // header: magic, version 3, counts, metadata, tensor infos, padding
-    let mut head = Vec::new();
-    head.extend_from_slice(b"GGUF");
-    head.extend_from_slice(&3u32.to_le_bytes());
-    head.extend_from_slice(&(plan.len() as u64).to_le_bytes());
-    head.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-    for (k, v) in &meta {
-        put_str(&mut head, k).map_err(io)?;
-        v.write(&mut head).map_err(io)?;
-    }
+    // header (candle's writer), then the tensor infos and padding (the tensors are streamed
+    // one at a time below, which candle's writer, taking them all at once, cannot do)
+    let mut head = header(&meta, plan.len())?;
     let mut offset = 0usize;
     for p in &plan {
         put_str(&mut head, &p.gguf).map_err(io)?;
