@@ -10,7 +10,8 @@ use std::path::PathBuf;
 /// Render conversations with the model's chat template, tokenize each once, and write
 /// memory-mappable token/label shards plus meta.json (see docs/FORMATS.md).
 ///
-/// Inputs are JSON arrays or JSONL files in EmoLLM ({"conversation": [{"system"?, "input",
+/// Inputs are JSON arrays, JSONL or Parquet files (as `datasets` writes them, the fields as
+/// columns) in EmoLLM ({"conversation": [{"system"?, "input",
 /// "output"}]}), ShareGPT ({"conversations": [{"from", "value"}]}), OpenAI ({"messages":
 /// [{"role", "content"}]}) or Alpaca ({"instruction", "input", "output"}) form, detected per
 /// record. Labels are the assistant replies plus their end-of-turn token; every other token
@@ -18,7 +19,8 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "dataprep", version, allow_negative_numbers = true)]
 struct Args {
-    /// Input files (.json array or .jsonl).
+    /// Input files (.json array, .jsonl or .parquet), or quoted glob patterns
+    /// ("data/train-*.parquet").
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// Model directory whose tokenizer and chat template are used.

@@ -691,3 +691,90 @@ fn duplicate_keys_are_bad_records_naming_the_key() {
         assert_eq!(Meta::load(&out).unwrap().bad_records, 1);
     }
 }
+
+/// Parquet as pyarrow (and so `datasets`) writes it (fixtures by
+/// scripts/make-parquet-fixtures.py): each record format gives the same shards, byte for byte,
+/// as the same records in JSONL; a bad row is named by file, row and field; globs expand;
+/// a file that is not Parquet says so.
+#[test]
+fn parquet_rows_give_the_shards_of_the_same_jsonl() {
+    let dir = real_model_dir().unwrap();
+    let fixtures = common::testing::repo_root().join("dataprep/tests/fixtures/parquet");
+    let tmp = tempfile::tempdir().unwrap();
+    let prep = |inputs: &[&Path], out: &Path| {
+        let mut a: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+        a.extend(
+            [
+                "--model",
+                dir.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--val-split",
+                "0.1",
+            ]
+            .map(String::from),
+        );
+        dataprep(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for name in ["emollm", "sharegpt", "openai", "alpaca"] {
+        let (j, p) = (
+            tmp.path().join(format!("{name}.j")),
+            tmp.path().join(format!("{name}.p")),
+        );
+        let (code, err) = prep(&[&fixtures.join(format!("{name}.jsonl"))], &j);
+        assert_eq!(code, 0, "{err}");
+        let (code, err) = prep(&[&fixtures.join(format!("{name}.parquet"))], &p);
+        assert_eq!(code, 0, "{err}");
+        let mut files: Vec<_> = std::fs::read_dir(&j)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        files.sort();
+        assert!(files.len() >= 6, "{files:?}");
+        for f in &files {
+            if f == "meta.json" {
+                continue;
+            }
+            assert!(
+                std::fs::read(j.join(f)).unwrap() == std::fs::read(p.join(f)).unwrap(),
+                "{name}: {f:?} differs"
+            );
+        }
+        let (mj, mp) = (Meta::load(&j).unwrap(), Meta::load(&p).unwrap());
+        assert_eq!(
+            (mj.conversations, mj.train.sequences, mj.val.sequences),
+            (mp.conversations, mp.train.sequences, mp.val.sequences)
+        );
+        assert_eq!(mj.conversations, 40);
+    }
+    // a bad row: file, row and field
+    let (code, err) = prep(&[&fixtures.join("bad.parquet")], &tmp.path().join("bad"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("bad.parquet: record 2: field 'output'"),
+        "{err}"
+    );
+    // several files by a glob (as HF's data_files), and a pattern that matches nothing
+    let pattern = fixtures.join("[eo]*.parquet");
+    let out = tmp.path().join("glob");
+    let (code, err) = prep(&[&pattern], &out);
+    assert_eq!(code, 0, "{err}");
+    let meta = Meta::load(&out).unwrap();
+    assert_eq!(meta.conversations, 80);
+    assert_eq!(meta.inputs.len(), 2, "{:?}", meta.inputs);
+    let (code, err) = prep(
+        &[&fixtures.join("nothing*.parquet")],
+        &tmp.path().join("none"),
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("no file matches"), "{err}");
+    // not Parquet
+    let fake = tmp.path().join("fake.parquet");
+    std::fs::write(&fake, "{\"instruction\": \"hi\"}\n").unwrap();
+    let (code, err) = prep(&[&fake], &tmp.path().join("fake"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("fake.parquet: cannot read as Parquet"),
+        "{err}"
+    );
+}

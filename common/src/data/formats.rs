@@ -192,10 +192,85 @@ fn parse_json(text: &str, at: &Location) -> Result<Value, BadRecord> {
 /// One record of a file: a conversation, or what is wrong with it.
 pub type Record = Result<Conversation, BadRecord>;
 
+/// Reads every row of a Parquet file (as `datasets` and pyarrow write them: the record formats'
+/// fields as columns, nested lists and structs included; snappy, LZ4 or no compression) as a
+/// record: parquet's own row reader turns each row into JSON (a null is an absent field), which
+/// then goes through the parser of a JSONL line, so a row and the JSON record it holds give the
+/// same conversation; a bad row is named by its 0-based index. A file that is not Parquet, or
+/// uses another codec, is an `Err` saying so.
+pub fn read_parquet(path: &Path, purpose: Purpose) -> anyhow::Result<Vec<Record>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let what =
+        |e: &dyn fmt::Display| anyhow::anyhow!("{}: cannot read as Parquet: {e}", path.display());
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| what(&e))?;
+    let mut out = Vec::new();
+    for row in reader.get_row_iter(None).map_err(|e| what(&e))? {
+        let row = row.map_err(|e| what(&e))?;
+        let at = Location {
+            file: path.to_path_buf(),
+            index: out.len(),
+            is_line: false,
+        };
+        let v = without_nulls(row.to_json_value());
+        out.push(parse_record(&v, at, purpose));
+    }
+    if out.is_empty() {
+        anyhow::bail!("{}: no rows (no records)", path.display());
+    }
+    Ok(out)
+}
+
+/// A Parquet row's JSON with null fields left out (a null column is an absent field).
+fn without_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(_, x)| !x.is_null())
+                .map(|(k, x)| (k, without_nulls(x)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
+}
+
+/// The input files named by `inputs`: each path as it is, or, when it holds a glob pattern
+/// (`*`, `?`, `[`), the files it matches in sorted order; a pattern that matches nothing is an
+/// error.
+pub fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        let s = p.to_string_lossy();
+        if !s.contains(['*', '?', '[']) || p.exists() {
+            out.push(p.clone());
+            continue;
+        }
+        let mut found: Vec<PathBuf> = glob::glob(&s)
+            .map_err(|e| anyhow::anyhow!("{s}: not a valid pattern: {e}"))?
+            .filter_map(|m| m.ok())
+            .filter(|m| m.is_file())
+            .collect();
+        if found.is_empty() {
+            anyhow::bail!("{s}: no file matches this pattern");
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
+}
+
 /// Reads every record of `path` (JSON array or JSONL). A file that cannot be read, is empty, or
 /// is a malformed JSON array is an `Err`; a bad JSONL line (invalid UTF-8, invalid JSON, a
 /// record that does not fit `purpose`) is a `BadRecord` naming its line.
 pub fn read_file(path: &Path, purpose: Purpose) -> anyhow::Result<Vec<Record>> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+    {
+        return read_parquet(path, purpose);
+    }
     let bytes =
         std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);

@@ -85,13 +85,14 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
     if o.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2");
     }
-    for i in &o.inputs {
+    let inputs = formats::expand_inputs(&o.inputs)?;
+    for i in &inputs {
         crate::atomic::refuse_inside(&o.output, i, "input")?;
     }
     crate::atomic::check_output_dir(&o.output, o.overwrite)?;
     let tok = crate::tokenizer::load(&o.model_dir)?;
     let tmpl = ChatTemplate::resolve(&o.model_dir, o.template.as_deref())?;
-    let (mut convs, mut bad) = read_inputs(&o.inputs, o.strict)?;
+    let (mut convs, mut bad) = read_inputs(&inputs, o.strict)?;
 
     // the end-of-turn marker dataprep labels and infer stops on
     let eot = tmpl.end_of_turn(&tok)?;
@@ -226,7 +227,7 @@ pub fn prepare(o: &PrepOptions, warn: &mut dyn FnMut(&str)) -> Result<Meta> {
             drop_long: o.drop_long,
             val_split: o.val_split,
             seed: o.seed,
-            inputs: o.inputs.iter().map(|p| p.display().to_string()).collect(),
+            inputs: inputs.iter().map(|p| p.display().to_string()).collect(),
             conversations: n_conv,
             bad_records: bad.len(),
             truncated,
