@@ -95,7 +95,7 @@ impl<'a> LazyTensor<'a> {
         Ok(match self.delta {
             None if src == self.dtype => {
                 *self.written.borrow_mut() = Some(self.name.clone());
-                Cow::Borrowed(raw)
+                raw
             }
             None => {
                 let t = store.load(&self.name, self.dtype, &Device::Cpu)?;
@@ -152,7 +152,7 @@ pub fn merge(o: &MergeOptions, mut progress: impl FnMut(usize, usize)) -> Result
     let names: Vec<String> = store.names().cloned().collect();
     let mut plan = Vec::with_capacity(names.len());
     for n in &names {
-        let (_, st, shape) = store.raw(n)?;
+        let (st, shape) = store.info(n)?;
         let src = crate::weights::candle_dtype(st, store.file_of(n).unwrap(), n)?;
         let dt = if src.is_float() {
             o.dtype.unwrap_or(src)

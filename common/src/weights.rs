@@ -1,4 +1,9 @@
-//! Memory-mapped safetensors: one file or a sharded set with `model.safetensors.index.json`.
+//! A model directory's weights: memory-mapped safetensors (one file, or shards with
+//! `model.safetensors.index.json`), else PyTorch `pytorch_model.bin` checkpoints (one file, or
+//! shards with `pytorch_model.bin.index.json`, as transformers 4.x's
+//! `save_pretrained(safe_serialization=False)` writes them) through candle's pickle reader, one
+//! tensor read at a time from its zip when asked for. A directory with both uses safetensors,
+//! as transformers does.
 //!
 //! Every problem (missing file, truncated or corrupt header, missing tensor, wrong shape) is an
 //! error that names the file and the tensor. Also the one safetensors writer every stage uses.
@@ -12,9 +17,18 @@ use std::path::{Path, PathBuf};
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
-    data_start: usize,
+    data: ShardData,
+    /// Every tensor's dtype and shape (and, for safetensors, its place in the data section).
     infos: HashMap<String, TensorInfo>,
+}
+
+enum ShardData {
+    Safetensors {
+        mmap: Mmap,
+        data_start: usize,
+    },
+    /// A PyTorch checkpoint (zip of a pickled state dict and the tensors' storages).
+    Pth(candle_core::pickle::PthTensors),
 }
 
 /// The tensors of a model (or adapter) directory, memory-mapped.
@@ -37,6 +51,16 @@ impl SafetensorsStore {
     /// Opens the weights of a model directory: `model.safetensors.index.json` when present,
     /// else every `*.safetensors` file in the directory.
     pub fn open_dir(dir: &Path) -> Result<Self> {
+        let any_safetensors = dir.join("model.safetensors.index.json").exists()
+            || std::fs::read_dir(dir)
+                .with_context(|| format!("{}: cannot read model directory", dir.display()))?
+                .filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
+        if !any_safetensors {
+            if let Some(files) = pth_files(dir)? {
+                return Self::open_pth(dir, &files);
+            }
+        }
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index)
@@ -71,9 +95,68 @@ impl SafetensorsStore {
             v
         };
         if files.is_empty() {
-            bail!("{}: no *.safetensors weights found", dir.display());
+            bail!(
+                "{}: no weights found (*.safetensors, or pytorch_model.bin)",
+                dir.display()
+            );
         }
         Self::open_files(&files)
+    }
+
+    /// PyTorch checkpoint files: each must hold a state dict, and with an index every tensor
+    /// it maps to a file must be in that file.
+    fn open_pth(dir: &Path, files: &PthFiles) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut index = BTreeMap::new();
+        for (path, expected) in files {
+            if !path.exists() {
+                bail!("{}: missing PyTorch checkpoint shard", path.display());
+            }
+            let pth = candle_core::pickle::PthTensors::new(path, None)
+                .map_err(|e| anyhow!("{}: not a PyTorch checkpoint: {e}", path.display()))?;
+            if pth.tensor_infos().is_empty() {
+                bail!(
+                    "{}: holds no tensors: not a PyTorch state dict (a whole pickled model is not read; save its state_dict())",
+                    path.display()
+                );
+            }
+            let mut infos = HashMap::new();
+            for (name, ti) in pth.tensor_infos() {
+                let dtype = match ti.dtype {
+                    DType::F32 => StDtype::F32,
+                    DType::F16 => StDtype::F16,
+                    DType::BF16 => StDtype::BF16,
+                    other => bail!(
+                        "{}: tensor '{name}' has dtype {other:?}; f32, f16 and bf16 are read",
+                        path.display()
+                    ),
+                };
+                let shape = ti.layout.dims().to_vec();
+                let bytes = shape.iter().product::<usize>() * ti.dtype.size_in_bytes();
+                index.insert(name.clone(), shards.len());
+                infos.insert(
+                    name.clone(),
+                    TensorInfo {
+                        dtype,
+                        shape,
+                        data_offsets: (0, bytes),
+                    },
+                );
+            }
+            if let Some(missing) = expected.iter().find(|k| !infos.contains_key(*k)) {
+                bail!(
+                    "{}: tensor '{missing}' is not in {}, where the index puts it",
+                    dir.join("pytorch_model.bin.index.json").display(),
+                    path.display()
+                );
+            }
+            shards.push(Shard {
+                path: path.clone(),
+                data: ShardData::Pth(pth),
+                infos,
+            });
+        }
+        Ok(Self { shards, index })
     }
 
     pub fn open_files(files: &[PathBuf]) -> Result<Self> {
@@ -104,8 +187,7 @@ impl SafetensorsStore {
             }
             shards.push(Shard {
                 path: path.clone(),
-                mmap,
-                data_start,
+                data: ShardData::Safetensors { mmap, data_start },
                 infos,
             });
         }
@@ -130,20 +212,37 @@ impl SafetensorsStore {
         Some(s.infos[name].shape.clone())
     }
 
-    /// Raw bytes and dtype of a tensor (zero-copy view into the map).
-    pub fn raw(&self, name: &str) -> Result<(&[u8], StDtype, &[usize])> {
+    /// The dtype and shape of a tensor (nothing is read).
+    pub fn info(&self, name: &str) -> Result<(StDtype, &[usize])> {
         let i = *self
             .index
             .get(name)
             .ok_or_else(|| anyhow!("tensor '{name}' not found in {}", self.describe()))?;
-        let s = &self.shards[i];
-        let info = &s.infos[name];
-        let (a, b) = info.data_offsets;
-        Ok((
-            &s.mmap[s.data_start + a..s.data_start + b],
-            info.dtype,
-            &info.shape,
-        ))
+        let info = &self.shards[i].infos[name];
+        Ok((info.dtype, &info.shape))
+    }
+
+    /// Raw little-endian bytes and dtype of a tensor: a zero-copy view into the map for
+    /// safetensors, the tensor read from its zip for a PyTorch checkpoint.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let (dtype, shape) = self.info(name)?;
+        let s = &self.shards[self.index[name]];
+        let bytes = match &s.data {
+            ShardData::Safetensors { mmap, data_start } => {
+                let (a, b) = s.infos[name].data_offsets;
+                std::borrow::Cow::Borrowed(&mmap[data_start + a..data_start + b])
+            }
+            ShardData::Pth(pth) => {
+                let t = pth
+                    .get(name)
+                    .map_err(|e| anyhow!("{}: tensor '{name}': {e}", s.path.display()))?
+                    .ok_or_else(|| anyhow!("{}: tensor '{name}' missing", s.path.display()))?;
+                // the tensor's bytes as safetensors would hold them (one copy, then the
+                // tensor goes)
+                std::borrow::Cow::Owned(safetensors::View::data(&t).into_owned())
+            }
+        };
+        Ok((bytes, dtype, shape))
     }
 
     /// Loads a tensor (any shape) converted to `dtype` on `device`.
@@ -151,7 +250,7 @@ impl SafetensorsStore {
         let (bytes, st, shape) = self.raw(name)?;
         let file = self.file_of(name).unwrap();
         let src = candle_dtype(st, file, name)?;
-        let t = Tensor::from_raw_buffer(bytes, src, shape, &Device::Cpu)
+        let t = Tensor::from_raw_buffer(&bytes, src, shape, &Device::Cpu)
             .map_err(|e| anyhow!("{}: tensor '{name}': {e}", file.display()))?;
         let t = if src != dtype { t.to_dtype(dtype)? } else { t };
         self.release(name);
@@ -164,15 +263,18 @@ impl SafetensorsStore {
         #[cfg(unix)]
         if let Some(&i) = self.index.get(name) {
             let s = &self.shards[i];
+            let ShardData::Safetensors { mmap, data_start } = &s.data else {
+                return;
+            };
             let (a, b) = s.infos[name].data_offsets;
             let page = 4096;
-            let start = (s.data_start + a).div_ceil(page) * page;
-            let end = ((s.data_start + b) / page) * page;
+            let start = (data_start + a).div_ceil(page) * page;
+            let end = ((data_start + b) / page) * page;
             if end > start {
                 // SAFETY: read-only shared file mapping: MADV_DONTNEED only drops clean pages,
                 // which are re-read from the file if touched again.
                 unsafe {
-                    let _ = s.mmap.unchecked_advise_range(
+                    let _ = mmap.unchecked_advise_range(
                         memmap2::UncheckedAdvice::DontNeed,
                         start,
                         end - start,
@@ -216,6 +318,44 @@ impl SafetensorsStore {
             ),
         }
     }
+}
+
+/// A tensor's bytes, dtype and shape (`SafetensorsStore::raw`).
+pub type RawTensor<'a> = (std::borrow::Cow<'a, [u8]>, StDtype, &'a [usize]);
+
+/// PyTorch checkpoint files, each with the tensors its index puts in it.
+type PthFiles = Vec<(PathBuf, Vec<String>)>;
+
+/// The PyTorch checkpoint files of a directory with their tensors by the index (empty lists
+/// without one): `pytorch_model.bin.index.json`'s shards, else `pytorch_model.bin`; `None`
+/// when there are none.
+fn pth_files(dir: &Path) -> Result<Option<PthFiles>> {
+    let index = dir.join("pytorch_model.bin.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: missing field 'weight_map'", index.display()))?;
+        let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                anyhow!(
+                    "{}: 'weight_map' values must be file names",
+                    index.display()
+                )
+            })?;
+            by_file.entry(f.to_string()).or_default().push(k.clone());
+        }
+        return Ok(Some(
+            by_file.into_iter().map(|(f, k)| (dir.join(f), k)).collect(),
+        ));
+    }
+    let single = dir.join("pytorch_model.bin");
+    Ok(single.exists().then(|| vec![(single, Vec::new())]))
 }
 
 /// `SafetensorsStore` as a candle `VarBuilder` backend, so models load as `Model::load(vb, cfg)`.
@@ -342,7 +482,7 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("no *.safetensors"), "{e}");
+        assert!(e.contains("no weights found"), "{e}");
     }
 
     #[test]

@@ -330,3 +330,143 @@ fn refusals_name_the_problem() {
         "symlink followed out of the base directory"
     );
 }
+
+/// The two fixture directories of scripts/make-bin-fixture.py (the same tensors as PyTorch
+/// `.bin` shards with their index, and as safetensors), copied into `tmp` with the real
+/// model's tokenizer and chat template beside them.
+fn bin_and_safetensors_models(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let real = real_model_dir().unwrap();
+    let fixtures = common::testing::repo_root().join("common/tests/fixtures");
+    let mut dirs = Vec::new();
+    for name in ["bin-model", "bin-model-safetensors"] {
+        // one directory name for both: GGUF files carry it (general.name)
+        let d = tmp.join(name).join("model");
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(fixtures.join(name)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ] {
+            if real.join(f).exists() {
+                std::fs::copy(real.join(f), d.join(f)).unwrap();
+            }
+        }
+        dirs.push(d);
+    }
+    (dirs[0].clone(), dirs[1].clone())
+}
+
+/// A model directory of PyTorch `.bin` shards (as transformers 4.x's
+/// `save_pretrained(safe_serialization=False)` writes them) loads as its safetensors twin
+/// does: the same logits; merger and export-gguf write the same files from either; with both
+/// formats present safetensors is used; damaged or foreign checkpoints are named.
+#[test]
+fn pytorch_bin_checkpoints_load_as_safetensors_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bin, st) = bin_and_safetensors_models(tmp.path());
+    let ids = Tensor::new(&[[1u32, 520, 9000, 33, 48000, 7]], &Device::Cpu).unwrap();
+    let logits = |d: &Path| {
+        Llama::from_dir(d, DType::F32, &Device::Cpu)
+            .unwrap()
+            .forward(&ids, None)
+            .unwrap()
+    };
+    let (a, b) = (logits(&bin), logits(&st));
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    // merger and export-gguf: the same bytes from either base
+    let adapter = tmp.path().join("adapter");
+    exact_adapter(
+        &adapter,
+        &[
+            ("model.layers.0.self_attn.q_proj", 16, 16),
+            ("model.layers.1.mlp.down_proj", 32, 16),
+        ],
+        2,
+        4.0,
+    );
+    let mut outputs = Vec::new();
+    for base in [&bin, &st] {
+        let which = base
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy();
+        let out = tmp.path().join(format!("merged-{which}"));
+        let (code, log) = merger(&[
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{log}");
+        let gguf = tmp.path().join(format!("{which}.gguf"));
+        let o = Command::new(env!("CARGO_BIN_EXE_export-gguf"))
+            .args(["--model", base.to_str().unwrap(), "--type", "q8_0", "-o"])
+            .arg(&gguf)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        outputs.push((out, gguf));
+    }
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(
+        weights(&outputs[0].0) == weights(&outputs[1].0),
+        "merged weights differ"
+    );
+    assert!(
+        std::fs::read(&outputs[0].1).unwrap() == std::fs::read(&outputs[1].1).unwrap(),
+        "GGUF exports differ"
+    );
+    // both formats in one directory: safetensors, as transformers (the .bin here is junk)
+    std::fs::write(st.join("pytorch_model.bin"), b"not a checkpoint").unwrap();
+    assert_eq!(max_abs_diff(&logits(&st), &b), 0.0);
+    // refusals name the file (and the tensor)
+    let fixtures = common::testing::repo_root().join("common/tests/fixtures");
+    let fail = |d: &Path| match SafetensorsStore::open_dir(d) {
+        Ok(_) => panic!("{} opened", d.display()),
+        Err(e) => format!("{e:#}"),
+    };
+    let lone = tmp.path().join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    std::fs::copy(
+        fixtures.join("not-a-state-dict.bin"),
+        lone.join("pytorch_model.bin"),
+    )
+    .unwrap();
+    let e = fail(&lone);
+    assert!(
+        e.contains("pytorch_model.bin") && e.contains("not a PyTorch state dict"),
+        "{e}"
+    );
+    std::fs::write(lone.join("pytorch_model.bin"), b"not a zip").unwrap();
+    let e = fail(&lone);
+    assert!(
+        e.contains("pytorch_model.bin: not a PyTorch checkpoint"),
+        "{e}"
+    );
+    let index = bin.join("pytorch_model.bin.index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["weight_map"]["model.extra.weight"] = "pytorch_model-00002-of-00002.bin".into();
+    std::fs::write(&index, v.to_string()).unwrap();
+    let e = fail(&bin);
+    assert!(
+        e.contains("'model.extra.weight'") && e.contains("00002-of-00002.bin"),
+        "{e}"
+    );
+    std::fs::write(&index, &text).unwrap();
+    std::fs::remove_file(bin.join("pytorch_model-00002-of-00002.bin")).unwrap();
+    let e = fail(&bin);
+    assert!(
+        e.contains("pytorch_model-00002-of-00002.bin: missing"),
+        "{e}"
+    );
+}
