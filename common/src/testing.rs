@@ -109,17 +109,24 @@ pub fn write_tiny_model(
             .into_iter()
             .collect();
     crate::weights::save(&w, &dir.join("model.safetensors"))?;
+    copy_tokenizer(&real, dir)?;
+    Ok(cfg)
+}
+
+/// Copies a model directory's tokenizer, tokenizer config, chat template and generation config
+/// (those it has) into `dir`.
+pub fn copy_tokenizer(model: &Path, dir: &Path) -> Result<()> {
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
         "chat_template.jinja",
         "generation_config.json",
     ] {
-        if real.join(f).exists() {
-            std::fs::copy(real.join(f), dir.join(f))?;
+        if model.join(f).exists() {
+            std::fs::copy(model.join(f), dir.join(f))?;
         }
     }
-    Ok(cfg)
+    Ok(())
 }
 
 /// Shards of the project's sample dialogues (data/counsel_train.jsonl), made with the real

@@ -63,14 +63,7 @@ impl SafetensorsStore {
         }
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("{}: cannot read", index.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: invalid JSON", index.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| anyhow!("{}: missing field 'weight_map'", index.display()))?;
+            let map = weight_map(&index)?;
             let mut names: Vec<String> = map
                 .values()
                 .map(|f| {
@@ -323,6 +316,18 @@ impl SafetensorsStore {
 /// A tensor's bytes, dtype and shape (`SafetensorsStore::raw`).
 pub type RawTensor<'a> = (std::borrow::Cow<'a, [u8]>, StDtype, &'a [usize]);
 
+/// The `weight_map` of a sharded checkpoint's index file (tensor name -> file name).
+fn weight_map(index: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("{}: cannot read", index.display()))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", index.display()))?;
+    match v.get_mut("weight_map").map(serde_json::Value::take) {
+        Some(serde_json::Value::Object(m)) => Ok(m),
+        _ => bail!("{}: missing field 'weight_map'", index.display()),
+    }
+}
+
 /// PyTorch checkpoint files, each with the tensors its index puts in it.
 type PthFiles = Vec<(PathBuf, Vec<String>)>;
 
@@ -332,14 +337,7 @@ type PthFiles = Vec<(PathBuf, Vec<String>)>;
 fn pth_files(dir: &Path) -> Result<Option<PthFiles>> {
     let index = dir.join("pytorch_model.bin.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("{}: cannot read", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", index.display()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| anyhow!("{}: missing field 'weight_map'", index.display()))?;
+        let map = weight_map(&index)?;
         let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (k, f) in map {
             let f = f.as_str().ok_or_else(|| {

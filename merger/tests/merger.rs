@@ -346,16 +346,7 @@ fn bin_and_safetensors_models(tmp: &Path) -> (std::path::PathBuf, std::path::Pat
             let e = e.unwrap();
             std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
         }
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "chat_template.jinja",
-            "generation_config.json",
-        ] {
-            if real.join(f).exists() {
-                std::fs::copy(real.join(f), d.join(f)).unwrap();
-            }
-        }
+        common::testing::copy_tokenizer(&real, &d).unwrap();
         dirs.push(d);
     }
     (dirs[0].clone(), dirs[1].clone())

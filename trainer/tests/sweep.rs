@@ -148,24 +148,22 @@ fn local_four_point_sweep_and_report() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny");
     write_tiny_model(&model, 32, 2, 4).unwrap();
-    let (code, log) = sweep(
-        tmp.path(),
-        &[
-            "--name",
-            "s",
-            "--model",
-            model.to_str().unwrap(),
-            "learning_rate=1e-3,1e-2",
-            "lora_r=2,4",
-            "--",
-            "--max-steps",
-            "3",
-            "--logging-steps",
-            "1",
-            "--per-device-train-batch-size",
-            "2",
-        ],
-    );
+    let args = [
+        "--name",
+        "s",
+        "--model",
+        model.to_str().unwrap(),
+        "learning_rate=1e-3,1e-2",
+        "lora_r=2,4",
+        "--",
+        "--max-steps",
+        "3",
+        "--logging-steps",
+        "1",
+        "--per-device-train-batch-size",
+        "2",
+    ];
+    let (code, log) = sweep(tmp.path(), &args);
     assert_eq!(code, 0, "{log}");
     let html = std::fs::read_to_string(tmp.path().join("s/report.html")).unwrap();
     let loss = &html[html.find("id=\"chart-loss\"").unwrap()..];
@@ -185,21 +183,6 @@ fn local_four_point_sweep_and_report() {
     assert!(loss.matches("<polyline").count() >= 4, "4 curves");
     // a second call finds the points completed (each trainer says so and exits 0) and only
     // rebuilds the report
-    let args = [
-        "--name",
-        "s",
-        "--model",
-        model.to_str().unwrap(),
-        "learning_rate=1e-3,1e-2",
-        "lora_r=2,4",
-        "--",
-        "--max-steps",
-        "3",
-        "--logging-steps",
-        "1",
-        "--per-device-train-batch-size",
-        "2",
-    ];
     let (code, log) = sweep(tmp.path(), &args);
     assert_eq!(code, 0, "{log}");
     assert_eq!(log.matches("already completed").count(), 4, "{log}");

@@ -1000,6 +1000,15 @@ fn bf16_mixed_precision_trains_with_f32_lora_weights() {
     assert_ne!(adapter_values(&full), adapter_values(&mixed));
 }
 
+/// The trainer started with `a`, its output discarded.
+fn spawn_quiet(a: &[String]) -> Child {
+    trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn run_json(o: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap()
 }
@@ -1034,11 +1043,7 @@ fn a_second_signal_and_a_failed_resume_are_recorded() {
             "no",
         ],
     );
-    let mut child = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(&a);
     wait_for(&o.join("checkpoint-1"), &mut child);
     signal(&child, "INT");
     std::thread::sleep(Duration::from_millis(200));
@@ -1124,11 +1129,7 @@ fn one_trainer_per_output_directory() {
             "auto",
         ],
     );
-    let mut first = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = spawn_quiet(&a);
     wait_for(&o.join("metrics.csv"), &mut first);
     let (code, log) = run_trainer(&a);
     assert_eq!(code, 1, "{log}");
@@ -1223,11 +1224,7 @@ fn tensorboard_reads_back_every_logged_value_once_across_a_resume() {
             "tensorboard",
         ],
     );
-    let mut child = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(&a);
     wait_for(&o.join("checkpoint-6"), &mut child);
     // a few steps past the checkpoint, logged by this attempt and then superseded
     std::thread::sleep(Duration::from_millis(300));
@@ -1237,11 +1234,7 @@ fn tensorboard_reads_back_every_logged_value_once_across_a_resume() {
     let mut resume = a.clone();
     resume.extend(["--resume-from-checkpoint".into(), "latest".into()]);
     // the second attempt: stopped by SIGTERM (a checkpoint, status 75) six steps on
-    let mut child = trainer(&resume.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_quiet(&resume);
     wait_for(
         &o.join(format!("checkpoint-{}", checkpoint + 6)),
         &mut child,
