@@ -143,8 +143,9 @@ impl IntoResponse for ApiError {
 struct ChatRequest {
     model: String,
     messages: Vec<Message>,
-    /// The rendered, tokenized prompt (`Engine::check_prompt`).
+    /// The rendered, tokenized prompt and the resolved decoding (`Engine::check_prompt`).
     prompt: Vec<u32>,
+    params: crate::generate::SamplingParams,
     flags: SamplingFlags,
     stop: Vec<String>,
     stream: bool,
@@ -387,6 +388,7 @@ fn parse_request(body: &Value, engine: &Engine) -> Result<ChatRequest, ApiError>
         model,
         messages,
         prompt: Vec::new(),
+        params: Default::default(),
         flags,
         stop,
         stream,
@@ -474,6 +476,7 @@ impl Engine {
             });
         }
         req.prompt = prompt;
+        req.params = params;
         Ok(())
     }
 
@@ -486,9 +489,8 @@ impl Engine {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Finished, ApiError> {
         let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let (params, _) = req.flags.resolve(&self.gen_config, false);
         let s = WithAdapter::new(&mut guard, self.adapters.get(&req.model));
-        s.0.params = params;
+        s.0.params = req.params.clone();
         let mut text = String::new();
         let mut sent = 0usize;
         let stopped = std::cell::Cell::new(false);

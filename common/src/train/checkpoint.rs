@@ -102,6 +102,21 @@ pub fn identity(
     ]))
 }
 
+/// The settings of `now` that differ from `saved`, each as `FLAG: WHAT OLD, now NEW` (`what`
+/// names where the old value comes from: `checkpoint`, `run`).
+pub fn identity_diffs(
+    saved: &BTreeMap<String, Setting>,
+    now: &BTreeMap<String, Setting>,
+    what: &str,
+) -> Vec<String> {
+    now.iter()
+        .filter_map(|(k, v)| {
+            let old = saved.get(k)?;
+            (old.value != v.value).then(|| format!("{k}: {what} {}, now {}", old.shown, v.shown))
+        })
+        .collect()
+}
+
 /// Refuses to resume `checkpoint` with settings that differ from the ones it was made with,
 /// naming each, with the checkpoint's value and the new one.
 pub fn check_identity(
@@ -109,14 +124,7 @@ pub fn check_identity(
     saved: &BTreeMap<String, Setting>,
     now: &BTreeMap<String, Setting>,
 ) -> Result<()> {
-    let diffs: Vec<String> = now
-        .iter()
-        .filter_map(|(k, v)| {
-            let old = saved.get(k)?;
-            (old.value != v.value)
-                .then(|| format!("{k}: checkpoint {}, now {}", old.shown, v.shown))
-        })
-        .collect();
+    let diffs = identity_diffs(saved, now, "checkpoint");
     if !diffs.is_empty() {
         bail!(
             "{}: cannot resume with different settings ({}); resume with the checkpoint's settings, or start a new run in another --output-dir",

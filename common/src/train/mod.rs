@@ -15,6 +15,13 @@ pub use trainer::{steps, stop_flag, Outcome, OutputLock, Reporter, Trainer, LOCK
 
 use anyhow::Result;
 
+/// This machine's host name (Linux), which the lock file and TensorBoard file names carry.
+pub(crate) fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+}
+
 /// The record of a run in `output_dir` that completed (its adapter written), if there is one.
 pub fn completed_run(output_dir: &std::path::Path) -> Option<run::RunRecord> {
     let r = run::RunRecord::load(output_dir).ok()?;
@@ -59,13 +66,7 @@ pub fn check_completed(args: &args::TrainArgs) -> Result<Option<run::RunRecord>>
         &done.model.config_sha256,
         &done.data.meta_sha256,
     )?;
-    let diffs: Vec<String> = now
-        .iter()
-        .filter_map(|(k, v)| {
-            let old = then.get(k)?;
-            (old.value != v.value).then(|| format!("{k}: run {}, now {}", old.shown, v.shown))
-        })
-        .collect();
+    let diffs = checkpoint::identity_diffs(&then, &now, "run");
     if !diffs.is_empty() {
         return Err(usage(format!(
             "these arguments differ from it ({})",

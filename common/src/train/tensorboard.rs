@@ -133,9 +133,7 @@ impl EventWriter {
     pub fn create(dir: &Path, resumed_at: Option<usize>) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create the log directory", dir.display()))?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = super::hostname().unwrap_or_else(|| "localhost".into());
         let secs = now() as u64;
         let path = dir.join(format!(
             "events.out.tfevents.{secs}.{host}.{}.0",

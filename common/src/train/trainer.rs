@@ -157,9 +157,7 @@ impl OutputLock {
                 return Err(e).with_context(|| format!("{}: cannot lock", path.display()))
             }
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown host".into());
+        let host = super::hostname().unwrap_or_else(|| "unknown host".into());
         file.set_len(0)?;
         file.rewind()?;
         writeln!(file, "pid {} on {host}", std::process::id())?;
