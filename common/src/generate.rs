@@ -74,7 +74,7 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn sampling(&self) -> Sampling {
+    pub(crate) fn sampling(&self) -> Sampling {
         let temperature = self.temperature;
         if temperature < GREEDY_BELOW {
             return Sampling::ArgMax;

@@ -5,16 +5,19 @@
 
 use crate::chat::{ChatTemplate, EndOfTurn, Message};
 use crate::data::formats::Conversation;
-use crate::generate::{generate_until, stop_ids, Generation, GenerationConfig, SamplingParams};
-use crate::model::Llama;
+use crate::engine::{Engine, EngineOptions, Event, Finished, Request, Tagged};
+use crate::generate::{stop_ids, GenerationConfig, SamplingParams};
+use crate::model::{Llama, WeightFormat};
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
+/// A model ready to answer: its tokenizer, chat template and stop ids, the decoding to use,
+/// and the generation engine (`engine::Engine`) holding the model and every adapter.
 pub struct Session {
-    pub model: Llama,
+    pub engine: Engine,
     pub tok: Tokenizer,
     pub template: ChatTemplate,
     pub end_of_turn: EndOfTurn,
@@ -22,6 +25,32 @@ pub struct Session {
     pub params: SamplingParams,
     /// The model's `generation_config.json` (decoding defaults).
     pub gen_config: GenerationConfig,
+    /// The adapter `reply` uses (`None`: the base model).
+    pub adapter: Option<String>,
+    /// Bytes of the frozen weights as held.
+    pub weight_bytes: usize,
+}
+
+/// How to load the model a session serves.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Compute dtype (on the CPU, bf16 keeps the frozen weights in bf16 and computes in f32).
+    pub dtype: DType,
+    /// Frozen weights quantized for inference (CPU).
+    pub quantize: Option<WeightFormat>,
+    pub device: Device,
+    pub engine: EngineOptions,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            dtype: DType::F32,
+            quantize: None,
+            device: Device::Cpu,
+            engine: EngineOptions::default(),
+        }
+    }
 }
 
 /// One generated reply.
@@ -34,23 +63,48 @@ pub struct Reply {
     pub tokens_per_s: f64,
 }
 
+impl Reply {
+    fn of(f: &Finished) -> Reply {
+        Reply {
+            text: f.text.trim().to_string(),
+            tokens: f.completion_tokens,
+            stopped: f.stopped(),
+            tokens_per_s: f.decode_tokens_per_s(),
+        }
+    }
+}
+
 impl Session {
-    /// Loads a model directory, with an optional adapter attached (checked against the base)
-    /// and an optional template file instead of the model's own.
+    /// Loads a model directory with any number of named adapters (each checked against the
+    /// base) and an optional template file instead of the model's own; `reply` uses the
+    /// adapter named `use_adapter`.
     pub fn open(
         model_dir: &Path,
-        adapter: Option<&Path>,
+        adapters: &[(String, PathBuf)],
+        use_adapter: Option<&str>,
         template: Option<&Path>,
-        dtype: DType,
-        device: &Device,
+        o: &ModelOptions,
         params: SamplingParams,
     ) -> Result<Self> {
         params.validate()?;
-        let mut model = Llama::from_dir(model_dir, dtype, device)?;
-        if let Some(a) = adapter {
-            let ad = crate::lora::Adapter::load(a, dtype, device)?;
-            model.attach_adapter(&ad, model_dir)?;
+        let cpu_light = o.device.is_cpu() && o.dtype == DType::BF16;
+        let load_dtype = if cpu_light || o.quantize.is_some() {
+            DType::F32
+        } else {
+            o.dtype
+        };
+        let mut model = Llama::from_dir(model_dir, load_dtype, &o.device)?;
+        let mut branches = Vec::new();
+        for (name, dir) in adapters {
+            let ad = crate::lora::Adapter::load(dir, load_dtype, &o.device)?;
+            branches.push((name.clone(), model.adapter_branches(&ad, model_dir)?));
         }
+        match (o.quantize, cpu_light) {
+            (Some(q), _) => model.pack(q)?,
+            (None, true) => model.pack(WeightFormat::Bf16)?,
+            (None, false) => {}
+        }
+        let weight_bytes = model.weight_bytes();
         let tok = crate::tokenizer::load(model_dir)?;
         let template = ChatTemplate::resolve(model_dir, template)?;
         let end_of_turn = template.end_of_turn(&tok)?;
@@ -61,14 +115,17 @@ impl Session {
                 model_dir.display()
             );
         }
+        let engine = Engine::start(model, tok.clone(), stops.clone(), branches, o.engine.clone())?;
         Ok(Session {
-            model,
+            engine,
             tok,
             template,
             end_of_turn,
             stops,
             params,
             gen_config: GenerationConfig::from_dir(model_dir)?,
+            adapter: use_adapter.map(str::to_string),
+            weight_bytes,
         })
     }
 
@@ -82,120 +139,150 @@ impl Session {
         &self,
         history: &[Message],
         on_text: impl FnMut(&str),
-    ) -> Result<(Reply, Generation)> {
-        self.reply_until(history, on_text, || false)
+    ) -> Result<(Reply, Finished)> {
+        let req = Request::new(
+            self.prompt_ids(history)?,
+            self.adapter.clone(),
+            self.params.clone(),
+        );
+        let f = self.engine.generate(req, on_text)?;
+        Ok((Reply::of(&f), f))
     }
 
-    /// `reply`, ending early when `stop_now` says so (checked between prefill chunks and after
-    /// every token).
-    pub fn reply_until(
+    /// Answers every user turn of every conversation, each with each of `adapters` (`None`:
+    /// the base model), feeding each answer back into its own history: all of them at once
+    /// through the engine, each conversation's next turn joining the batch when its previous
+    /// answer is done. `on_done(conversation, adapter)` is called as each pair finishes.
+    /// Returns, per conversation and adapter, the replies or the error that ended them.
+    pub fn answer_all(
         &self,
-        history: &[Message],
-        on_text: impl FnMut(&str),
-        stop_now: impl Fn() -> bool,
-    ) -> Result<(Reply, Generation)> {
-        self.reply_to_ids(&self.prompt_ids(history)?, on_text, stop_now)
-    }
-
-    /// `reply_until` for a prompt already rendered and tokenized (`prompt_ids`).
-    pub fn reply_to_ids(
-        &self,
-        prompt: &[u32],
-        mut on_text: impl FnMut(&str),
-        stop_now: impl Fn() -> bool,
-    ) -> Result<(Reply, Generation)> {
-        let mut printed = 0usize;
-        let mut ids: Vec<u32> = Vec::new();
-        let tok = &self.tok;
-        let g = generate_until(
-            &self.model,
-            prompt,
-            &self.params,
-            &self.stops,
-            &stop_now,
-            |id| {
-                if self.stops.contains(&id) {
-                    return Ok(true);
-                }
-                ids.push(id);
-                let text = tok.decode(&ids, true).map_err(|e| anyhow!("decode: {e}"))?;
-                // print only complete characters (a token may end inside a UTF-8 sequence)
-                if text.len() > printed && !text.ends_with('\u{fffd}') {
-                    on_text(&text[printed..]);
-                    printed = text.len();
-                }
-                Ok(!stop_now())
-            },
-        )?;
-        let content: Vec<u32> = g
-            .ids
+        convs: &[&Conversation],
+        default_system: Option<&str>,
+        adapters: &[Option<String>],
+        mut on_done: impl FnMut(usize, usize),
+    ) -> Vec<Vec<Result<Vec<Reply>>>> {
+        struct Run {
+            history: Vec<Message>,
+            users: Vec<String>,
+            replies: Vec<Reply>,
+            result: Option<Result<Vec<Reply>>>,
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<((usize, usize), Event)>();
+        let mut runs: Vec<Vec<Run>> = convs
             .iter()
-            .copied()
-            .filter(|i| !self.stops.contains(i))
+            .map(|c| {
+                let mut history = Vec::new();
+                if let Some(s) = c.system().or(default_system) {
+                    history.push(Message::new("system", s));
+                }
+                let users: Vec<String> =
+                    c.user_turns().into_iter().map(str::to_string).collect();
+                adapters
+                    .iter()
+                    .map(|_| Run {
+                        history: history.clone(),
+                        users: users.clone(),
+                        replies: Vec::new(),
+                        result: None,
+                    })
+                    .collect()
+            })
             .collect();
-        let text = tok
-            .decode(&content, true)
-            .map_err(|e| anyhow!("decode: {e}"))?;
-        if text.len() > printed {
-            on_text(&text[printed..]);
-        }
-        let reply = Reply {
-            text: text.trim().to_string(),
-            tokens: g.ids.len(),
-            stopped: g.stopped,
-            tokens_per_s: g.decode_tokens_per_s(),
+        // submits the next turn of a run; false when it has none left (its result is set)
+        let next = |key: (usize, usize), run: &mut Run| -> bool {
+            let turn = run.replies.len();
+            if turn == run.users.len() {
+                run.result = Some(Ok(std::mem::take(&mut run.replies)));
+                return false;
+            }
+            run.history.push(Message::new("user", &run.users[turn]));
+            let submitted = self.prompt_ids(&run.history).and_then(|p| {
+                let req = Request::new(p, adapters[key.1].clone(), self.params.clone());
+                Ok(self.engine.submit(req, Box::new(Tagged(key, tx.clone())))?)
+            });
+            if let Err(e) = submitted {
+                run.result = Some(Err(e));
+                return false;
+            }
+            true
         };
-        Ok((reply, g))
+        // at most max_queue wait at once: runs start as places free
+        let cap = self.engine.options().max_queue + self.engine.options().max_batch;
+        let mut pending = (0..runs.len()).flat_map(|c| (0..adapters.len()).map(move |a| (c, a)));
+        let mut in_flight = 0usize;
+        loop {
+            while in_flight < cap {
+                let Some(k) = pending.next() else { break };
+                if next(k, &mut runs[k.0][k.1]) {
+                    in_flight += 1;
+                } else {
+                    on_done(k.0, k.1);
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            let Some((key, e)) = rx.blocking_recv() else {
+                break;
+            };
+            let run = &mut runs[key.0][key.1];
+            match e {
+                Event::Delta { .. } => continue,
+                Event::Done(f) => {
+                    let r = Reply::of(&f);
+                    run.history.push(Message::new("assistant", &r.text));
+                    run.replies.push(r);
+                    if !next(key, run) {
+                        in_flight -= 1;
+                        on_done(key.0, key.1);
+                    }
+                }
+                Event::Error(msg) => {
+                    in_flight -= 1;
+                    run.result = Some(Err(anyhow!("{msg}")));
+                    on_done(key.0, key.1);
+                }
+            }
+        }
+        runs.into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|x| x.result.unwrap_or_else(|| Err(anyhow!("the generation engine stopped"))))
+                    .collect()
+            })
+            .collect()
     }
 
-    /// Answers every user turn of `conv` in order, feeding the model's own earlier answers back
-    /// (`default_system` when the conversation has no system prompt).
-    pub fn answer_conversation(
-        &self,
-        conv: &Conversation,
-        default_system: Option<&str>,
-        mut on_text: impl FnMut(usize, &str),
-    ) -> Result<Vec<Reply>> {
-        let mut history = Vec::new();
-        if let Some(s) = conv.system().or(default_system) {
-            history.push(Message::new("system", s));
-        }
-        let mut replies = Vec::new();
-        for (i, u) in conv.user_turns().into_iter().enumerate() {
-            history.push(Message::new("user", u));
-            let (r, _) = self.reply(&history, |t| on_text(i, t))?;
-            history.push(Message::new("assistant", &r.text));
-            replies.push(r);
-        }
-        Ok(replies)
+    /// Answers `conv` with the session's adapter and with the base model alone.
+    pub fn compare(&self, conv: &Conversation, default_system: Option<&str>) -> Result<Comparison> {
+        let mut r = self.answer_all(&[conv], default_system, &[self.adapter.clone(), None], |_, _| {});
+        let mut pair = r.remove(0).into_iter();
+        let tuned = pair.next().expect("two runs")?;
+        let base = pair.next().expect("two runs")?;
+        Ok(comparison(conv, default_system, base, tuned))
     }
+}
 
-    /// Answers `conv` with the adapter attached and then with the base model alone (the
-    /// adapter is detached for the second pass and put back whatever happens).
-    pub fn compare(
-        &mut self,
-        conv: &Conversation,
-        default_system: Option<&str>,
-    ) -> Result<Comparison> {
-        let tuned = self.answer_conversation(conv, default_system, |_, _| {})?;
-        let loras = self.model.take_loras();
-        let base = self.answer_conversation(conv, default_system, |_, _| {});
-        self.model.put_loras(loras);
-        let base = base?;
-        Ok(Comparison {
-            id: conv.id.clone().unwrap_or_else(|| conv.at.index.to_string()),
-            system: conv.system().or(default_system).map(str::to_string),
-            turns: conv
-                .user_turns()
-                .into_iter()
-                .zip(base.into_iter().zip(tuned))
-                .map(|(u, (b, t))| ComparedTurn {
-                    user: u.to_string(),
-                    base: b,
-                    adapter: t,
-                })
-                .collect(),
-        })
+/// A conversation's turns answered by the base model and by base + adapter, side by side.
+pub fn comparison(
+    conv: &Conversation,
+    default_system: Option<&str>,
+    base: Vec<Reply>,
+    tuned: Vec<Reply>,
+) -> Comparison {
+    Comparison {
+        id: conv.id.clone().unwrap_or_else(|| conv.at.index.to_string()),
+        system: conv.system().or(default_system).map(str::to_string),
+        turns: conv
+            .user_turns()
+            .into_iter()
+            .zip(base.into_iter().zip(tuned))
+            .map(|(u, (b, t))| ComparedTurn {
+                user: u.to_string(),
+                base: b,
+                adapter: t,
+            })
+            .collect(),
     }
 }
 

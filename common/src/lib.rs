@@ -14,7 +14,9 @@
 //! | `lora` | PEFT adapter config and files, LoRA initialisation |
 //! | `train` | the training loop, its arguments and records |
 //! | `merge` | folding an adapter into its base |
-//! | `generate`, `infer` | generation and inference sessions, base-vs-tuned comparison |
+//! | `generate` | decoding settings, and the one-sequence reference generation loop |
+//! | `engine` | the batched generation engine: scheduler, per-sequence caches and adapters |
+//! | `infer` | inference sessions over the engine, base-vs-tuned comparison |
 //! | `serve` | the OpenAI-compatible HTTP server of `infer --serve` |
 //! | `report` | the HTML run comparison |
 //! | `bench` | the LoRA training benchmark |
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod infer;

@@ -1,35 +1,34 @@
 //! `infer --serve`: an OpenAI-compatible HTTP server (`/v1/chat/completions`, `/v1/models`,
-//! `/health`) over one base model with any number of LoRA adapters held in memory; a request's
-//! `model` names the base or an adapter. Generation is the command line's (`infer::Session`):
-//! the same template, stop tokens and sampler, so a request answers what `infer --adapter ...`
-//! answers for the same prompt and seed.
+//! `/health`, `/metrics`) over one base model with any number of LoRA adapters held in memory;
+//! a request's `model` names the base or an adapter. Generation is the engine's
+//! (`engine::Engine`), the one the command line uses: the same template, stop tokens and
+//! sampler, so a request answers what `infer --adapter ...` answers for the same prompt and
+//! seed, whatever other requests share the batch.
 //!
-//! Requests wait their turn for the model in arrival order (a fair mutex). A request's place in
-//! the queue and its turn are guards: whatever ends it (an answer, an error, a panic, a client
-//! that goes away while queued, prefilling or decoding) gives them back. A client that goes
-//! away stops its generation at the next prefill chunk or token; SIGTERM/SIGINT stop accepting
-//! and let running requests finish. Every error is OpenAI's JSON error object with its status
-//! (4xx for what the client sent, 500 for the server's own failures). With an API key, every
-//! route but `/health` asks for `Authorization: Bearer KEY`.
+//! Requests for any mix of adapters run together in one batch (continuous batching: a request
+//! joins at the next step, leaves when done). A request is checked (its template, its length)
+//! before it queues; beyond `--max-queue` waiting ones it gets 429. A client that goes away
+//! cancels its request at the next step, queued, prefilling or decoding. SIGTERM/SIGINT stop
+//! accepting and let running requests finish. Every error is OpenAI's JSON error object with
+//! its status (4xx for what the client sent, 500 for the server's own failures). With an API
+//! key, every route but `/health` and `/metrics` asks for `Authorization: Bearer KEY`.
 
 use crate::chat::Message;
+use crate::engine::{Event, Finished, Refused, TokenLogprob};
 use crate::generate::{GenerationConfig, SamplingFlags};
 use crate::infer::Session;
-use crate::model::Lora;
 use anyhow::{Context, Result};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The largest request body accepted (413 beyond): far more than a full context of text.
@@ -40,56 +39,21 @@ pub struct ServeOptions {
     pub addr: String,
     /// The name requests use for the base model.
     pub base_name: String,
-    /// Adapters by the name requests use for them.
-    pub adapters: Vec<(String, PathBuf)>,
     /// Decoding settings given on the command line (each request's own win).
     pub defaults: SamplingFlags,
-    /// Requests that may wait for the model; more get 429.
-    pub max_queue: usize,
-    /// When set, every request but `/health` must carry `Authorization: Bearer KEY`.
+    /// When set, every request but `/health` and `/metrics` must carry `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
 }
 
-/// The served model and what a request needs besides it.
-struct Engine {
-    session: std::sync::Mutex<Session>,
-    /// The session's chat template and tokenizer, to check a request before it waits its turn.
-    template: crate::chat::ChatTemplate,
-    tok: tokenizers::Tokenizer,
-    /// Each adapter's LoRA branches, in the model's module order (`Llama::take_loras`).
-    adapters: BTreeMap<String, Vec<Option<Lora>>>,
+/// The served session and what a request needs besides it.
+struct Server {
+    /// The engine (with every adapter), tokenizer and template.
+    session: Session,
     base_name: String,
     gen_config: GenerationConfig,
     defaults: SamplingFlags,
-    context: usize,
-    /// Requests holding or awaiting the model (each counted by a `QueueSlot`).
-    waiting: AtomicUsize,
-    max_queue: usize,
-    /// Serves requests in arrival order (tokio's mutex is fair).
-    turn: Arc<tokio::sync::Mutex<()>>,
     /// SHA-256 of the API key, compared in constant time.
     api_key: Option<[u8; 32]>,
-}
-
-/// A request's place among the `waiting` ones, given back when dropped, on every path.
-struct QueueSlot(Arc<Engine>);
-
-impl QueueSlot {
-    fn take(engine: &Arc<Engine>) -> Option<QueueSlot> {
-        engine
-            .waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < engine.max_queue).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| QueueSlot(engine.clone()))
-    }
-}
-
-impl Drop for QueueSlot {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// An OpenAI-shaped error response.
@@ -150,6 +114,10 @@ struct ChatRequest {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// `top_logprobs` when `logprobs` is true.
+    logprobs: Option<usize>,
+    presence_penalty: f32,
+    frequency_penalty: f32,
 }
 
 /// The JSON body of a POST: a JSON content type (or none), at most `MAX_BODY_BYTES`, valid JSON.
@@ -217,7 +185,7 @@ fn message_text(v: &Value, i: usize) -> Result<String, ApiError> {
     }
 }
 
-fn parse_request(body: &Value, engine: &Engine) -> Result<ChatRequest, ApiError> {
+fn parse_request(body: &Value, engine: &Server) -> Result<ChatRequest, ApiError> {
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::bad("the request body must be a JSON object", None))?;
@@ -226,13 +194,13 @@ fn parse_request(body: &Value, engine: &Engine) -> Result<ChatRequest, ApiError>
         Some(Value::String(m)) => m.clone(),
         Some(_) => return Err(ApiError::bad("'model' must be a string", Some("model"))),
     };
-    if model != engine.base_name && !engine.adapters.contains_key(&model) {
+    if model != engine.base_name && !engine.session.engine.has_adapter(&model) {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!(
                 "The model '{model}' does not exist (this server has: {})",
                 std::iter::once(&engine.base_name)
-                    .chain(engine.adapters.keys())
+                    .chain(engine.session.engine.adapters())
                     .cloned()
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -311,20 +279,32 @@ fn parse_request(body: &Value, engine: &Engine) -> Result<ChatRequest, ApiError>
             Some("n"),
         ));
     }
-    if boolean("logprobs", None)? == Some(true) || int("top_logprobs")?.is_some_and(|n| n > 0) {
+    let top_logprobs = int("top_logprobs")?;
+    if top_logprobs.is_some_and(|n| n > 20) {
         return Err(ApiError::bad(
-            "'logprobs' is not supported by this server",
-            Some("logprobs"),
+            "'top_logprobs' must be between 0 and 20",
+            Some("top_logprobs"),
         ));
     }
-    for k in ["presence_penalty", "frequency_penalty"] {
-        if num(k)?.is_some_and(|x| x != 0.0) {
+    let logprobs = match boolean("logprobs", None)? {
+        Some(true) => Some(top_logprobs.unwrap_or(0) as usize),
+        _ if top_logprobs.is_some_and(|n| n > 0) => {
             return Err(ApiError::bad(
-                format!("'{k}' is not supported by this server (only 0)"),
-                Some(k),
-            ));
+                "'top_logprobs' needs 'logprobs' to be true",
+                Some("top_logprobs"),
+            ))
         }
-    }
+        _ => None,
+    };
+    let penalty = |k: &'static str| -> Result<f32, ApiError> {
+        let v = num(k)?.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(ApiError::bad(format!("'{k}' must be between -2 and 2"), Some(k)));
+        }
+        Ok(v as f32)
+    };
+    let presence_penalty = penalty("presence_penalty")?;
+    let frequency_penalty = penalty("frequency_penalty")?;
     if obj.get("tools").is_some_and(|t| !t.is_null()) {
         return Err(ApiError::bad(
             "'tools' are not supported by this server",
@@ -393,80 +373,27 @@ fn parse_request(body: &Value, engine: &Engine) -> Result<ChatRequest, ApiError>
         stop,
         stream,
         include_usage,
+        logprobs,
+        presence_penalty,
+        frequency_penalty,
     })
 }
 
-/// Sets a flag when dropped: the request's future or stream is dropped when its client goes
-/// away, and the generation sees the flag at its next prefill chunk or token.
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// The session with an adapter's LoRA branches put in; they are taken out again when this is
-/// dropped, whatever ended the request (an error or a panic included), so no request ever
-/// leaves an adapter behind for the next one.
-struct WithAdapter<'a>(&'a mut Session);
-
-impl<'a> WithAdapter<'a> {
-    fn new(s: &'a mut Session, loras: Option<&Vec<Option<Lora>>>) -> Self {
-        s.model.take_loras();
-        if let Some(l) = loras {
-            s.model.put_loras(l.clone());
-        }
-        WithAdapter(s)
-    }
-}
-
-impl Drop for WithAdapter<'_> {
-    fn drop(&mut self) {
-        self.0.model.take_loras();
-    }
-}
-
-/// How many bytes at the end of `text` could still be the start of one of the `stops`: held
-/// back from the stream until the next piece decides. Cut on character boundaries.
-fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
-    stops
-        .iter()
-        .map(|st| {
-            (1..st.len())
-                .rev()
-                .filter(|&k| st.is_char_boundary(k))
-                .find(|&k| text.ends_with(&st[..k]))
-                .unwrap_or(0)
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-/// What a finished generation reports.
-struct Finished {
-    text: String,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    finish_reason: &'static str,
-}
-
-impl Engine {
-    /// Generates the reply (blocking; call on a blocking thread while holding the turn).
-    /// `on_text` gets new text as it is final (not part of a possible stop string).
+impl Server {
     /// Renders and tokenizes the prompt and checks it fits the context: what is wrong with a
-    /// request is answered before it waits its turn (and before a stream starts).
+    /// request is answered before it queues (and before a stream starts).
     fn check_prompt(&self, req: &mut ChatRequest) -> Result<(), ApiError> {
+        let s = &self.session;
         // the template's own complaints (raise_exception) are about the request
-        let prompt = crate::infer::prompt_ids(&self.template, &self.tok, &req.messages)
+        let prompt = crate::infer::prompt_ids(&s.template, &s.tok, &req.messages)
             .map_err(|e| ApiError::bad(crate::cli::error_line(&e), Some("messages")))?;
         let (params, _) = req.flags.resolve(&self.gen_config, false);
-        if prompt.len() + params.max_new_tokens > self.context {
+        let context = s.engine.context();
+        if prompt.len() + params.max_new_tokens > context {
             return Err(ApiError {
                 status: StatusCode::BAD_REQUEST,
                 message: format!(
-                    "This model's maximum context length is {} tokens; the messages are {} tokens and max_tokens is {}",
-                    self.context,
+                    "This model's maximum context length is {context} tokens; the messages are {} tokens and max_tokens is {}",
                     prompt.len(),
                     params.max_new_tokens
                 ),
@@ -480,79 +407,51 @@ impl Engine {
         Ok(())
     }
 
-    /// Generates the reply (blocking; call on a blocking thread while holding the turn).
-    /// `on_text` gets new text as it is final (not part of a possible stop string).
-    fn generate(
+    /// Queues a checked request; its events come on the returned channel (dropping it cancels
+    /// the request).
+    fn submit(
         &self,
         req: &ChatRequest,
-        cancel: &AtomicBool,
-        mut on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Finished, ApiError> {
-        let mut guard = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let s = WithAdapter::new(&mut guard, self.adapters.get(&req.model));
-        s.0.params = req.params.clone();
-        let mut text = String::new();
-        let mut sent = 0usize;
-        let stopped = std::cell::Cell::new(false);
-        let (_, g) =
-            s.0.reply_to_ids(
-                &req.prompt,
-                |piece| {
-                    if stopped.get() || cancel.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    text.push_str(piece);
-                    if let Some(pos) = req
-                        .stop
-                        .iter()
-                        .filter_map(|st| text.find(st.as_str()))
-                        .min()
-                    {
-                        text.truncate(pos);
-                        stopped.set(true);
-                    }
-                    let upto = if stopped.get() {
-                        text.len()
-                    } else {
-                        text.len() - stop_prefix_len(&text, &req.stop)
-                    };
-                    if upto > sent && !on_text(&text[sent..upto]) {
-                        cancel.store(true, Ordering::SeqCst);
-                    }
-                    sent = sent.max(upto);
-                },
-                || stopped.get() || cancel.load(Ordering::SeqCst),
-            )
-            .map_err(|e| ApiError::internal(crate::cli::error_line(&e)))?;
-        drop(s);
-        if g.prefilled < g.prompt_tokens {
-            eprintln!(
-                "infer: a client went away: its prompt was stopped after {} of {} tokens",
-                g.prefilled, g.prompt_tokens
-            );
-        } else if cancel.load(Ordering::SeqCst) {
-            eprintln!(
-                "infer: a client went away: stopped after {} of at most {} tokens",
-                g.ids.len(),
-                req.flags.max_new_tokens.unwrap_or(0).max(g.ids.len())
-            );
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ApiError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut r = crate::engine::Request::new(
+            req.prompt.clone(),
+            (req.model != self.base_name).then(|| req.model.clone()),
+            req.params.clone(),
+        );
+        r.stop = req.stop.clone();
+        r.logprobs = req.logprobs;
+        r.presence_penalty = req.presence_penalty;
+        r.frequency_penalty = req.frequency_penalty;
+        match self.session.engine.submit(r, Box::new(tx)) {
+            Ok(()) => Ok(rx),
+            Err(Refused::Full(n)) => Err(ApiError::status(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{n} requests are already waiting; try again later"),
+                Some("server_overloaded"),
+            )),
+            Err(e @ (Refused::TooLong { .. } | Refused::EmptyPrompt)) => {
+                Err(ApiError::bad(e.to_string(), Some("messages")))
+            }
+            Err(e) => Err(ApiError::internal(e)),
         }
-        let by_string = stopped.get();
-        if !by_string && sent < text.len() {
-            on_text(&text[sent..]);
-        }
-        Ok(Finished {
-            // as generated (what the stream sent), not trimmed as the command line prints it
-            text,
-            prompt_tokens: g.prompt_tokens,
-            completion_tokens: g.ids.len(),
-            finish_reason: if g.stopped || by_string {
-                "stop"
-            } else {
-                "length"
-            },
-        })
     }
+}
+
+/// OpenAI's `logprobs.content` entries of some tokens.
+fn logprobs_json(l: &[TokenLogprob]) -> Value {
+    let entry = |token: &str, logprob: f32| {
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+    };
+    Value::Array(
+        l.iter()
+            .map(|t| {
+                let mut e = entry(&t.token, t.logprob);
+                e["top_logprobs"] = Value::Array(t.top.iter().map(|(_, s, lp)| entry(s, *lp)).collect());
+                e
+            })
+            .collect(),
+    )
 }
 
 fn now() -> u64 {
@@ -572,19 +471,23 @@ fn usage(f: &Finished) -> Value {
            "total_tokens": f.prompt_tokens + f.completion_tokens})
 }
 
+fn error_json(message: &str) -> Value {
+    json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}})
+}
+
 async fn chat_completions(
-    State(engine): State<Arc<Engine>>,
+    State(server): State<Arc<Server>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req = match json_body(&headers, body).and_then(|b| parse_request(&b, &engine)) {
+    let req = match json_body(&headers, body).and_then(|b| parse_request(&b, &server)) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let e2 = engine.clone();
+    let s2 = server.clone();
     let checked = tokio::task::spawn_blocking(move || {
         let mut req = req;
-        e2.check_prompt(&mut req).map(|_| req)
+        s2.check_prompt(&mut req).map(|_| req)
     })
     .await;
     let req = match checked {
@@ -592,133 +495,146 @@ async fn chat_completions(
         Ok(Err(e)) => return e.into_response(),
         Err(e) => return ApiError::internal(e).into_response(),
     };
-    let Some(slot) = QueueSlot::take(&engine) else {
-        return ApiError::status(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "{} requests are already waiting; try again later",
-                engine.max_queue
-            ),
-            Some("server_overloaded"),
-        )
-        .into_response();
+    let mut rx = match server.submit(&req) {
+        Ok(rx) => rx,
+        Err(e) => return e.into_response(),
     };
     let id = completion_id();
     let created = now();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let guard = CancelOnDrop(cancel.clone());
+    let want_logprobs = req.logprobs.is_some();
     if !req.stream {
-        // a client that leaves while queued drops this future, its slot with it
-        let turn = engine.turn.clone().lock_owned().await;
-        let e2 = engine.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            // held until the generation has really ended, even when nobody waits for it
-            let _held = (slot, turn);
-            let r = e2.generate(&req, &cancel, |_| true);
-            (req.model, r)
-        })
-        .await;
-        drop(guard);
-        return match done {
-            Ok((model, Ok(f))) => Json(json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": f.text},
-                             "finish_reason": f.finish_reason, "logprobs": null}],
-                "usage": usage(&f),
-            }))
-            .into_response(),
-            Ok((_, Err(e))) => e.into_response(),
-            Err(e) => {
-                ApiError::internal(format!("internal error while answering: {e}")).into_response()
+        // a client that leaves drops this future and the receiver with it: cancelled
+        let (mut text, mut logprobs) = (String::new(), Vec::new());
+        while let Some(e) = rx.recv().await {
+            match e {
+                Event::Delta { text: t, logprobs: l } => {
+                    text.push_str(&t);
+                    logprobs.extend(l);
+                }
+                Event::Done(f) => {
+                    let lp = if want_logprobs {
+                        json!({"content": logprobs_json(&logprobs)})
+                    } else {
+                        Value::Null
+                    };
+                    return Json(json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": req.model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": f.finish.reason(), "logprobs": lp}],
+                        "usage": usage(&f),
+                    }))
+                    .into_response();
+                }
+                Event::Error(e) => return ApiError::internal(e).into_response(),
             }
-        };
+        }
+        return ApiError::internal("the generation engine stopped").into_response();
     }
     // streaming: chunks as server-sent events, then [DONE]
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let (tx, sse) = tokio::sync::mpsc::channel::<SseEvent>(64);
     let model = req.model.clone();
-    let chunk = move |delta: Value, finish: Option<&str>| -> Event {
-        Event::default().data(
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
-            .to_string(),
-        )
-    };
-    let e2 = engine.clone();
+    let include_usage = req.include_usage;
     tokio::spawn(async move {
-        // a client that leaves while queued gives its place back at once
-        let turn = tokio::select! {
-            t = e2.turn.clone().lock_owned() => t,
-            _ = tx.closed() => return,
+        let chunk = |delta: Value, finish: Option<&str>, logprobs: Value| -> SseEvent {
+            SseEvent::default().data(
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]})
+                .to_string(),
+            )
         };
-        let e3 = e2.clone();
-        let tx2 = tx.clone();
-        let include_usage = req.include_usage;
-        let r = tokio::task::spawn_blocking(move || {
-            let _held = (slot, turn);
-            let first = chunk(json!({"role": "assistant", "content": ""}), None);
-            let mut open = tx2.blocking_send(first).is_ok();
-            let r = e3.generate(&req, &cancel, |piece| {
-                open = open && tx2.blocking_send(chunk(json!({"content": piece}), None)).is_ok();
-                open
-            });
-            match r {
-                Ok(f) => {
-                    let _ = tx2.blocking_send(chunk(json!({}), Some(f.finish_reason)));
-                    if include_usage {
-                        let _ = tx2.blocking_send(Event::default().data(
-                            json!({"object": "chat.completion.chunk", "choices": [], "usage": usage(&f)})
-                                .to_string(),
-                        ));
-                    }
-                }
-                Err(e) => {
-                    let _ = tx2.blocking_send(Event::default().data(
-                        json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
-                            .to_string(),
-                    ));
-                }
-            }
-        })
-        .await;
-        if r.is_err() {
-            let msg = json!({"error": {"message": "internal error while answering", "type": "server_error", "param": null, "code": null}});
-            let _ = tx.send(Event::default().data(msg.to_string())).await;
+        let send = |e: SseEvent| tx.send(e);
+        if send(chunk(json!({"role": "assistant", "content": ""}), None, Value::Null)).await.is_err() {
+            return;
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        loop {
+            // the client going away drops the SSE stream: stop listening, which cancels
+            let e = tokio::select! {
+                e = rx.recv() => e,
+                _ = tx.closed() => return,
+            };
+            let out = match e {
+                Some(Event::Delta { text, logprobs }) => {
+                    let lp = if want_logprobs {
+                        json!({"content": logprobs_json(&logprobs)})
+                    } else {
+                        Value::Null
+                    };
+                    chunk(json!({"content": text}), None, lp)
+                }
+                Some(Event::Done(f)) => {
+                    if send(chunk(json!({}), Some(f.finish.reason()), Value::Null)).await.is_err() {
+                        return;
+                    }
+                    if include_usage {
+                        let u = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                                       "model": model, "choices": [], "usage": usage(&f)});
+                        let _ = send(SseEvent::default().data(u.to_string())).await;
+                    }
+                    break;
+                }
+                Some(Event::Error(e)) => {
+                    let _ = send(SseEvent::default().data(error_json(&e).to_string())).await;
+                    break;
+                }
+                None => {
+                    let _ = send(SseEvent::default().data(
+                        error_json("the generation engine stopped").to_string(),
+                    ))
+                    .await;
+                    break;
+                }
+            };
+            if send(out).await.is_err() {
+                return;
+            }
+        }
+        let _ = send(SseEvent::default().data("[DONE]")).await;
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let stream = futures_util::StreamExt::map(stream, move |e| {
-        let _keep = &guard; // dropped with the stream when the client goes away
-        Ok::<_, std::convert::Infallible>(e)
-    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(sse);
+    let stream = futures_util::StreamExt::map(stream, Ok::<_, std::convert::Infallible>);
     Sse::new(stream).into_response()
 }
 
-async fn models(State(engine): State<Arc<Engine>>) -> Json<Value> {
+async fn models(State(engine): State<Arc<Server>>) -> Json<Value> {
     let data: Vec<Value> = std::iter::once(&engine.base_name)
-        .chain(engine.adapters.keys())
+        .chain(engine.session.engine.adapters())
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "dialora"}))
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
 
 /// 200 while the server takes work; 503 when a new request would be refused (queue full).
-async fn health(State(engine): State<Arc<Engine>>) -> Response {
-    let waiting = engine.waiting.load(Ordering::SeqCst);
-    let busy = engine.turn.try_lock().is_err();
-    let body = |status: &str| json!({"status": status, "requests": waiting, "running": usize::from(busy), "max_queue": engine.max_queue});
-    if waiting >= engine.max_queue {
+async fn health(State(server): State<Arc<Server>>) -> Response {
+    let e = &server.session.engine;
+    let (waiting, running, max_queue) = (e.waiting(), e.running(), e.options().max_queue);
+    let body = |status: &str| {
+        json!({"status": status, "waiting": waiting, "running": running,
+               "max_batch": e.options().max_batch, "max_queue": max_queue})
+    };
+    if waiting >= max_queue {
         (StatusCode::SERVICE_UNAVAILABLE, Json(body("full"))).into_response()
     } else {
         Json(body("ok")).into_response()
     }
 }
 
+/// The engine's metrics in Prometheus' text format.
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        server.session.engine.metrics_text(),
+    )
+        .into_response()
+}
+
 async fn not_found(req: Request) -> ApiError {
     ApiError::status(
         StatusCode::NOT_FOUND,
         format!(
-            "no route {} {} (this server has POST /v1/chat/completions, GET /v1/models, GET /health)",
+            "no route {} {} (this server has POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics)",
             req.method(),
             req.uri().path()
         ),
@@ -739,7 +655,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 }
 
 /// With an API key: `Authorization: Bearer KEY`, else OpenAI's 401.
-async fn authorize(State(engine): State<Arc<Engine>>, req: Request, next: Next) -> Response {
+async fn authorize(State(engine): State<Arc<Server>>, req: Request, next: Next) -> Response {
     use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
     if let Some(want) = &engine.api_key {
@@ -775,38 +691,23 @@ async fn shutdown_signal() {
     eprintln!("infer: shutting down: finishing running requests");
 }
 
-/// Serves `session` (its model without an adapter) and the named adapters until SIGTERM or
-/// SIGINT; `ready` is called with the bound address once it accepts connections.
+/// Serves `session` (the base model and its engine's adapters) until SIGTERM or SIGINT;
+/// `ready` is called with the bound address once it accepts connections.
 pub fn serve(
-    mut session: Session,
+    session: Session,
     o: ServeOptions,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<()> {
-    let mut adapters = BTreeMap::new();
-    for (name, dir) in &o.adapters {
-        let a = crate::lora::Adapter::load(dir, session.model.dtype, &session.model.device)?;
-        let base = PathBuf::from(&o.base_name);
-        session.model.attach_adapter(&a, &base)?;
-        adapters.insert(name.clone(), session.model.take_loras());
-    }
-    let context = session.model.config.max_position_embeddings;
     let gen_config = session.gen_config.clone();
     let api_key = o.api_key.as_ref().map(|k| {
         use sha2::Digest;
         sha2::Sha256::digest(k.trim().as_bytes()).into()
     });
-    let engine = Arc::new(Engine {
-        template: session.template.clone(),
-        tok: session.tok.clone(),
-        session: std::sync::Mutex::new(session),
-        adapters,
+    let server = Arc::new(Server {
+        session,
         base_name: o.base_name.clone(),
         gen_config,
         defaults: o.defaults.clone(),
-        context,
-        waiting: AtomicUsize::new(0),
-        max_queue: o.max_queue,
-        turn: Arc::new(tokio::sync::Mutex::new(())),
         api_key,
     });
     let api = Router::new()
@@ -815,14 +716,15 @@ pub fn serve(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
-            engine.clone(),
+            server.clone(),
             authorize,
         ));
     let app = Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .method_not_allowed_fallback(method_not_allowed)
         .merge(api)
-        .with_state(engine)
+        .with_state(server.clone())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // a bug must cost one request a 500, never the server or a silent drop
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
@@ -833,7 +735,7 @@ pub fn serve(
         .enable_all()
         .build()
         .context("cannot start the server runtime")?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&o.addr)
             .await
             .with_context(|| format!("cannot listen on {}", o.addr))?;
@@ -842,22 +744,9 @@ pub fn serve(
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("server error")
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn held_back_stop_prefixes_end_on_character_boundaries() {
-        let stops = vec!["。".to_string(), "END".to_string()];
-        // '。' is 3 bytes: a text ending in the first byte of it cannot arise from &str, but
-        // one ending in "EN" holds back 2 bytes, and "。" itself is matched whole, not held
-        assert_eq!(stop_prefix_len("好的EN", &stops), 2);
-        assert_eq!(stop_prefix_len("好的", &stops), 0);
-        assert_eq!(stop_prefix_len("E", &stops), 1);
-        let multi = vec!["。\n".to_string()];
-        assert_eq!(stop_prefix_len("好的。", &multi), "。".len());
-    }
+    });
+    drop(rt);
+    // the engine stops once its last requests have ended
+    drop(server);
+    served
 }

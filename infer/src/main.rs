@@ -8,7 +8,8 @@ use common::cli::{emit, say};
 use common::data::formats::{read_file, Purpose};
 use common::device::DtypeArg;
 use common::generate::{GenerationConfig, SamplingFlags};
-use common::infer::{comparison_markdown, Chat, ChatInput, Reply, Session};
+use common::infer::{comparison, comparison_markdown, Chat, ChatInput, ModelOptions, Reply, Session};
+use common::model::WeightFormat;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
@@ -39,9 +40,23 @@ struct Args {
     /// The name the API gives the base model (default: --model's directory name).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// With --serve: requests that may wait for the model at once; more are answered 429.
+    /// Requests that may wait for a place in the batch at once; with --serve more are answered
+    /// 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Sequences generated at once (requests with --serve, conversations with --input and
+    /// --compare): each step reads the weights once for all of them.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Prompt tokens a sequence feeds per step while its prompt is read (and the step's budget
+    /// of them), so that running streams keep flowing beside a long prompt.
+    #[arg(long, default_value_t = common::engine::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
+    /// Quantize the frozen base weights for inference on the CPU with candle's types, as
+    /// llama.cpp's files of that type hold them (q4_k: Q4_K_M's choice per tensor); LoRA terms
+    /// stay f32.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
     /// With --serve: require `Authorization: Bearer KEY` on every request but GET /health
     /// (OpenAI's 401 otherwise). Taken from DIALORA_API_KEY when the flag is not given; prefer
     /// that or --api-key-file, which keep the key out of `ps`. Without a key anyone who can
@@ -105,11 +120,21 @@ struct Args {
     /// Recompute the whole sequence for every token instead of using the KV cache.
     #[arg(long)]
     no_kv_cache: bool,
-    /// Compute dtype.
+    /// Weights and compute dtype. On the CPU, bf16 keeps the frozen base weights in bf16 (half
+    /// the bytes read per token) and computes in f32, LoRA terms in f32.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
     #[arg(long, default_value = "cpu", help = common::device::DEVICE_HELP)]
     device: String,
+}
+
+/// `--quantize`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 fn main() {
@@ -146,15 +171,38 @@ fn run(a: Args) -> Result<()> {
             }
         })
         .collect::<Vec<_>>();
+    if a.max_queue == 0 || a.max_batch == 0 || a.prefill_chunk == 0 {
+        return Err(common::cli::usage(
+            "--max-queue, --max-batch and --prefill-chunk must each be at least 1",
+        ));
+    }
+    let mo = ModelOptions {
+        dtype: a.dtype.dtype(),
+        quantize: a.quantize.map(|q| match q {
+            QuantizeArg::Q8_0 => WeightFormat::Q8_0,
+            QuantizeArg::Q4K => WeightFormat::Q4K,
+        }),
+        device: device.clone(),
+        engine: common::engine::EngineOptions {
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+            prefill_chunk: a.prefill_chunk,
+        },
+    };
     if let Some(addr) = &a.serve {
         let s = Session::open(
             &a.model,
+            &adapters,
             None,
             a.template.as_deref(),
-            a.dtype.dtype(),
-            &device,
+            &mo,
             Default::default(),
         )?;
+        eprintln!(
+            "infer: weights {} ({:.0} MiB)",
+            weights_line(&mo),
+            s.weight_bytes as f64 / (1 << 20) as f64
+        );
         let base_name = a.served_model_name.clone().unwrap_or_else(|| {
             a.model
                 .file_name()
@@ -172,23 +220,18 @@ fn run(a: Args) -> Result<()> {
             }
             (None, k) => k.as_ref().map(|k| k.trim().to_string()),
         };
-        if a.max_queue == 0 {
-            return Err(common::cli::usage("--max-queue must be at least 1"));
-        }
         if api_key.as_ref().is_some_and(|k| k.is_empty()) {
             return Err(common::cli::usage("the API key is empty"));
         }
         let options = common::serve::ServeOptions {
             addr: addr.clone(),
             base_name,
-            adapters,
             defaults: flags,
-            max_queue: a.max_queue,
             api_key,
         };
         return common::serve::serve(s, options, |bound| {
             eprintln!(
-                "infer: serving {} on http://{bound}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health)",
+                "infer: serving {} on http://{bound}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics)",
                 names.join(", ")
             );
         });
@@ -199,14 +242,25 @@ fn run(a: Args) -> Result<()> {
     let adapter = adapters.first().map(|(_, d)| d.clone());
     let (params, decoding) = flags.resolve(&GenerationConfig::from_dir(&a.model)?, a.compare);
     eprintln!("infer: decoding: {decoding}");
-    let mut s = Session::open(
+    let named: Vec<(String, PathBuf)> = adapter
+        .iter()
+        .map(|d| ("adapter".to_string(), d.clone()))
+        .collect();
+    let s = Session::open(
         &a.model,
-        adapter.as_deref(),
+        &named,
+        named.first().map(|(n, _)| n.as_str()),
         a.template.as_deref(),
-        a.dtype.dtype(),
-        &device,
+        &mo,
         params,
     )?;
+    if mo.quantize.is_some() || a.dtype != DtypeArg::F32 {
+        eprintln!(
+            "infer: weights {} ({:.0} MiB)",
+            weights_line(&mo),
+            s.weight_bytes as f64 / (1 << 20) as f64
+        );
+    }
     if let Some(p) = &a.prompt {
         return single(&s, a.system.as_deref(), p);
     }
@@ -216,7 +270,15 @@ fn run(a: Args) -> Result<()> {
     let Some(input) = &a.input else {
         bail!("give one of --prompt TEXT, --chat or --input FILE");
     };
-    batch(&mut s, &a, adapter.as_deref(), input, &decoding)
+    batch(&s, &a, adapter.as_deref(), input, &decoding)
+}
+
+/// The weights' form, for the log.
+fn weights_line(o: &ModelOptions) -> String {
+    match o.quantize {
+        Some(q) => format!("{q} (quantized base, f32 LoRA)"),
+        None => format!("{:?}", o.dtype).to_lowercase(),
+    }
 }
 
 /// `--prompt`: one reply, streamed on a terminal.
@@ -243,13 +305,13 @@ fn single(s: &Session, system: Option<&str>, prompt: &str) -> Result<()> {
         "infer: {} prompt tokens, {} new tokens ({}), {:.1} tokens/s decode, prefill {:.2}s",
         g.prompt_tokens,
         g.ids.len(),
-        if g.stopped {
+        if g.stopped() {
             "stopped at end of turn"
         } else {
             "hit --max-new-tokens"
         },
         g.decode_tokens_per_s(),
-        g.prefill_secs
+        g.first_token_secs
     );
     Ok(())
 }
@@ -341,11 +403,13 @@ impl Sink {
     }
 }
 
-/// `--input` (and `--compare`): every conversation of a file, answered turn by turn. A
-/// conversation that cannot be read or answered is named (id, file and line); up to
-/// `--max-bad` of them are skipped and counted, one more fails the run with nothing written.
+/// `--input` (and `--compare`): every conversation of a file, answered turn by turn, all of
+/// them at once through the engine (with --compare each conversation twice, with the adapter
+/// and with the base). A conversation that cannot be read or answered is named (id, file and
+/// line); up to `--max-bad` of them are skipped and counted, one more fails the run with
+/// nothing written.
 fn batch(
-    s: &mut Session,
+    s: &Session,
     a: &Args,
     adapter: Option<&std::path::Path>,
     input: &std::path::Path,
@@ -366,30 +430,57 @@ fn batch(
         Ok(())
     };
     let total = records.len();
+    let mut convs = Vec::new();
+    for rec in records {
+        match rec {
+            Ok(c) => convs.push(c),
+            Err(b) => fail(b.to_string())?,
+        }
+    }
+    let system = a.system.as_deref();
+    let runs: Vec<Option<String>> = if a.compare {
+        vec![s.adapter.clone(), None]
+    } else {
+        vec![s.adapter.clone()]
+    };
+    let t0 = std::time::Instant::now();
+    let refs: Vec<&common::data::formats::Conversation> = convs.iter().collect();
+    let mut done = 0usize;
+    let results = s.answer_all(&refs, system, &runs, |_, _| {
+        done += 1;
+        if done % runs.len() == 0 {
+            eprintln!(
+                "infer: {} conversation {}/{total}",
+                if a.compare { "compared" } else { "answered" },
+                done / runs.len()
+            );
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
     let mut all = Tally::default();
     let (mut base, mut tuned) = (Tally::default(), Tally::default());
     let mut items = Vec::new();
-    let system = a.system.as_deref();
-    for (k, rec) in records.into_iter().enumerate() {
-        let c = match rec {
-            Ok(c) => c,
-            Err(b) => {
-                fail(b.to_string())?;
+    for (c, r) in convs.iter().zip(results) {
+        let mut r = r.into_iter();
+        let first = r.next().expect("one run per adapter");
+        let answered = match (first, r.next()) {
+            (Ok(t), None) => Ok((t, None)),
+            (Ok(t), Some(Ok(b))) => Ok((t, Some(b))),
+            (Err(e), _) | (_, Some(Err(e))) => Err(e),
+        };
+        let (replies, base_replies) = match answered {
+            Ok(x) => x,
+            Err(e) => {
+                fail(format!(
+                    "conversation {}: {}",
+                    c.name(),
+                    common::cli::error_line(&e)
+                ))?;
                 continue;
             }
         };
-        if a.compare {
-            let item = match s.compare(&c, system) {
-                Ok(item) => item,
-                Err(e) => {
-                    fail(format!(
-                        "conversation {}: {}",
-                        c.name(),
-                        common::cli::error_line(&e)
-                    ))?;
-                    continue;
-                }
-            };
+        if let Some(b) = base_replies {
+            let item = comparison(c, system, b, replies);
             for t in &item.turns {
                 base.add(&t.base);
                 tuned.add(&t.adapter);
@@ -397,20 +488,8 @@ fn batch(
                 all.add(&t.adapter);
             }
             sink.line(&serde_json::to_string(&item)?)?;
-            eprintln!("infer: compared conversation {}/{total}", k + 1);
             items.push(item);
         } else {
-            let replies = match s.answer_conversation(&c, system, |_, _| {}) {
-                Ok(r) => r,
-                Err(e) => {
-                    fail(format!(
-                        "conversation {}: {}",
-                        c.name(),
-                        common::cli::error_line(&e)
-                    ))?;
-                    continue;
-                }
-            };
             replies.iter().for_each(|r| all.add(r));
             let turns: Vec<serde_json::Value> = c
                 .user_turns()
@@ -425,6 +504,7 @@ fn batch(
             )?;
         }
     }
+    all.secs = secs;
     sink.commit()?;
     if a.compare {
         if let Some(p) = &a.output {
@@ -452,10 +532,12 @@ fn batch(
         );
     }
     eprintln!(
-        "infer: {} replies, {} ended with the end-of-turn token ({:.0}%), {:.1} tokens/s decode{}",
+        "infer: {} replies, {} ended with the end-of-turn token ({:.0}%), {} tokens in {:.1}s ({:.1} tokens/s, all conversations batched){}",
         all.replies,
         all.stopped,
         100.0 * all.stopped as f64 / all.replies.max(1) as f64,
+        all.tokens,
+        all.secs,
         all.tokens as f64 / all.secs.max(1e-9),
         if bad > 0 {
             format!("; {bad} conversation(s) skipped")

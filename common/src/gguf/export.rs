@@ -148,6 +148,22 @@ fn tensor_type(
     t
 }
 
+/// The quantized type `ty` gives the HF weight `hf` (`[rows, cols]`) of a model with
+/// `n_layers` blocks: llama.cpp's per-tensor choice, as `export` writes it, so that a model
+/// quantized in memory (`infer --quantize`) holds the types of the GGUF of the same name.
+pub fn weight_type(
+    ty: ExportType,
+    hf: &str,
+    cols: usize,
+    n_layers: usize,
+    tied: bool,
+) -> Result<GgmlDType> {
+    let layer = hf
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next()?.parse().ok());
+    Ok(tensor_type(ty, &gguf_name(hf)?, cols, layer, n_layers, tied))
+}
+
 /// GGUF metadata values are candle's (`gguf_file::Value`); `gguf_file::write` serialises them.
 type Meta = Value;
 

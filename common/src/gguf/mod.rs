@@ -5,7 +5,7 @@
 mod export;
 mod import;
 
-pub use export::{export, ExportOptions, ExportReport, ExportType};
+pub use export::{export, weight_type, ExportOptions, ExportReport, ExportType};
 pub use import::{import, ImportReport};
 
 use anyhow::{bail, Result};

@@ -22,7 +22,7 @@
 //! dx = dQ Wq + dK Wk + dV Wv              summed in one buffer by the GEMMs
 //! ```
 
-use super::linear::{LinearSaved, LoraLinear};
+use super::linear::{LinearSaved, LoraLinear, StepRows};
 use super::{matmul, ops, Grads, TrainCtx};
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Result, Tensor};
@@ -86,6 +86,16 @@ pub(crate) struct AttnSaved {
     p: Tensor,
 }
 
+/// What `Attention::attend` computes: the output `[B·T, H·hd]` before the output projection,
+/// and the roped queries (grouped), keys, values and probabilities.
+struct Attended {
+    o: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p: Tensor,
+}
+
 /// A layer's key/value cache: roped keys and values `[B, KVH, positions, hd]`.
 pub(crate) type LayerCache = Option<(Tensor, Tensor)>;
 
@@ -120,12 +130,70 @@ impl Attention {
         ctx: Option<&TrainCtx>,
     ) -> Result<(Tensor, Option<AttnSaved>)> {
         let (b, t, d) = x.dims3()?;
-        let (hd, kvh) = (self.head_dim, self.kv_heads);
-        let rep = self.heads / kvh;
         let x2 = x.reshape((b * t, d))?;
         let (q, lq) = self.q.forward_t(&x2, ctx)?;
         let (k, lk) = self.k.forward_t(&x2, ctx)?;
         let (v, lv) = self.v.forward_t(&x2, ctx)?;
+        let a = self.attend(&q, &k, &v, (b, t, pos), rope, cache)?;
+        let (y, lo) = self.o.forward_t(&a.o, ctx)?;
+        let y = y.reshape((b, t, d))?;
+        let saved = ctx.map(|_| AttnSaved {
+            lq,
+            lk,
+            lv,
+            lo,
+            q: a.q,
+            k: a.k,
+            v: a.v,
+            p: a.p,
+        });
+        Ok((y, saved))
+    }
+
+    /// The rows of a batched step (`StepRows`), `x: [rows, D]`: the projections over all rows
+    /// (`LoraLinear::forward_rows`), the attention per sequence on its own cache (`seqs`: each
+    /// sequence's first row, its rows and its cache, in row order), no padding, no mask across
+    /// sequences.
+    pub(crate) fn forward_rows(
+        &self,
+        x: &Tensor,
+        rows: &StepRows,
+        seqs: &mut [(usize, usize, &mut LayerCache)],
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let q = self.q.forward_rows(x, rows)?;
+        let k = self.k.forward_rows(x, rows)?;
+        let v = self.v.forward_rows(x, rows)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        for (start, t, cache) in seqs.iter_mut() {
+            let (start, t) = (*start, *t);
+            let pos = cache.as_ref().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+            let a = self.attend(
+                &q.narrow(0, start, t)?,
+                &k.narrow(0, start, t)?,
+                &v.narrow(0, start, t)?,
+                (1, t, pos),
+                rope,
+                Some(cache),
+            )?;
+            outs.push(a.o);
+        }
+        self.o.forward_rows(&Tensor::cat(&outs, 0)?, rows)
+    }
+
+    /// Rotary embedding, the cache and the attention proper for `b` sequences of `t` new
+    /// positions from `pos`, from the projections `q`, `k`, `v` (`[b·t, ·]`).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (b, t, pos): (usize, usize, usize),
+        rope: &Rope,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Attended> {
+        let (hd, kvh) = (self.head_dim, self.kv_heads);
+        let rep = self.heads / kvh;
         let (cos, sin) = rope.tables(pos, t)?;
         let q = ops::rope(
             &q.reshape((b, t, self.heads, hd))?.transpose(1, 2)?,
@@ -149,23 +217,11 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let p = ops::causal_softmax(matmul::matmul(&qg, &k.t()?)?, scale, t, past)?;
         let og = matmul::matmul(&p, &v)?; // [B, KVH, rep*T, hd]
-        let o2 = og
+        let o = og
             .reshape((b, self.heads, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, self.heads * hd))?;
-        let (y, lo) = self.o.forward_t(&o2, ctx)?;
-        let y = y.reshape((b, t, d))?;
-        let saved = ctx.map(|_| AttnSaved {
-            lq,
-            lk,
-            lv,
-            lo,
-            q: qg,
-            k,
-            v,
-            p,
-        });
-        Ok((y, saved))
+        Ok(Attended { o, q: qg, k, v, p })
     }
 
     /// Input gradient from the output gradient `dy: [B, T, D]` (see the module doc); LoRA

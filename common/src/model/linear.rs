@@ -58,10 +58,65 @@ impl Lora {
 pub struct LoraLinear {
     /// Full module name, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    /// `[out, in]`, compute dtype.
+    /// `[out, in]`, compute dtype (empty once `packed`).
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+    /// Position among the model's linear layers (`Llama::linears`): where an adapter's
+    /// branches (`AdapterBranches`) keep this layer's.
+    pub index: usize,
+    /// The frozen weight in a lighter form for inference (`Llama::pack`).
+    pub packed: Option<Packed>,
+    /// `(out, in)`.
+    dims: (usize, usize),
+}
+
+/// A frozen weight made lighter for inference: bf16 (read by the row kernel, widened to f32 as
+/// it is read) or one of candle's quantized types through its `QMatMul`. Either way every
+/// output is a dot product of its own, whatever the other rows.
+pub enum Packed {
+    Bf16(Tensor),
+    Quantized(candle_core::quantized::QMatMul),
+}
+
+impl Packed {
+    /// `x·Wᵀ` for `x: [rows, in]` in f32.
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Packed::Bf16(w) => matmul::rows_matmul(x, w),
+            Packed::Quantized(q) => candle_core::Module::forward(q, &x.contiguous()?),
+        }
+    }
+
+    /// Bytes the weight takes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Packed::Bf16(w) => w.elem_count() * 2,
+            Packed::Quantized(candle_core::quantized::QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Packed::Quantized(
+                candle_core::quantized::QMatMul::Tensor(w)
+                | candle_core::quantized::QMatMul::TensorF16(w),
+            ) => w.elem_count() * w.dtype().size_in_bytes(),
+        }
+    }
+}
+
+/// Each LoRA layer's branch of one adapter, by `LoraLinear::index` (`None`: the adapter leaves
+/// that layer alone): what a batched step adds on the rows of the requests asking for it.
+pub type AdapterBranches = Vec<Option<Lora>>;
+
+fn branch_of(a: Option<&AdapterBranches>, index: usize) -> Option<&Lora> {
+    a?.get(index)?.as_ref()
+}
+
+/// The rows of a batched step (`Llama::forward_step`): first the decode rows (one token per
+/// sequence, in runs of the same adapter), which take the row kernel together; then each
+/// prefilling sequence's chunk, which takes the GEMM on its own, exactly as it would alone.
+pub(crate) struct StepRows<'a> {
+    /// Rows `[0, decode)` are decode rows.
+    pub decode: usize,
+    /// `(first row, rows, adapter)`: the runs of the decode part, then the prefill chunks.
+    pub parts: Vec<(usize, usize, Option<&'a AdapterBranches>)>,
 }
 
 /// What the backward needs from the forward.
@@ -91,22 +146,89 @@ impl LoraLinear {
             weight,
             bias,
             lora: None,
+            index: 0,
+            packed: None,
+            dims: (out_dim, in_dim),
         })
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.dims.1
     }
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.dims.0
     }
 
-    fn base(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul::matmul(x, &self.weight.t()?)?;
+    /// Replaces the dense weight by `p` (inference only from then on).
+    pub fn pack(&mut self, p: Packed) -> Result<()> {
+        self.packed = Some(p);
+        self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        Ok(())
+    }
+
+    fn with_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    fn base(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.packed {
+            Some(p) => p.product(x)?,
+            None => matmul::matmul(x, &self.weight.t()?)?,
+        };
+        self.with_bias(y)
+    }
+
+    /// The frozen product of decode rows: the row kernel (or the packed weight's own).
+    fn base_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.packed {
+            Some(p) => p.product(x)?,
+            None => matmul::rows_matmul(x, &self.weight)?,
+        };
+        self.with_bias(y)
+    }
+
+    /// The rows of a batched step (`StepRows`): the frozen product once over all decode rows,
+    /// once per prefill chunk, and each adapter's LoRA term (its own scale) on its rows only.
+    pub(crate) fn forward_rows(&self, x: &Tensor, rows: &StepRows) -> Result<Tensor> {
+        let branch = |a| branch_of(a, self.index);
+        let mut outs = Vec::with_capacity(rows.parts.len() + 1);
+        if rows.decode > 0 {
+            let xd = x.narrow(0, 0, rows.decode)?;
+            let y = self.base_rows(&xd)?;
+            let decode_parts = rows.parts.iter().filter(|p| p.0 < rows.decode);
+            if decode_parts.clone().any(|p| branch(p.2).is_some()) {
+                let mut deltas = Vec::new();
+                for &(start, n, a) in decode_parts {
+                    deltas.push(match branch(a) {
+                        Some(l) => {
+                            let (la, lb) = l.factors(x.dtype())?;
+                            let h = matmul::rows_matmul(&x.narrow(0, start, n)?, &la)?;
+                            (matmul::rows_matmul(&h, &lb)? * l.scale)?
+                        }
+                        None => Tensor::zeros((n, self.out_dim()), y.dtype(), y.device())?,
+                    });
+                }
+                outs.push((y + Tensor::cat(&deltas, 0)?)?);
+            } else {
+                outs.push(y);
+            }
+        }
+        for &(start, n, a) in rows.parts.iter().filter(|p| p.0 >= rows.decode) {
+            let xp = x.narrow(0, start, n)?;
+            let y = self.base(&xp)?;
+            outs.push(match branch(a) {
+                Some(l) => {
+                    let (la, lb) = l.factors(x.dtype())?;
+                    let h = matmul::matmul(&xp, &la.t()?)?;
+                    matmul::matmul_acc(y, &h, &lb.t()?, l.scale)?
+                }
+                None => y,
+            });
+        }
+        Tensor::cat(&outs, 0)
     }
 
     /// Inference forward for `x: [N, in]`.
@@ -154,6 +276,9 @@ impl LoraLinear {
         grads: &mut Grads,
         acc: Option<Tensor>,
     ) -> Result<Tensor> {
+        if self.packed.is_some() {
+            candle_core::bail!("{}: a packed (bf16 or quantized) weight is for inference only", self.name);
+        }
         let dx = match acc {
             Some(acc) => matmul::matmul_acc(acc, dy, &self.weight, 1.0)?,
             None => matmul::matmul(dy, &self.weight)?,

@@ -13,7 +13,7 @@
 //! `x̂ = x r`): `dx = r (dy ⊙ w − x̂ · mean(dy ⊙ w ⊙ x̂))`.
 
 use super::attention::{Attention, AttnSaved, LayerCache, Rope};
-use super::linear::{Lora, LoraLinear};
+use super::linear::{AdapterBranches, Lora, LoraLinear, Packed, StepRows};
 use super::loss::{loss_head, targets, Batch, LossStats};
 use super::mlp::{Mlp, MlpSaved};
 use super::{matmul, ops};
@@ -111,6 +111,22 @@ impl Block {
         dh + self.ln1.backward(&s.x, &da)?
     }
 
+    /// The rows of a batched step, `x: [rows, D]` (`Llama::forward_step`).
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        rows: &StepRows,
+        seqs: &mut [(usize, usize, &mut LayerCache)],
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let a = self
+            .attn
+            .forward_rows(&self.ln1.forward(x)?, rows, seqs, rope)?;
+        let h = (x + a)?;
+        let m = self.mlp.forward_rows(&self.ln2.forward(&h)?, rows)?;
+        h + m
+    }
+
     fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
         let (a, m) = (&mut self.attn, &mut self.mlp);
         [
@@ -144,6 +160,51 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
     }
+
+    /// An empty cache for a model of `layers` blocks.
+    pub fn with_layers(layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; layers],
+        }
+    }
+}
+
+/// One sequence's share of a batched step (`Llama::forward_step`).
+pub struct StepSeq<'a> {
+    /// The positions fed this step: one token when decoding, a chunk of the prompt when
+    /// prefilling.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// The adapter whose LoRA terms apply to this sequence's rows (`None`: the base model).
+    pub adapter: Option<&'a AdapterBranches>,
+    /// Decoding: its row joins the other decode rows in the row kernel. Prefilling: its chunk
+    /// is computed on its own, as it would be alone.
+    pub decode: bool,
+    /// Whether the next-token logits (of the last position) are wanted.
+    pub logits: bool,
+}
+
+/// The frozen weights' form for inference (`Llama::pack`): f32 as loaded, bf16, or the types
+/// llama.cpp's Q8_0 / Q4_K_M files give each tensor (`gguf::weight_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightFormat {
+    F32,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4K => "q4_k",
+        })
+    }
 }
 
 pub struct Llama {
@@ -152,6 +213,10 @@ pub struct Llama {
     norm: RmsNorm,
     /// `None` when tied to the embeddings.
     lm_head: Option<Tensor>,
+    /// The output head in a lighter form (`pack`).
+    head_packed: Option<Packed>,
+    /// The frozen weights' form.
+    pub format: WeightFormat,
     rope: Rope,
     pub config: ModelConfig,
     pub dtype: DType,
@@ -177,11 +242,17 @@ impl Llama {
             )
         };
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        let mut blocks = blocks;
+        for (i, l) in blocks.iter_mut().flat_map(|b| b.linears_mut()).enumerate() {
+            l.index = i;
+        }
         Ok(Self {
             embed,
             blocks,
             norm,
             lm_head,
+            head_packed: None,
+            format: WeightFormat::F32,
             rope,
             config: cfg.clone(),
             dtype: vb.dtype(),
@@ -297,26 +368,42 @@ impl Llama {
         adapter: &crate::lora::Adapter,
         base: &std::path::Path,
     ) -> anyhow::Result<usize> {
+        let branches = self.adapter_branches(adapter, base)?;
+        let n = branches.iter().flatten().count();
+        self.put_loras(branches);
+        Ok(n)
+    }
+
+    /// A loaded adapter's LoRA branches by linear layer (`LoraLinear::index`), checked against
+    /// this model as `attach_adapter` checks it, without attaching them: what a batched step
+    /// adds on the rows of the requests for this adapter (`StepSeq::adapter`).
+    pub fn adapter_branches(
+        &self,
+        adapter: &crate::lora::Adapter,
+        base: &std::path::Path,
+    ) -> anyhow::Result<AdapterBranches> {
         let shapes: std::collections::HashMap<String, Vec<usize>> = self
             .linears()
             .map(|l| (l.name.clone(), vec![l.out_dim(), l.in_dim()]))
             .collect();
         adapter.check_base(base, self.blocks.len(), |m| shapes.get(m).cloned())?;
         let mut id = 0;
-        for l in self.linears_mut() {
-            if let Some((a, b)) = adapter.weights.get(&l.name) {
-                l.lora = Some(Lora {
-                    id,
-                    a: a.clone(),
-                    b: b.clone(),
-                    scale: adapter.config.scale_for(&l.name),
-                    dropout: 0.0,
-                    cast: Default::default(),
-                });
-                id += 1;
-            }
-        }
-        Ok(id)
+        Ok(self
+            .linears()
+            .map(|l| {
+                adapter.weights.get(&l.name).map(|(a, b)| {
+                    id += 1;
+                    Lora {
+                        id: id - 1,
+                        a: a.clone(),
+                        b: b.clone(),
+                        scale: adapter.config.scale_for(&l.name),
+                        dropout: 0.0,
+                        cast: Default::default(),
+                    }
+                })
+            })
+            .collect())
     }
 
     /// Removes every LoRA branch (returned in module order), leaving the base model.
@@ -335,7 +422,175 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         self.embed
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.dtype)?
             .reshape((b, t, self.config.hidden_size))
+    }
+
+    /// Makes the frozen weights lighter for inference on the CPU: every projection and the
+    /// output head in `format` (LoRA terms stay f32 on top); the embedding stays f32 for the
+    /// quantized formats and becomes bf16 with bf16. Training needs `F32`.
+    pub fn pack(&mut self, format: WeightFormat) -> anyhow::Result<()> {
+        use candle_core::quantized::{QMatMul, QTensor};
+        if format == WeightFormat::F32 {
+            return Ok(());
+        }
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            anyhow::bail!("lighter weights (--dtype bf16, --quantize) need an f32 model on the cpu; on a GPU use --dtype");
+        }
+        if self.format != WeightFormat::F32 {
+            anyhow::bail!("the model's weights are already {}", self.format);
+        }
+        let ty = match format {
+            WeightFormat::Q8_0 => Some(crate::gguf::ExportType::Q8_0),
+            WeightFormat::Q4K => Some(crate::gguf::ExportType::Q4KM),
+            _ => None,
+        };
+        let n_layers = self.blocks.len();
+        let tied = self.lm_head.is_none();
+        let pack = |hf: &str, w: &Tensor| -> anyhow::Result<Packed> {
+            Ok(match ty {
+                None => Packed::Bf16(w.to_dtype(DType::BF16)?),
+                Some(ty) => {
+                    let q = crate::gguf::weight_type(ty, hf, w.dim(1)?, n_layers, tied)?;
+                    Packed::Quantized(QMatMul::from_qtensor(QTensor::quantize(w, q)?)?)
+                }
+            })
+        };
+        for l in self.linears_mut() {
+            let p = pack(&format!("{}.weight", l.name), &l.weight)?;
+            l.pack(p)?;
+        }
+        let head_name = if tied {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        self.head_packed = Some(pack(head_name, self.head())?);
+        self.lm_head = None;
+        if ty.is_none() {
+            self.embed = self.embed.to_dtype(DType::BF16)?;
+            if tied {
+                // one bf16 copy serves as both
+                self.head_packed = Some(Packed::Bf16(self.embed.clone()));
+            }
+        }
+        self.format = format;
+        Ok(())
+    }
+
+    /// Bytes of the frozen weights as held (embedding, projections, head, norms).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = t(&self.embed) + t(&self.norm.weight);
+        for b in &self.blocks {
+            n += t(&b.ln1.weight) + t(&b.ln2.weight);
+        }
+        for l in self.linears() {
+            n += match &l.packed {
+                Some(p) => p.bytes(),
+                None => t(&l.weight),
+            } + l.bias.as_ref().map(t).unwrap_or(0);
+        }
+        n + match (&self.head_packed, &self.lm_head) {
+            (Some(Packed::Bf16(_)), None) if self.embed.dtype() == DType::BF16 => 0,
+            (Some(p), _) => p.bytes(),
+            (None, Some(h)) => t(h),
+            (None, None) => 0,
+        }
+    }
+
+    /// The output head on rows of final hidden states `[rows, D]`: logits `[rows, V]` in f32,
+    /// each row its own dot products (the row kernel or the packed head's).
+    fn head_rows(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.head_packed {
+            Some(p) => p.product(h),
+            None => matmul::rows_matmul(h, self.head()),
+        }?
+        .to_dtype(DType::F32)
+    }
+
+    /// One step of many sequences at once: the decode rows of every decoding sequence (runs of
+    /// the same adapter) and the prompt chunk of every prefilling one go through each layer
+    /// together; each sequence attends to its own cache (which grows by its tokens). Returns the
+    /// next-token logits (`[V]`, f32) of the sequences that want them.
+    ///
+    /// A sequence's results do not depend on what else shares the step: its decode row takes
+    /// the row kernel (one dot product per output, summed in an order fixed by the length), its
+    /// prefill chunk the same products it would take alone, and its LoRA terms are its own.
+    pub fn forward_step(&self, seqs: &mut [StepSeq]) -> Result<Vec<Option<Tensor>>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.linears().any(|l| l.lora.is_some()) {
+            candle_core::bail!("forward_step takes adapters per sequence, not attached ones");
+        }
+        let key = |s: &StepSeq| s.adapter.map(|a| a as *const AdapterBranches as usize);
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| {
+            let s = &seqs[i];
+            (!s.decode, if s.decode { key(s) } else { None }, i)
+        });
+        let mut slots: Vec<Option<&mut StepSeq>> = seqs.iter_mut().map(Some).collect();
+        let mut ordered: Vec<(usize, &mut StepSeq)> = order
+            .iter()
+            .map(|&i| (i, slots[i].take().expect("each sequence once")))
+            .collect();
+        let mut ids = Vec::new();
+        let mut spans = Vec::with_capacity(ordered.len());
+        let mut rows = StepRows {
+            decode: 0,
+            parts: Vec::new(),
+        };
+        for (_, s) in &ordered {
+            let (start, n) = (ids.len(), s.tokens.len());
+            if n == 0 || (s.decode && n != 1) {
+                candle_core::bail!("a step feeds one token to a decoding sequence and at least one to a prefilling one, got {n}");
+            }
+            ids.extend_from_slice(s.tokens);
+            spans.push((start, n));
+            if s.decode {
+                rows.decode += 1;
+                match rows.parts.last_mut() {
+                    Some(p) if key(s) == p.2.map(|a| a as *const AdapterBranches as usize) => {
+                        p.1 += 1
+                    }
+                    _ => rows.parts.push((start, 1, s.adapter)),
+                }
+            } else {
+                rows.parts.push((start, n, s.adapter));
+            }
+        }
+        let n = ids.len();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?
+            .to_dtype(self.dtype)?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let mut lc: Vec<(usize, usize, &mut LayerCache)> = ordered
+                .iter_mut()
+                .zip(&spans)
+                .map(|((_, s), &(st, k))| (st, k, &mut s.cache.layers[l]))
+                .collect();
+            x = blk.forward_rows(&x, &rows, &mut lc, &self.rope)?;
+        }
+        debug_assert_eq!(x.dim(0)?, n);
+        let want: Vec<(usize, u32)> = ordered
+            .iter()
+            .zip(&spans)
+            .filter(|((_, s), _)| s.logits)
+            .map(|((i, _), &(st, k))| (*i, (st + k - 1) as u32))
+            .collect();
+        let mut out = vec![None; seqs.len()];
+        if want.is_empty() {
+            return Ok(out);
+        }
+        let last: Vec<u32> = want.iter().map(|w| w.1).collect();
+        let h = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let logits = self.head_rows(&self.norm.forward(&h)?)?;
+        for (r, (i, _)) in want.iter().enumerate() {
+            out[*i] = Some(logits.get(r)?);
+        }
+        Ok(out)
     }
 
     /// Hidden states after the final norm, `[B, T, D]`. With a cache, positions continue from it.
@@ -359,8 +614,7 @@ impl Llama {
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.forward_hidden(ids, cache)?;
         let t = h.dim(1)?;
-        matmul::matmul(&h.i((.., t - 1, ..))?.contiguous()?, &self.head().t()?)?
-            .to_dtype(DType::F32)
+        self.head_rows(&h.i((.., t - 1, ..))?.contiguous()?)
     }
 
     /// Loss of a batch without gradients (evaluation).

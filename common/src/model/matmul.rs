@@ -288,6 +288,290 @@ pub fn matmul_acc(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Ten
     }
 }
 
+/// A weight element the row kernel reads: f32, or bf16 widened to f32 as it is read.
+trait WeightElem: Copy + Send + Sync {
+    fn f32(self) -> f32;
+    /// `dots` with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA, and every row of `xs` at least `w.len()` values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dots_avx<const R: usize>(xs: &[&[f32]; R], w: &[Self]) -> [f32; R];
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dots_avx<const R: usize>(xs: &[&[f32]; R], w: &[Self]) -> [f32; R] {
+        avx::dots_f32(xs, w)
+    }
+}
+
+impl WeightElem for half::bf16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dots_avx<const R: usize>(xs: &[&[f32]; R], w: &[Self]) -> [f32; R] {
+        avx::dots_bf16(xs, w)
+    }
+}
+
+/// The dot products with AVX2 + FMA intrinsics: 16 lanes in two registers, then a fixed
+/// reduction, then the tail.
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::WeightElem;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16(p: *const half::bf16) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    macro_rules! dots {
+        ($name:ident, $W:ty, $load:ident) => {
+            /// # Safety
+            /// AVX2 and FMA; every row of `xs` at least `w.len()` long.
+            #[target_feature(enable = "avx2,fma")]
+            pub(super) unsafe fn $name<const R: usize>(xs: &[&[f32]; R], w: &[$W]) -> [f32; R] {
+                let k = w.len();
+                let n = k / 16 * 16;
+                let mut a0 = [_mm256_setzero_ps(); R];
+                let mut a1 = [_mm256_setzero_ps(); R];
+                let wp = w.as_ptr();
+                let mut c = 0;
+                while c < n {
+                    let w0 = $load(wp.add(c));
+                    let w1 = $load(wp.add(c + 8));
+                    for r in 0..R {
+                        let x = xs[r].as_ptr().add(c);
+                        a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x), w0, a0[r]);
+                        a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8)), w1, a1[r]);
+                    }
+                    c += 16;
+                }
+                let mut out = [0f32; R];
+                for r in 0..R {
+                    let s = _mm256_add_ps(a0[r], a1[r]);
+                    let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+                    let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+                    let mut t = _mm_cvtss_f32(q);
+                    for i in n..k {
+                        t = xs[r][i].mul_add(w[i].f32(), t);
+                    }
+                    out[r] = t;
+                }
+                out
+            }
+        };
+    }
+    dots!(dots_f32, f32, load_f32);
+    dots!(dots_bf16, half::bf16, load_bf16);
+}
+
+/// Lanes of the dot products' accumulators: the sum of `a·b` is taken lane by lane over the
+/// length rounded down to a multiple of this, then the lanes pairwise, then the tail in order:
+/// an order fixed by the length alone, the same for a row computed alone or among others.
+const LANES: usize = 16;
+
+/// Up to `R` dot products of one weight row `w` with the rows `xs` (each of `w`'s length), the
+/// weight chunk loaded once for all of them.
+/// `acc + x·y`.
+macro_rules! madd {
+    (plain, $x:expr, $y:expr, $acc:expr) => {
+        $acc + $x * $y
+    };
+}
+
+macro_rules! dots_body {
+    ($xs:expr, $w:expr, $mode:ident, $R:expr) => {{
+        let (xs, w): (&[&[f32]; $R], &[_]) = ($xs, $w);
+        let k = w.len();
+        let n = k / LANES * LANES;
+        let mut acc = [[0f32; LANES]; $R];
+        let mut c = 0;
+        while c < n {
+            let mut wc = [0f32; LANES];
+            for l in 0..LANES {
+                wc[l] = w[c + l].f32();
+            }
+            for r in 0..$R {
+                let x = &xs[r][c..c + LANES];
+                for l in 0..LANES {
+                    acc[r][l] = madd!($mode, x[l], wc[l], acc[r][l]);
+                }
+            }
+            c += LANES;
+        }
+        let mut out = [0f32; $R];
+        for r in 0..$R {
+            let a = &mut acc[r];
+            let mut width = LANES;
+            while width > 1 {
+                width /= 2;
+                for l in 0..width {
+                    a[l] += a[l + width];
+                }
+            }
+            let mut s = a[0];
+            for (x, y) in xs[r][n..].iter().zip(&w[n..]) {
+                s = madd!($mode, *x, y.f32(), s);
+            }
+            out[r] = s;
+        }
+        out
+    }};
+}
+
+#[inline(always)]
+fn dots_plain<W: WeightElem, const R: usize>(xs: &[&[f32]; R], w: &[W]) -> [f32; R] {
+    dots_body!(xs, w, plain, R)
+}
+
+fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *FMA.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[inline(always)]
+fn dots<W: WeightElem, const R: usize>(fma: bool, xs: &[&[f32]; R], w: &[W]) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    if fma {
+        // SAFETY: AVX2 and FMA were detected; the rows are of w's length (`rows_kernel`)
+        return unsafe { W::dots_avx(xs, w) };
+    }
+    let _ = fma;
+    dots_plain(xs, w)
+}
+
+/// `dst[i·n + j] = alpha·dot(x_i, w_j)` (`+=` with `accumulate`) for the `m` rows of `x`
+/// (`[m, k]`) and the `n` rows of `w` (`[n, k]`), both contiguous. Blocks of weight rows run in
+/// parallel; each weight row is read once for all of `x`'s rows, four rows at a time.
+fn rows_kernel<W: WeightElem>(
+    x: &[f32],
+    w: &[W],
+    (m, k, n): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+) {
+    use rayon::prelude::*;
+    let fma = has_fma();
+    let threads = get_threads().max(1);
+    let block = n.div_ceil(8 * threads).clamp(16, 1024);
+    let out = Dst(dst.as_mut_ptr());
+    let row = |i: usize| &x[i * k..(i + 1) * k];
+    (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+        let out = out;
+        let put = |i: usize, j: usize, v: f32| {
+            let v = alpha * v;
+            // SAFETY: (i, j) is inside the m × n destination; each j belongs to one block
+            unsafe {
+                let p = out.0.add(i * n + j);
+                *p = if accumulate { *p + v } else { v };
+            }
+        };
+        for j in bi * block..((bi + 1) * block).min(n) {
+            let wj = &w[j * k..(j + 1) * k];
+            let mut i = 0;
+            while i + 4 <= m {
+                let v = dots(fma, &[row(i), row(i + 1), row(i + 2), row(i + 3)], wj);
+                (0..4).for_each(|r| put(i + r, j, v[r]));
+                i += 4;
+            }
+            while i < m {
+                put(i, j, dots(fma, &[row(i)], wj)[0]);
+                i += 1;
+            }
+        }
+    });
+}
+
+/// The row kernel over candle storages: `x` `[m, k]` f32, `w` `[n, k]` f32 or bf16, both
+/// contiguous.
+fn rows_storage(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(Vec<f32>, (usize, usize, usize))> {
+    let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+    else {
+        candle_core::bail!("rows_matmul: operands must be contiguous");
+    };
+    let ([m, k], [n, k2]) = (l1.dims(), l2.dims()) else {
+        candle_core::bail!("rows_matmul: {:?} x {:?}ᵀ must be 2-D", l1.dims(), l2.dims());
+    };
+    let (m, k, n) = (*m, *k, *n);
+    if k != *k2 {
+        candle_core::bail!("rows_matmul: [{m}, {k}] x [{n}, {k2}]ᵀ");
+    }
+    let CpuStorage::F32(x) = s1 else {
+        candle_core::bail!("rows_matmul: the input is not f32");
+    };
+    let mut out = vec![0f32; m * n];
+    match s2 {
+        CpuStorage::F32(w) => rows_kernel(&x[a0..a1], &w[b0..b1], (m, k, n), &mut out, false, 1.0),
+        CpuStorage::BF16(w) => {
+            rows_kernel(&x[a0..a1], &w[b0..b1], (m, k, n), &mut out, false, 1.0)
+        }
+        _ => candle_core::bail!("rows_matmul: weights must be f32 or bf16"),
+    }
+    Ok((out, (m, k, n)))
+}
+
+struct RowsMatMul;
+
+impl CustomOp2 for RowsMatMul {
+    fn name(&self) -> &'static str {
+        "dialora-rows-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, (m, _, n)) = rows_storage(s1, l1, s2, l2)?;
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `x·wᵀ` for `x: [m, k]` (f32) and a weight `w: [n, k]` (f32 or bf16), row by row: every
+/// output is one dot product summed in an order fixed by `k` alone, so a row's result does not
+/// depend on the other rows (how many sequences share a decode step), and each weight row is
+/// read from memory once for all rows. On the CPU; elsewhere candle's matmul.
+pub fn rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() == 2 {
+        x.contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &RowsMatMul)
+    } else {
+        x.matmul(&w.to_dtype(x.dtype())?.t()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,5 +626,28 @@ mod tests {
         assert!(crate::testing::max_abs_diff(&got, &want) < 1e-4);
         let acc = matmul_acc(got, &x, &w.t().unwrap(), -1.0).unwrap();
         assert!(crate::testing::max_abs_diff(&acc, &want.zeros_like().unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn row_products_do_not_depend_on_the_other_rows() {
+        let dev = Device::Cpu;
+        for (k, n) in [(96usize, 300usize), (577, 70), (8, 1000)] {
+            let x = Tensor::rand(-1f32, 1f32, (20, k), &dev).unwrap();
+            let w = Tensor::rand(-1f32, 1f32, (n, k), &dev).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let all = rows_matmul(&x, &w).unwrap();
+            assert!(crate::testing::max_abs_diff(&all, &want) < 1e-4);
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            for (s, m) in [(0usize, 1usize), (3, 1), (5, 2), (7, 9), (0, 20)] {
+                let part = x.narrow(0, s, m).unwrap();
+                assert_eq!(bits(&rows_matmul(&part, &w).unwrap()), bits(&all.narrow(0, s, m).unwrap()));
+            }
+            // bf16 weights: the same as their f32 widening
+            let wb = w.to_dtype(candle_core::DType::BF16).unwrap();
+            let wf = wb.to_dtype(candle_core::DType::F32).unwrap();
+            assert_eq!(bits(&rows_matmul(&x, &wb).unwrap()), bits(&rows_matmul(&x, &wf).unwrap()));
+        }
     }
 }

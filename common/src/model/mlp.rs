@@ -8,7 +8,7 @@
 //! dx = dG Wg + dU Wu
 //! ```
 
-use super::linear::{LinearSaved, LoraLinear};
+use super::linear::{LinearSaved, LoraLinear, StepRows};
 use super::{ops, Grads, TrainCtx};
 use crate::config::ModelConfig;
 use candle_core::{Result, Tensor};
@@ -55,6 +55,13 @@ impl Mlp {
             y.reshape((b, t, d))?,
             ctx.map(|_| MlpSaved { lg, lu, ld, g, u }),
         ))
+    }
+
+    /// The rows of a batched step, `x: [rows, D]` (`LoraLinear::forward_rows`).
+    pub(crate) fn forward_rows(&self, x: &Tensor, rows: &StepRows) -> Result<Tensor> {
+        let g = self.gate.forward_rows(x, rows)?;
+        let u = self.up.forward_rows(x, rows)?;
+        self.down.forward_rows(&ops::swiglu(&g, &u)?, rows)
     }
 
     /// Input gradient from the output gradient `dy: [B, T, D]`; LoRA gradients go into `grads`.

@@ -25,9 +25,10 @@ mod matmul;
 mod mlp;
 pub mod ops;
 
-pub use linear::{Lora, LoraLinear};
-pub use llama::{KvCache, Llama};
+pub use linear::{AdapterBranches, Lora, LoraLinear, Packed};
+pub use llama::{KvCache, Llama, StepSeq, WeightFormat};
 pub use loss::{Batch, LossStats};
+pub use matmul::rows_matmul;
 
 use candle_core::{Result, Tensor};
 
