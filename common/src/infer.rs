@@ -115,7 +115,13 @@ impl Session {
                 model_dir.display()
             );
         }
-        let engine = Engine::start(model, tok.clone(), stops.clone(), branches, o.engine.clone())?;
+        let engine = Engine::start(
+            model,
+            tok.clone(),
+            stops.clone(),
+            branches,
+            o.engine.clone(),
+        )?;
         Ok(Session {
             engine,
             tok,
@@ -175,8 +181,7 @@ impl Session {
                 if let Some(s) = c.system().or(default_system) {
                     history.push(Message::new("system", s));
                 }
-                let users: Vec<String> =
-                    c.user_turns().into_iter().map(str::to_string).collect();
+                let users: Vec<String> = c.user_turns().into_iter().map(str::to_string).collect();
                 adapters
                     .iter()
                     .map(|_| Run {
@@ -247,7 +252,10 @@ impl Session {
         runs.into_iter()
             .map(|r| {
                 r.into_iter()
-                    .map(|x| x.result.unwrap_or_else(|| Err(anyhow!("the generation engine stopped"))))
+                    .map(|x| {
+                        x.result
+                            .unwrap_or_else(|| Err(anyhow!("the generation engine stopped")))
+                    })
                     .collect()
             })
             .collect()
@@ -255,7 +263,12 @@ impl Session {
 
     /// Answers `conv` with the session's adapter and with the base model alone.
     pub fn compare(&self, conv: &Conversation, default_system: Option<&str>) -> Result<Comparison> {
-        let mut r = self.answer_all(&[conv], default_system, &[self.adapter.clone(), None], |_, _| {});
+        let mut r = self.answer_all(
+            &[conv],
+            default_system,
+            &[self.adapter.clone(), None],
+            |_, _| {},
+        );
         let mut pair = r.remove(0).into_iter();
         let tuned = pair.next().expect("two runs")?;
         let base = pair.next().expect("two runs")?;

@@ -299,7 +299,10 @@ fn parse_request(body: &Value, engine: &Server) -> Result<ChatRequest, ApiError>
     let penalty = |k: &'static str| -> Result<f32, ApiError> {
         let v = num(k)?.unwrap_or(0.0);
         if !(-2.0..=2.0).contains(&v) {
-            return Err(ApiError::bad(format!("'{k}' must be between -2 and 2"), Some(k)));
+            return Err(ApiError::bad(
+                format!("'{k}' must be between -2 and 2"),
+                Some(k),
+            ));
         }
         Ok(v as f32)
     };
@@ -440,14 +443,13 @@ impl Server {
 
 /// OpenAI's `logprobs.content` entries of some tokens.
 fn logprobs_json(l: &[TokenLogprob]) -> Value {
-    let entry = |token: &str, logprob: f32| {
-        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
-    };
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
     Value::Array(
         l.iter()
             .map(|t| {
                 let mut e = entry(&t.token, t.logprob);
-                e["top_logprobs"] = Value::Array(t.top.iter().map(|(_, s, lp)| entry(s, *lp)).collect());
+                e["top_logprobs"] =
+                    Value::Array(t.top.iter().map(|(_, s, lp)| entry(s, *lp)).collect());
                 e
             })
             .collect(),
@@ -507,7 +509,10 @@ async fn chat_completions(
         let (mut text, mut logprobs) = (String::new(), Vec::new());
         while let Some(e) = rx.recv().await {
             match e {
-                Event::Delta { text: t, logprobs: l } => {
+                Event::Delta {
+                    text: t,
+                    logprobs: l,
+                } => {
                     text.push_str(&t);
                     logprobs.extend(l);
                 }
@@ -543,7 +548,14 @@ async fn chat_completions(
             )
         };
         let send = |e: SseEvent| tx.send(e);
-        if send(chunk(json!({"role": "assistant", "content": ""}), None, Value::Null)).await.is_err() {
+        if send(chunk(
+            json!({"role": "assistant", "content": ""}),
+            None,
+            Value::Null,
+        ))
+        .await
+        .is_err()
+        {
             return;
         }
         loop {
@@ -562,7 +574,10 @@ async fn chat_completions(
                     chunk(json!({"content": text}), None, lp)
                 }
                 Some(Event::Done(f)) => {
-                    if send(chunk(json!({}), Some(f.finish.reason()), Value::Null)).await.is_err() {
+                    if send(chunk(json!({}), Some(f.finish.reason()), Value::Null))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     if include_usage {
@@ -577,9 +592,10 @@ async fn chat_completions(
                     break;
                 }
                 None => {
-                    let _ = send(SseEvent::default().data(
-                        error_json("the generation engine stopped").to_string(),
-                    ))
+                    let _ = send(
+                        SseEvent::default()
+                            .data(error_json("the generation engine stopped").to_string()),
+                    )
                     .await;
                     break;
                 }

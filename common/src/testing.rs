@@ -181,3 +181,29 @@ pub fn read_only_dir(parent: &Path) -> PathBuf {
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
     ro
 }
+
+/// A random adapter for the real SmolLM2 on q/v (rank 4) with a visible effect, seeded.
+pub fn random_adapter(dir: &Path, seed: u64) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut uniform = |rows: usize, cols: usize| {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random::<f32>() * 0.2 - 0.1)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu)
+    };
+    let mut w = std::collections::BTreeMap::new();
+    for i in 0..30 {
+        for (m, out) in [("self_attn.q_proj", 576), ("self_attn.v_proj", 192)] {
+            let a = uniform(4, 576)?;
+            let b = uniform(out, 4)?;
+            let s = (seed as f64 + 1.0) * 0.5;
+            w.insert(format!("model.layers.{i}.{m}"), ((a * s)?, (b * s)?));
+        }
+    }
+    crate::lora::Adapter::save(
+        &crate::lora::LoraConfig::new(4, 8.0, 0.0, vec!["q_proj".into(), "v_proj".into()]),
+        &w,
+        dir,
+    )
+}

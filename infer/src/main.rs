@@ -8,7 +8,9 @@ use common::cli::{emit, say};
 use common::data::formats::{read_file, Purpose};
 use common::device::DtypeArg;
 use common::generate::{GenerationConfig, SamplingFlags};
-use common::infer::{comparison, comparison_markdown, Chat, ChatInput, ModelOptions, Reply, Session};
+use common::infer::{
+    comparison, comparison_markdown, Chat, ChatInput, ModelOptions, Reply, Session,
+};
 use common::model::WeightFormat;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -430,11 +432,15 @@ fn batch(
         Ok(())
     };
     let total = records.len();
+    // failures are reported in file order, unreadable records and failed answers alike
+    let mut unreadable = std::collections::BTreeMap::new();
     let mut convs = Vec::new();
-    for rec in records {
+    for (k, rec) in records.into_iter().enumerate() {
         match rec {
-            Ok(c) => convs.push(c),
-            Err(b) => fail(b.to_string())?,
+            Ok(c) => convs.push((k, c)),
+            Err(b) => {
+                unreadable.insert(k, b.to_string());
+            }
         }
     }
     let system = a.system.as_deref();
@@ -444,11 +450,11 @@ fn batch(
         vec![s.adapter.clone()]
     };
     let t0 = std::time::Instant::now();
-    let refs: Vec<&common::data::formats::Conversation> = convs.iter().collect();
+    let refs: Vec<&common::data::formats::Conversation> = convs.iter().map(|(_, c)| c).collect();
     let mut done = 0usize;
     let results = s.answer_all(&refs, system, &runs, |_, _| {
         done += 1;
-        if done % runs.len() == 0 {
+        if done.is_multiple_of(runs.len()) {
             eprintln!(
                 "infer: {} conversation {}/{total}",
                 if a.compare { "compared" } else { "answered" },
@@ -460,7 +466,15 @@ fn batch(
     let mut all = Tally::default();
     let (mut base, mut tuned) = (Tally::default(), Tally::default());
     let mut items = Vec::new();
-    for (c, r) in convs.iter().zip(results) {
+    let mut answered = convs.iter().zip(results).peekable();
+    for k in 0..total {
+        if let Some(what) = unreadable.remove(&k) {
+            fail(what)?;
+            continue;
+        }
+        let Some(((_, c), r)) = answered.next() else {
+            break;
+        };
         let mut r = r.into_iter();
         let first = r.next().expect("one run per adapter");
         let answered = match (first, r.next()) {

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use common::data::formats::{parse_record, Location, Purpose};
 use common::generate::SamplingParams;
-use common::infer::Session;
+use common::infer::{ModelOptions, Session};
 use common::lora::{Adapter, LoraConfig};
 use common::testing::real_model_dir;
 use std::collections::BTreeMap;
@@ -111,10 +111,10 @@ fn adapter_generation_equals_merged_generation() {
         max_new_tokens: 24,
         ..Default::default()
     };
-    let with_adapter =
-        Session::open(&m, Some(&ad), None, DType::F32, &Device::Cpu, p.clone()).unwrap();
-    let merged_s = Session::open(&merged, None, None, DType::F32, &Device::Cpu, p.clone()).unwrap();
-    let base = Session::open(&m, None, None, DType::F32, &Device::Cpu, p).unwrap();
+    let o = ModelOptions::default();
+    let named = [("ad".to_string(), ad.clone())];
+    let with_adapter = Session::open(&m, &named, Some("ad"), None, &o, p.clone()).unwrap();
+    let merged_s = Session::open(&merged, &[], None, None, &o, p.clone()).unwrap();
     let conv = parse_record(
         &serde_json::json!({"turns": ["What is the capital of France?", "Tell me one fact about it.", "I feel tired today."]}),
         Location {
@@ -125,13 +125,19 @@ fn adapter_generation_equals_merged_generation() {
         Purpose::Prompting,
     )
     .unwrap();
-    let a = with_adapter
-        .answer_conversation(&conv, None, |_, _| {})
+    // the adapter's and the base's answers in one batch
+    let mut ac = with_adapter.answer_all(&[&conv], None, &[Some("ad".into()), None], |_, _| {});
+    let mut ac = ac.remove(0).into_iter();
+    let (a, c) = (ac.next().unwrap().unwrap(), ac.next().unwrap().unwrap());
+    let b = merged_s.answer_all(&[&conv], None, &[None], |_, _| {});
+    let b = b
+        .into_iter()
+        .next()
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap()
         .unwrap();
-    let b = merged_s
-        .answer_conversation(&conv, None, |_, _| {})
-        .unwrap();
-    let c = base.answer_conversation(&conv, None, |_, _| {}).unwrap();
     for i in 0..3 {
         assert_eq!(a[i].text, b[i].text, "turn {i}: adapter vs merged");
     }

@@ -2,43 +2,15 @@
 //! streaming completions equal to `infer --prompt`, the adapters picked by name, every error in
 //! OpenAI's shape, a client that goes away, and SIGTERM letting a running request finish.
 
-use candle_core::{Device, Tensor};
-use common::lora::{Adapter, LoraConfig};
 use common::testing::real_model_dir;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// A random adapter on q/v with a visible effect, seeded.
 fn adapter(dir: &Path, seed: u64) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut uniform = |rows: usize, cols: usize| {
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.random::<f32>() * 0.2 - 0.1)
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    };
-    let mut w = BTreeMap::new();
-    for i in 0..30 {
-        for (m, out) in [("self_attn.q_proj", 576), ("self_attn.v_proj", 192)] {
-            let a = uniform(4, 576);
-            let b = uniform(out, 4);
-            let s = (seed as f64 + 1.0) * 0.5;
-            w.insert(
-                format!("model.layers.{i}.{m}"),
-                ((a * s).unwrap(), (b * s).unwrap()),
-            );
-        }
-    }
-    Adapter::save(
-        &LoraConfig::new(4, 8.0, 0.0, vec!["q_proj".into(), "v_proj".into()]),
-        &w,
-        dir,
-    )
-    .unwrap();
+    common::testing::random_adapter(dir, seed).unwrap()
 }
 
 struct Server {
@@ -126,7 +98,7 @@ impl Server {
     /// Waits (at most 60 s) until no request holds or awaits the model.
     fn wait_idle(&self) {
         let t = std::time::Instant::now();
-        while self.health().1["requests"] != 0 {
+        while self.health().1["waiting"] != 0 || self.health().1["running"] != 0 {
             assert!(
                 t.elapsed().as_secs() < 60,
                 "a request kept its place: {:?}",
@@ -230,7 +202,8 @@ fn the_api_answers_as_the_command_line_does() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["smol", "brisk", "calm"]);
+    // the base, then the adapters in the order given (as vLLM's --lora-modules)
+    assert_eq!(ids, ["smol", "calm", "brisk"]);
     let health = ureq::get(&format!("{}/health", srv.base.trim_end_matches("/v1")))
         .call()
         .unwrap();
@@ -424,9 +397,15 @@ fn bad_requests_get_openai_errors_and_never_crash_the_server() {
         ),
         (
             400,
-            Some(json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true})),
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21})),
             None,
-            "'logprobs' is not supported",
+            "'top_logprobs' must be between 0 and 20",
+        ),
+        (
+            400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5})),
+            None,
+            "'presence_penalty' must be between -2 and 2",
         ),
         // 1e-46 is 0 as the sampler's f32: refused, not top-p silently off
         (
@@ -546,13 +525,13 @@ fn bad_requests_get_openai_errors_and_never_crash_the_server() {
 }
 
 /// Clients that give up while decoding, while their prompt is prefilled and while queued:
-/// each gives its place back (with a queue of 2, before the fix every one kept it and the
-/// server answered 429 forever), a long abandoned prompt is not prefilled to its end, and
-/// `/health` says 503 while no new request would be taken.
+/// each gives its place back (a batch of 1 and a queue of 1 here: before the fix of issue 23
+/// every one kept it and the server answered 429 forever), a long abandoned prompt is not
+/// prefilled to its end, and `/health` says 503 while no new request would be taken.
 #[test]
 fn clients_that_give_up_free_their_place_and_health_reports_a_full_queue() {
     let real = real_model_dir().unwrap();
-    let mut srv = Server::start_with(&real, &[], &["--max-queue", "2"], &[]);
+    let mut srv = Server::start_with(&real, &[], &["--max-queue", "1", "--max-batch", "1"], &[]);
     let long_story = json!({"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 400});
     // leaves while decoding
     srv.post_and_leave(&long_story, 1.5);
@@ -593,10 +572,11 @@ fn clients_that_give_up_free_their_place_and_health_reports_a_full_queue() {
     assert_eq!(srv.post(&ask("smol", "hi")).0, 429);
     assert!(queued.join().unwrap(), "the queued request was answered");
     std::thread::sleep(std::time::Duration::from_millis(300));
+    let h = srv.health().1;
     assert_eq!(
-        srv.health().1["requests"],
-        1,
-        "only the stream holds a place"
+        (&h["waiting"], &h["running"]),
+        (&json!(0), &json!(1)),
+        "only the stream holds a place: {h}"
     );
     drop(reader);
     srv.wait_idle();

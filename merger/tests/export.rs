@@ -235,12 +235,18 @@ fn an_independent_reader_generates_from_the_export_what_infer_does() {
         max_new_tokens: 40,
         ..Default::default()
     };
-    let s = common::infer::Session::open(&merged, None, None, DType::F32, &Device::Cpu, p.clone())
-        .unwrap();
+    let o = common::infer::ModelOptions::default();
+    let s = common::infer::Session::open(&merged, &[], None, None, &o, p.clone()).unwrap();
     let r = reference().unwrap();
     for key in ["chat_prompt", "multi_turn_prompt"] {
         let prompt = ids(&r[key]["ids"]);
-        let g = common::generate::generate(&s.model, &prompt, &p, &s.stops, |_| Ok(true)).unwrap();
+        let g = s
+            .engine
+            .generate(
+                common::engine::Request::new(prompt.clone(), None, p.clone()),
+                |_| {},
+            )
+            .unwrap();
         let from_gguf = greedy_from_gguf(&files[0], &prompt, 40, 2);
         let text = |v: &[u32]| common::tokenizer::decode(&s.tok, v).unwrap();
         assert_eq!(text(&from_gguf), text(&g.ids), "{key}");

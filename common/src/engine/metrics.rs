@@ -56,19 +56,71 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("num_requests_running", "Requests running (in the batch)", m.running.clone());
-        r.register("num_requests_waiting", "Requests waiting for a place in the batch", m.waiting.clone());
-        r.register("max_batch", "Requests that may run at once (--max-batch)", m.max_batch.clone());
-        r.register("prompt_tokens", "Prompt tokens of finished requests", m.prompt_tokens.clone());
-        r.register("generation_tokens", "Generated tokens of finished requests", m.generation_tokens.clone());
-        r.register("request_success", "Finished requests by finish reason", m.finished.clone());
-        r.register("time_to_first_token_seconds", "From arrival to the first token", m.ttft.clone());
-        r.register("time_per_output_token_seconds", "Decode time per output token after the first, per request", m.tpot.clone());
-        r.register("e2e_request_latency_seconds", "From arrival to the last token", m.e2e.clone());
-        r.register("request_queue_time_seconds", "Waiting for a place in the batch", m.queue.clone());
-        r.register("step_duration_seconds", "Duration of one batched forward", m.step.clone());
-        r.register("step_tokens", "Tokens fed to one batched forward", m.step_tokens.clone());
-        r.register("step_sequences", "Sequences running during one batched forward", m.step_seqs.clone());
+        r.register(
+            "num_requests_running",
+            "Requests running (in the batch)",
+            m.running.clone(),
+        );
+        r.register(
+            "num_requests_waiting",
+            "Requests waiting for a place in the batch",
+            m.waiting.clone(),
+        );
+        r.register(
+            "max_batch",
+            "Requests that may run at once (--max-batch)",
+            m.max_batch.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens of finished requests",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "generation_tokens",
+            "Generated tokens of finished requests",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "request_success",
+            "Finished requests by finish reason",
+            m.finished.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "From arrival to the first token",
+            m.ttft.clone(),
+        );
+        r.register(
+            "time_per_output_token_seconds",
+            "Decode time per output token after the first, per request",
+            m.tpot.clone(),
+        );
+        r.register(
+            "e2e_request_latency_seconds",
+            "From arrival to the last token",
+            m.e2e.clone(),
+        );
+        r.register(
+            "request_queue_time_seconds",
+            "Waiting for a place in the batch",
+            m.queue.clone(),
+        );
+        r.register(
+            "step_duration_seconds",
+            "Duration of one batched forward",
+            m.step.clone(),
+        );
+        r.register(
+            "step_tokens",
+            "Tokens fed to one batched forward",
+            m.step_tokens.clone(),
+        );
+        r.register(
+            "step_sequences",
+            "Sequences running during one batched forward",
+            m.step_seqs.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -225,7 +225,10 @@ impl Sequence {
         let reach = self.req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
         let from = t.text.len().saturating_sub(reach);
         t.text.push_str(&piece);
-        let from = (0..=from).rev().find(|&i| t.text.is_char_boundary(i)).unwrap_or(0);
+        let from = (0..=from)
+            .rev()
+            .find(|&i| t.text.is_char_boundary(i))
+            .unwrap_or(0);
         let hit = self
             .req
             .stop

@@ -161,7 +161,14 @@ pub fn weight_type(
     let layer = hf
         .strip_prefix("model.layers.")
         .and_then(|r| r.split('.').next()?.parse().ok());
-    Ok(tensor_type(ty, &gguf_name(hf)?, cols, layer, n_layers, tied))
+    Ok(tensor_type(
+        ty,
+        &gguf_name(hf)?,
+        cols,
+        layer,
+        n_layers,
+        tied,
+    ))
 }
 
 /// GGUF metadata values are candle's (`gguf_file::Value`); `gguf_file::write` serialises them.

@@ -167,7 +167,11 @@ impl Attention {
         let mut outs = Vec::with_capacity(seqs.len());
         for (start, t, cache) in seqs.iter_mut() {
             let (start, t) = (*start, *t);
-            let pos = cache.as_ref().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+            let pos = cache
+                .as_ref()
+                .map(|(k, _)| k.dim(2))
+                .transpose()?
+                .unwrap_or(0);
             let a = self.attend(
                 &q.narrow(0, start, t)?,
                 &k.narrow(0, start, t)?,

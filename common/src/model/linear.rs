@@ -92,7 +92,9 @@ impl Packed {
     pub fn bytes(&self) -> usize {
         match self {
             Packed::Bf16(w) => w.elem_count() * 2,
-            Packed::Quantized(candle_core::quantized::QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Packed::Quantized(candle_core::quantized::QMatMul::QTensor(q)) => {
+                q.storage_size_in_bytes()
+            }
             Packed::Quantized(
                 candle_core::quantized::QMatMul::Tensor(w)
                 | candle_core::quantized::QMatMul::TensorF16(w),
@@ -277,7 +279,10 @@ impl LoraLinear {
         acc: Option<Tensor>,
     ) -> Result<Tensor> {
         if self.packed.is_some() {
-            candle_core::bail!("{}: a packed (bf16 or quantized) weight is for inference only", self.name);
+            candle_core::bail!(
+                "{}: a packed (bf16 or quantized) weight is for inference only",
+                self.name
+            );
         }
         let dx = match acc {
             Some(acc) => matmul::matmul_acc(acc, dy, &self.weight, 1.0)?,

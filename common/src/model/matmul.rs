@@ -104,6 +104,13 @@ struct Dst(*mut f32);
 unsafe impl Send for Dst {}
 unsafe impl Sync for Dst {}
 
+impl Dst {
+    /// The pointer (a method, so that closures capture the whole `Dst`, which is `Sync`).
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `[1, k]·[k, n]`, the product of decoding one token: the gemm crate runs it as a GEMV on one
 /// thread, so the columns are split into blocks run in parallel, each a GEMV of its own.
 ///
@@ -389,16 +396,9 @@ mod avx {
 const LANES: usize = 16;
 
 /// Up to `R` dot products of one weight row `w` with the rows `xs` (each of `w`'s length), the
-/// weight chunk loaded once for all of them.
-/// `acc + x·y`.
-macro_rules! madd {
-    (plain, $x:expr, $y:expr, $acc:expr) => {
-        $acc + $x * $y
-    };
-}
-
+/// weight chunk loaded once for all of them (the path without AVX2/FMA).
 macro_rules! dots_body {
-    ($xs:expr, $w:expr, $mode:ident, $R:expr) => {{
+    ($xs:expr, $w:expr, $R:expr) => {{
         let (xs, w): (&[&[f32]; $R], &[_]) = ($xs, $w);
         let k = w.len();
         let n = k / LANES * LANES;
@@ -412,7 +412,7 @@ macro_rules! dots_body {
             for r in 0..$R {
                 let x = &xs[r][c..c + LANES];
                 for l in 0..LANES {
-                    acc[r][l] = madd!($mode, x[l], wc[l], acc[r][l]);
+                    acc[r][l] += x[l] * wc[l];
                 }
             }
             c += LANES;
@@ -429,7 +429,7 @@ macro_rules! dots_body {
             }
             let mut s = a[0];
             for (x, y) in xs[r][n..].iter().zip(&w[n..]) {
-                s = madd!($mode, *x, y.f32(), s);
+                s += *x * y.f32();
             }
             out[r] = s;
         }
@@ -439,7 +439,7 @@ macro_rules! dots_body {
 
 #[inline(always)]
 fn dots_plain<W: WeightElem, const R: usize>(xs: &[&[f32]; R], w: &[W]) -> [f32; R] {
-    dots_body!(xs, w, plain, R)
+    dots_body!(xs, w, R)
 }
 
 fn has_fma() -> bool {
@@ -447,7 +447,8 @@ fn has_fma() -> bool {
     {
         static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *FMA.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -483,12 +484,11 @@ fn rows_kernel<W: WeightElem>(
     let out = Dst(dst.as_mut_ptr());
     let row = |i: usize| &x[i * k..(i + 1) * k];
     (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
-        let out = out;
         let put = |i: usize, j: usize, v: f32| {
             let v = alpha * v;
             // SAFETY: (i, j) is inside the m × n destination; each j belongs to one block
             unsafe {
-                let p = out.0.add(i * n + j);
+                let p = out.ptr().add(i * n + j);
                 *p = if accumulate { *p + v } else { v };
             }
         };
@@ -521,7 +521,11 @@ fn rows_storage(
         candle_core::bail!("rows_matmul: operands must be contiguous");
     };
     let ([m, k], [n, k2]) = (l1.dims(), l2.dims()) else {
-        candle_core::bail!("rows_matmul: {:?} x {:?}ᵀ must be 2-D", l1.dims(), l2.dims());
+        candle_core::bail!(
+            "rows_matmul: {:?} x {:?}ᵀ must be 2-D",
+            l1.dims(),
+            l2.dims()
+        );
     };
     let (m, k, n) = (*m, *k, *n);
     if k != *k2 {
@@ -533,9 +537,7 @@ fn rows_storage(
     let mut out = vec![0f32; m * n];
     match s2 {
         CpuStorage::F32(w) => rows_kernel(&x[a0..a1], &w[b0..b1], (m, k, n), &mut out, false, 1.0),
-        CpuStorage::BF16(w) => {
-            rows_kernel(&x[a0..a1], &w[b0..b1], (m, k, n), &mut out, false, 1.0)
-        }
+        CpuStorage::BF16(w) => rows_kernel(&x[a0..a1], &w[b0..b1], (m, k, n), &mut out, false, 1.0),
         _ => candle_core::bail!("rows_matmul: weights must be f32 or bf16"),
     }
     Ok((out, (m, k, n)))
@@ -638,16 +640,28 @@ mod tests {
             let all = rows_matmul(&x, &w).unwrap();
             assert!(crate::testing::max_abs_diff(&all, &want) < 1e-4);
             let bits = |t: &Tensor| -> Vec<u32> {
-                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
             };
             for (s, m) in [(0usize, 1usize), (3, 1), (5, 2), (7, 9), (0, 20)] {
                 let part = x.narrow(0, s, m).unwrap();
-                assert_eq!(bits(&rows_matmul(&part, &w).unwrap()), bits(&all.narrow(0, s, m).unwrap()));
+                assert_eq!(
+                    bits(&rows_matmul(&part, &w).unwrap()),
+                    bits(&all.narrow(0, s, m).unwrap())
+                );
             }
             // bf16 weights: the same as their f32 widening
             let wb = w.to_dtype(candle_core::DType::BF16).unwrap();
             let wf = wb.to_dtype(candle_core::DType::F32).unwrap();
-            assert_eq!(bits(&rows_matmul(&x, &wb).unwrap()), bits(&rows_matmul(&x, &wf).unwrap()));
+            assert_eq!(
+                bits(&rows_matmul(&x, &wb).unwrap()),
+                bits(&rows_matmul(&x, &wf).unwrap())
+            );
         }
     }
 }

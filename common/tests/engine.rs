@@ -1,0 +1,226 @@
+//! The batched engine on the real SmolLM2 with two adapters: a request's answer is the one it
+//! gets alone, token for token, whatever shares the batch (base and adapters mixed, prompts of
+//! different lengths joining at different steps, greedy and seeded sampling); and the weights
+//! quantized to q8_0 give the f32 greedy answer wherever the f32 model's choice is clear.
+
+use common::chat::Message;
+use common::engine::{EngineOptions, Event, Request, Tagged};
+use common::generate::SamplingParams;
+use common::infer::{ModelOptions, Session};
+use common::model::WeightFormat;
+use common::testing::{real_model_dir, reference};
+use std::collections::BTreeMap;
+
+/// The oracle's prompts and the held-out conversations (first turn, and two turns with a
+/// written first answer).
+fn prompts() -> Vec<Vec<Message>> {
+    let r = reference().unwrap();
+    let msgs = |v: &serde_json::Value| -> Vec<Message> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect()
+    };
+    let mut out = vec![
+        msgs(&r["chat_prompt"]["messages"]),
+        msgs(&r["multi_turn_prompt"]["messages"]),
+    ];
+    let held =
+        std::fs::read_to_string(common::testing::repo_root().join("data/counsel_heldout.jsonl"))
+            .unwrap();
+    for (i, line) in held.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let turns = v["conversation"].as_array().unwrap();
+        let mut h = vec![Message::new("system", turns[0]["system"].as_str().unwrap())];
+        h.push(Message::new("user", turns[0]["input"].as_str().unwrap()));
+        if i % 2 == 1 && turns.len() > 1 {
+            h.push(Message::new(
+                "assistant",
+                "I hear you. Tell me more about what worries you most.",
+            ));
+            h.push(Message::new("user", turns[1]["input"].as_str().unwrap()));
+        }
+        out.push(h);
+    }
+    out
+}
+
+fn greedy(max: usize) -> SamplingParams {
+    SamplingParams {
+        max_new_tokens: max,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn answers_do_not_depend_on_what_shares_the_batch() {
+    let Ok(model) = real_model_dir() else {
+        eprintln!("skipped: the real model is not imported (make model)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (a1, a2) = (tmp.path().join("a1"), tmp.path().join("a2"));
+    common::testing::random_adapter(&a1, 1).unwrap();
+    common::testing::random_adapter(&a2, 2).unwrap();
+    let o = ModelOptions {
+        // small chunks: every prompt takes several steps, beside others' decoding
+        engine: EngineOptions {
+            max_batch: 8,
+            max_queue: 64,
+            prefill_chunk: 24,
+        },
+        ..Default::default()
+    };
+    let adapters = vec![("a1".to_string(), a1), ("a2".to_string(), a2)];
+    let s = Session::open(&model, &adapters, None, None, &o, greedy(20)).unwrap();
+    let mut jobs = Vec::new();
+    for (i, p) in prompts().iter().enumerate() {
+        let ids = s.prompt_ids(p).unwrap();
+        for a in [None, Some("a1"), Some("a2")] {
+            jobs.push(Request::new(ids.clone(), a.map(str::to_string), greedy(20)));
+            if i < 3 {
+                // seeded sampling with a penalty: the request's own sampler
+                let mut r = Request::new(
+                    ids.clone(),
+                    a.map(str::to_string),
+                    SamplingParams {
+                        temperature: 0.9,
+                        top_k: Some(40),
+                        seed: 7 + i as u64,
+                        ..greedy(20)
+                    },
+                );
+                r.frequency_penalty = 0.5;
+                jobs.push(r);
+            }
+        }
+    }
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|r| s.engine.generate(r.clone(), |_| {}).unwrap().ids)
+        .collect();
+    // the adapters are in effect
+    let answers = |a: Option<&str>| -> Vec<&Vec<u32>> {
+        jobs.iter()
+            .zip(&alone)
+            .filter(|(r, _)| r.adapter.as_deref() == a && r.params.temperature == 0.0)
+            .map(|(_, ids)| ids)
+            .collect()
+    };
+    assert_ne!(
+        answers(None),
+        answers(Some("a1")),
+        "base and a1 answer alike"
+    );
+    assert_ne!(
+        answers(Some("a1")),
+        answers(Some("a2")),
+        "a1 and a2 answer alike"
+    );
+    // mixed: a third at once, the next third once a few tokens have been streamed, and so on
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut mixed = BTreeMap::new();
+    let third = jobs.len().div_ceil(3);
+    let mut submitted = 0;
+    let mut deltas = 0;
+    while mixed.len() < jobs.len() {
+        if submitted < jobs.len() && (submitted == 0 || deltas >= 5) {
+            let end = (submitted + third).min(jobs.len());
+            for (k, job) in jobs.iter().enumerate().take(end).skip(submitted) {
+                s.engine
+                    .submit(job.clone(), Box::new(Tagged(k, tx.clone())))
+                    .unwrap();
+            }
+            submitted = (submitted + third).min(jobs.len());
+            deltas = 0;
+        }
+        match rx.blocking_recv().unwrap() {
+            (_, Event::Delta { .. }) => deltas += 1,
+            (k, Event::Done(f)) => {
+                mixed.insert(k, f.ids);
+            }
+            (k, Event::Error(e)) => panic!("job {k}: {e}"),
+        }
+    }
+    for (k, want) in alone.iter().enumerate() {
+        assert_eq!(&mixed[&k], want, "job {k} (adapter {:?})", jobs[k].adapter);
+    }
+    eprintln!(
+        "{} requests: each answered in a mixed batch as alone",
+        jobs.len()
+    );
+}
+
+/// q8_0 against f32 on the f32 model's greedy answers (teacher-forced): at every answer
+/// position where f32's top two logits are at least `MARGIN` apart, q8_0 picks f32's token;
+/// the top-1 agreement over all positions is printed.
+#[test]
+fn q8_0_gives_the_f32_answer_where_the_choice_is_clear() {
+    use candle_core::{DType, Device, Tensor};
+    const MARGIN: f32 = 1.0;
+    let Ok(model) = real_model_dir() else {
+        eprintln!("skipped: the real model is not imported (make model)");
+        return;
+    };
+    let f32s = Session::open(
+        &model,
+        &[],
+        None,
+        None,
+        &ModelOptions::default(),
+        greedy(32),
+    )
+    .unwrap();
+    let dense = common::Llama::from_dir(&model, DType::F32, &Device::Cpu).unwrap();
+    let mut q8 = common::Llama::from_dir(&model, DType::F32, &Device::Cpu).unwrap();
+    q8.pack(WeightFormat::Q8_0).unwrap();
+    // the projections and the head at about a quarter; the embedding stays f32
+    assert!(
+        q8.weight_bytes() * 2 < dense.weight_bytes(),
+        "{} vs {}",
+        q8.weight_bytes(),
+        dense.weight_bytes()
+    );
+    let (mut agree, mut total, mut clear) = (0, 0, 0);
+    for p in prompts() {
+        let prompt = f32s.prompt_ids(&p).unwrap();
+        let answer = f32s
+            .engine
+            .generate(Request::new(prompt.clone(), None, greedy(32)), |_| {})
+            .unwrap()
+            .ids;
+        let mut seq = prompt.clone();
+        seq.extend(&answer[..answer.len() - 1]);
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let rows = |m: &common::Llama| -> Vec<Vec<f32>> {
+            let l = m.forward(&ids, None).unwrap().squeeze(0).unwrap();
+            (prompt.len() - 1..seq.len())
+                .map(|i| l.get(i).unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let (lf, lq) = (rows(&dense), rows(&q8));
+        let top2 = |v: &[f32]| {
+            let mut o: Vec<usize> = (0..v.len()).collect();
+            o.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+            (o[0], v[o[0]] - v[o[1]])
+        };
+        for (f, q) in lf.iter().zip(&lq) {
+            let ((tf, margin), (tq, _)) = (top2(f), top2(q));
+            total += 1;
+            agree += usize::from(tf == tq);
+            if margin >= MARGIN {
+                clear += 1;
+                assert_eq!(
+                    tq, tf,
+                    "q8_0 differs from f32 where f32's margin is {margin}"
+                );
+            }
+        }
+    }
+    eprintln!("q8_0 vs f32, top-1 on f32's greedy answers: {agree}/{total} positions agree; all {clear} with a top-2 margin >= {MARGIN} agree");
+    assert!(clear * 2 > total, "most positions have a clear choice");
+}
