@@ -6,7 +6,7 @@
 #   CLIENTS=8 REQUESTS=20 TOKENS=32 PY=python3 scripts/bench-serve.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=$(scripts/bin-dir.sh)
+. scripts/bin-dir.sh
 MODEL=${MODEL:-models/smollm2-135m-instruct}
 CLIENTS=${CLIENTS:-8} REQUESTS=${REQUESTS:-20} TOKENS=${TOKENS:-32} PY=${PY:-python3}
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT

@@ -397,7 +397,9 @@ fn bad_requests_get_openai_errors_and_never_crash_the_server() {
         ),
         (
             400,
-            Some(json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21})),
+            Some(
+                json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}),
+            ),
             None,
             "'top_logprobs' must be between 0 and 20",
         ),
@@ -743,4 +745,131 @@ fn a_client_that_goes_away_stops_and_sigterm_lets_requests_finish() {
     let mut rest = String::new();
     srv.stderr.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("finishing running requests"), "{rest}");
+}
+
+/// Requests for the base and two adapters sent at once share the batch and get the answers
+/// each gets alone; `logprobs`/`top_logprobs`, a frequency penalty and `GET /metrics` work as
+/// an OpenAI (or vLLM) client expects.
+#[test]
+fn concurrent_requests_for_different_adapters_get_their_lone_answers() {
+    let real = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a1, a2) = (tmp.path().join("a1"), tmp.path().join("a2"));
+    adapter(&a1, 1);
+    adapter(&a2, 2);
+    let srv = Server::start_with(
+        &real,
+        &[("a1", &a1), ("a2", &a2)],
+        &["--max-batch", "8"],
+        &[],
+    );
+    let prompts = [
+        "I feel anxious about my exams.",
+        "My friend stopped talking to me and I do not know why.",
+    ];
+    let mut bodies = Vec::new();
+    for p in prompts {
+        for m in ["smol", "a1", "a2"] {
+            bodies.push(ask(m, p));
+        }
+    }
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let alone: Vec<String> = bodies
+        .iter()
+        .map(|b| {
+            let (status, v) = srv.post(b);
+            assert_eq!(status, 200, "{v}");
+            text(&v)
+        })
+        .collect();
+    assert_ne!(alone[0], alone[1], "the adapter is in effect");
+    let base = srv.base.clone();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let base = base.clone();
+                s.spawn(move || {
+                    let v: Value = ureq::post(&format!("{base}/chat/completions"))
+                        .send_json(b)
+                        .unwrap()
+                        .into_body()
+                        .read_json()
+                        .unwrap();
+                    text(&v)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    // log-probabilities: one entry per token, the alternatives sorted, at most 0
+    let mut b = ask("a1", prompts[0]);
+    b["logprobs"] = json!(true);
+    b["top_logprobs"] = json!(3);
+    let (status, v) = srv.post(&b);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(text(&v), alone[1], "logprobs change nothing");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        "{v}"
+    );
+    for t in content {
+        let lp = t["logprob"].as_f64().unwrap();
+        let top: Vec<f64> = t["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["logprob"].as_f64().unwrap())
+            .collect();
+        assert!(
+            lp <= 0.0 && top.len() == 3 && top.windows(2).all(|w| w[0] >= w[1]),
+            "{t}"
+        );
+        assert!(top[0] >= lp - 1e-6, "greedy picks the most likely: {t}");
+    }
+    // a frequency penalty changes a greedy answer that repeats itself
+    let mut long = ask(
+        "smol",
+        "List the days of the week, one per line, three times.",
+    );
+    long["max_tokens"] = json!(60);
+    let plain = text(&srv.post(&long).1);
+    long["frequency_penalty"] = json!(2.0);
+    let penalised = text(&srv.post(&long).1);
+    assert_ne!(plain, penalised);
+    // metrics in Prometheus' text format
+    let m = ureq::get(&format!("{}/metrics", base.trim_end_matches("/v1")))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in:\n{m}"))
+    };
+    assert!(
+        value("dialora_generation_tokens_total") >= 12.0 * 2.0,
+        "{m}"
+    );
+    assert_eq!(value("dialora_num_requests_running"), 0.0);
+    assert!(
+        value("dialora_time_per_output_token_seconds_count") >= 12.0,
+        "{m}"
+    );
+    assert!(
+        m.contains("dialora_request_success_total{finished_reason=\"stop\"}")
+            || m.contains("finished_reason=\"length\""),
+        "{m}"
+    );
 }

@@ -301,9 +301,12 @@ trait WeightElem: Copy + Send + Sync {
     /// `dots` with AVX2 and FMA.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA, and every row of `xs` at least `w.len()` values.
+    /// The CPU must have AVX2 and FMA, and every row of `xs` and `ws` the same length.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx<const R: usize>(xs: &[&[f32]; R], w: &[Self]) -> [f32; R];
+    unsafe fn dots_avx<const R: usize, const C: usize>(
+        xs: &[&[f32]; R],
+        ws: &[&[Self]; C],
+    ) -> [[f32; C]; R];
 }
 
 impl WeightElem for f32 {
@@ -312,8 +315,11 @@ impl WeightElem for f32 {
         self
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx<const R: usize>(xs: &[&[f32]; R], w: &[Self]) -> [f32; R] {
-        avx::dots_f32(xs, w)
+    unsafe fn dots_avx<const R: usize, const C: usize>(
+        xs: &[&[f32]; R],
+        ws: &[&[Self]; C],
+    ) -> [[f32; C]; R] {
+        avx::dots_f32(xs, ws)
     }
 }
 
@@ -323,13 +329,22 @@ impl WeightElem for half::bf16 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx<const R: usize>(xs: &[&[f32]; R], w: &[Self]) -> [f32; R] {
-        avx::dots_bf16(xs, w)
+    unsafe fn dots_avx<const R: usize, const C: usize>(
+        xs: &[&[f32]; R],
+        ws: &[&[Self]; C],
+    ) -> [[f32; C]; R] {
+        avx::dots_bf16(xs, ws)
     }
 }
 
-/// The dot products with AVX2 + FMA intrinsics: 16 lanes in two registers, then a fixed
-/// reduction, then the tail.
+/// Lanes of a dot product's accumulator. Every output `dot(x_i, w_j)` is summed the same way,
+/// whichever block computes it: lane by lane over the length rounded down to a multiple of
+/// `LANES`, then the lanes in a fixed order, then the tail in order. That order depends on the
+/// length alone, so a row's results are the same computed alone or among others.
+const LANES: usize = 8;
+
+/// The dot products with AVX2 + FMA intrinsics: `R` input rows against `C` weight rows, an
+/// 8-lane accumulator each (12 of them at 4 × 3, with the loads, the 16 registers).
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use super::WeightElem;
@@ -348,39 +363,51 @@ mod avx {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 
+    /// The lanes of `v` summed: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        _mm_cvtss_f32(q)
+    }
+
     macro_rules! dots {
         ($name:ident, $W:ty, $load:ident) => {
             /// # Safety
-            /// AVX2 and FMA; every row of `xs` at least `w.len()` long.
+            /// AVX2 and FMA; every row of `xs` and `ws` the same length.
             #[target_feature(enable = "avx2,fma")]
-            pub(super) unsafe fn $name<const R: usize>(xs: &[&[f32]; R], w: &[$W]) -> [f32; R] {
-                let k = w.len();
-                let n = k / 16 * 16;
-                let mut a0 = [_mm256_setzero_ps(); R];
-                let mut a1 = [_mm256_setzero_ps(); R];
-                let wp = w.as_ptr();
+            pub(super) unsafe fn $name<const R: usize, const C: usize>(
+                xs: &[&[f32]; R],
+                ws: &[&[$W]; C],
+            ) -> [[f32; C]; R] {
+                let k = ws[0].len();
+                let n = k / 8 * 8;
+                let mut acc = [[_mm256_setzero_ps(); C]; R];
                 let mut c = 0;
                 while c < n {
-                    let w0 = $load(wp.add(c));
-                    let w1 = $load(wp.add(c + 8));
+                    let mut w = [_mm256_setzero_ps(); C];
+                    for j in 0..C {
+                        w[j] = $load(ws[j].as_ptr().add(c));
+                    }
                     for r in 0..R {
-                        let x = xs[r].as_ptr().add(c);
-                        a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x), w0, a0[r]);
-                        a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8)), w1, a1[r]);
+                        let x = _mm256_loadu_ps(xs[r].as_ptr().add(c));
+                        for j in 0..C {
+                            acc[r][j] = _mm256_fmadd_ps(x, w[j], acc[r][j]);
+                        }
                     }
-                    c += 16;
+                    c += 8;
                 }
-                let mut out = [0f32; R];
+                let mut out = [[0f32; C]; R];
                 for r in 0..R {
-                    let s = _mm256_add_ps(a0[r], a1[r]);
-                    let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-                    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-                    let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-                    let mut t = _mm_cvtss_f32(q);
-                    for i in n..k {
-                        t = xs[r][i].mul_add(w[i].f32(), t);
+                    for j in 0..C {
+                        let mut t = hsum(acc[r][j]);
+                        for i in n..k {
+                            t = xs[r][i].mul_add(ws[j][i].f32(), t);
+                        }
+                        out[r][j] = t;
                     }
-                    out[r] = t;
                 }
                 out
             }
@@ -390,56 +417,41 @@ mod avx {
     dots!(dots_bf16, half::bf16, load_bf16);
 }
 
-/// Lanes of the dot products' accumulators: the sum of `a·b` is taken lane by lane over the
-/// length rounded down to a multiple of this, then the lanes pairwise, then the tail in order:
-/// an order fixed by the length alone, the same for a row computed alone or among others.
-const LANES: usize = 16;
-
-/// Up to `R` dot products of one weight row `w` with the rows `xs` (each of `w`'s length), the
-/// weight chunk loaded once for all of them (the path without AVX2/FMA).
-macro_rules! dots_body {
-    ($xs:expr, $w:expr, $R:expr) => {{
-        let (xs, w): (&[&[f32]; $R], &[_]) = ($xs, $w);
-        let k = w.len();
-        let n = k / LANES * LANES;
-        let mut acc = [[0f32; LANES]; $R];
-        let mut c = 0;
-        while c < n {
-            let mut wc = [0f32; LANES];
-            for l in 0..LANES {
-                wc[l] = w[c + l].f32();
-            }
-            for r in 0..$R {
-                let x = &xs[r][c..c + LANES];
+/// The same dot products without AVX2/FMA (another machine's order, the same on that machine
+/// for every block shape).
+fn dots_plain<W: WeightElem, const R: usize, const C: usize>(
+    xs: &[&[f32]; R],
+    ws: &[&[W]; C],
+) -> [[f32; C]; R] {
+    let k = ws[0].len();
+    let n = k / LANES * LANES;
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for j in 0..C {
+            let mut acc = [0f32; LANES];
+            for (cx, cw) in xs[r][..n]
+                .chunks_exact(LANES)
+                .zip(ws[j][..n].chunks_exact(LANES))
+            {
                 for l in 0..LANES {
-                    acc[r][l] += x[l] * wc[l];
+                    acc[l] += cx[l] * cw[l].f32();
                 }
             }
-            c += LANES;
-        }
-        let mut out = [0f32; $R];
-        for r in 0..$R {
-            let a = &mut acc[r];
-            let mut width = LANES;
-            while width > 1 {
-                width /= 2;
-                for l in 0..width {
-                    a[l] += a[l + width];
-                }
+            let q = [
+                acc[0] + acc[4],
+                acc[1] + acc[5],
+                acc[2] + acc[6],
+                acc[3] + acc[7],
+            ];
+            let (a, b) = (q[0] + q[2], q[1] + q[3]);
+            let mut t = a + b;
+            for i in n..k {
+                t += xs[r][i] * ws[j][i].f32();
             }
-            let mut s = a[0];
-            for (x, y) in xs[r][n..].iter().zip(&w[n..]) {
-                s += *x * y.f32();
-            }
-            out[r] = s;
+            out[r][j] = t;
         }
-        out
-    }};
-}
-
-#[inline(always)]
-fn dots_plain<W: WeightElem, const R: usize>(xs: &[&[f32]; R], w: &[W]) -> [f32; R] {
-    dots_body!(xs, w, R)
+    }
+    out
 }
 
 fn has_fma() -> bool {
@@ -456,19 +468,24 @@ fn has_fma() -> bool {
 }
 
 #[inline(always)]
-fn dots<W: WeightElem, const R: usize>(fma: bool, xs: &[&[f32]; R], w: &[W]) -> [f32; R] {
+fn dots<W: WeightElem, const R: usize, const C: usize>(
+    fma: bool,
+    xs: &[&[f32]; R],
+    ws: &[&[W]; C],
+) -> [[f32; C]; R] {
     #[cfg(target_arch = "x86_64")]
     if fma {
-        // SAFETY: AVX2 and FMA were detected; the rows are of w's length (`rows_kernel`)
-        return unsafe { W::dots_avx(xs, w) };
+        // SAFETY: AVX2 and FMA were detected; every row is k long (`rows_kernel`)
+        return unsafe { W::dots_avx(xs, ws) };
     }
     let _ = fma;
-    dots_plain(xs, w)
+    dots_plain(xs, ws)
 }
 
 /// `dst[i·n + j] = alpha·dot(x_i, w_j)` (`+=` with `accumulate`) for the `m` rows of `x`
 /// (`[m, k]`) and the `n` rows of `w` (`[n, k]`), both contiguous. Blocks of weight rows run in
-/// parallel; each weight row is read once for all of `x`'s rows, four rows at a time.
+/// parallel; each weight row is read from memory once for all of `x`'s rows, three weight rows
+/// against four input rows at a time.
 fn rows_kernel<W: WeightElem>(
     x: &[f32],
     w: &[W],
@@ -480,10 +497,11 @@ fn rows_kernel<W: WeightElem>(
     use rayon::prelude::*;
     let fma = has_fma();
     let threads = get_threads().max(1);
-    let block = n.div_ceil(8 * threads).clamp(16, 1024);
+    let block = (n.div_ceil(4 * threads).clamp(24, 1536)).div_ceil(3) * 3;
     let out = Dst(dst.as_mut_ptr());
     let row = |i: usize| &x[i * k..(i + 1) * k];
-    (0..n.div_ceil(block)).into_par_iter().for_each(|bi| {
+    let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    let run_block = |bi: usize| {
         let put = |i: usize, j: usize, v: f32| {
             let v = alpha * v;
             // SAFETY: (i, j) is inside the m × n destination; each j belongs to one block
@@ -492,21 +510,49 @@ fn rows_kernel<W: WeightElem>(
                 *p = if accumulate { *p + v } else { v };
             }
         };
-        for j in bi * block..((bi + 1) * block).min(n) {
-            let wj = &w[j * k..(j + 1) * k];
-            let mut i = 0;
-            while i + 4 <= m {
-                let v = dots(fma, &[row(i), row(i + 1), row(i + 2), row(i + 3)], wj);
-                (0..4).for_each(|r| put(i + r, j, v[r]));
-                i += 4;
-            }
-            while i < m {
-                put(i, j, dots(fma, &[row(i)], wj)[0]);
-                i += 1;
+        let end = ((bi + 1) * block).min(n);
+        let mut j = bi * block;
+        while j < end {
+            if j + 3 <= end {
+                let ws = [wrow(j), wrow(j + 1), wrow(j + 2)];
+                let mut i = 0;
+                while i + 4 <= m {
+                    let v = dots(fma, &[row(i), row(i + 1), row(i + 2), row(i + 3)], &ws);
+                    (0..4).for_each(|r| (0..3).for_each(|c| put(i + r, j + c, v[r][c])));
+                    i += 4;
+                }
+                while i < m {
+                    let v = dots(fma, &[row(i)], &ws);
+                    (0..3).for_each(|c| put(i, j + c, v[0][c]));
+                    i += 1;
+                }
+                j += 3;
+            } else {
+                let ws = [wrow(j)];
+                let mut i = 0;
+                while i + 4 <= m {
+                    let v = dots(fma, &[row(i), row(i + 1), row(i + 2), row(i + 3)], &ws);
+                    (0..4).for_each(|r| put(i + r, j, v[r][0]));
+                    i += 4;
+                }
+                while i < m {
+                    put(i, j, dots(fma, &[row(i)], &ws)[0][0]);
+                    i += 1;
+                }
+                j += 1;
             }
         }
-    });
+    };
+    // a small product (a LoRA factor, a few rows) costs less than waking the thread pool
+    if m * n * k < SERIAL_BELOW {
+        (0..n.div_ceil(block)).for_each(run_block);
+    } else {
+        (0..n.div_ceil(block)).into_par_iter().for_each(run_block);
+    }
 }
+
+/// Multiply-adds below which the row kernel stays on the calling thread.
+const SERIAL_BELOW: usize = 1 << 17;
 
 /// The row kernel over candle storages: `x` `[m, k]` f32, `w` `[n, k]` f32 or bf16, both
 /// contiguous.
