@@ -553,3 +553,86 @@ fn dropout_mask_is_counter_based() {
     assert_eq!(max_abs_diff(&fused_add, &generic_add), 0.0);
     assert_eq!(max_abs_diff(&fused_add, &(&x + &fused).unwrap()), 0.0);
 }
+
+/// A batched step (`forward_step`): sequences of the base model and of two adapters, some
+/// prefilling (in chunks), some decoding, each get the logits the plain forward gives them
+/// alone with their adapter attached.
+#[test]
+fn a_batched_step_gives_each_sequence_its_own_logits() {
+    let cfg = tiny_config(true);
+    let mut model = tiny_model(&cfg, DType::F32);
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    random_lora(&mut model, &all, 0.0, false, DType::F32);
+    let a1 = model.take_loras();
+    random_lora(&mut model, &["q_proj", "v_proj"], 0.0, false, DType::F32);
+    let a2: Vec<Option<Lora>> = model
+        .take_loras()
+        .into_iter()
+        .map(|l| {
+            l.map(|mut l| {
+                l.scale *= 3.0;
+                l
+            })
+        })
+        .collect();
+    let adapters = [None, Some(&a1), Some(&a2), Some(&a1)];
+    let prompts: [Vec<u32>; 4] = [
+        vec![1, 5, 9, 2, 7, 3, 3, 8],
+        vec![4, 4, 11],
+        vec![30, 2, 6, 7, 1],
+        vec![9, 8, 7, 6, 5, 4, 3],
+    ];
+    let mut caches: Vec<KvCache> = (0..4).map(|_| model.new_cache()).collect();
+    let mut seqs: Vec<Vec<u32>> = vec![Vec::new(); 4];
+    let mut fed = [0usize; 4];
+    // steps: prompts read 3 tokens at a time, then decoding with made-up next tokens
+    for step in 0..7 {
+        let mut inputs = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            if fed[i] < p.len() {
+                let end = (fed[i] + 3).min(p.len());
+                inputs.push((p[fed[i]..end].to_vec(), false, end == p.len()));
+            } else {
+                inputs.push((vec![((step * 7 + i * 3) % 40) as u32], true, true));
+            }
+        }
+        let mut steps: Vec<StepSeq> = caches
+            .iter_mut()
+            .zip(&inputs)
+            .zip(adapters)
+            .map(|((c, (t, decode, logits)), a)| StepSeq {
+                tokens: t,
+                cache: c,
+                adapter: a,
+                decode: *decode,
+                logits: *logits,
+            })
+            .collect();
+        let out = model.forward_step(&mut steps).unwrap();
+        for (i, (t, _, logits)) in inputs.iter().enumerate() {
+            seqs[i].extend(t);
+            fed[i] += t.len();
+            assert_eq!(out[i].is_some(), *logits);
+            let Some(got) = &out[i] else { continue };
+            if let Some(a) = adapters[i] {
+                model.put_loras(a.clone());
+            }
+            let ids = Tensor::new(seqs[i].as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let want = model.forward_last(&ids, None).unwrap().squeeze(0).unwrap();
+            model.take_loras();
+            let d = max_abs_diff(got, &want);
+            assert!(d < 1e-4, "step {step}, sequence {i}: {d}");
+        }
+    }
+}
