@@ -144,6 +144,16 @@ impl Metrics {
         self.queue.observe(f.queued_secs);
     }
 
+    /// Requests whose clients left while they waited (never run).
+    pub(crate) fn cancelled_waiting(&self, n: usize) {
+        self.finished
+            .get_or_create(&vec![(
+                "finished_reason".to_string(),
+                super::Finish::Cancelled.reason().to_string(),
+            )])
+            .inc_by(n as u64);
+    }
+
     pub(crate) fn step(&self, secs: f64, seqs: usize, tokens: usize) {
         self.step.observe(secs);
         self.step_seqs.observe(seqs as f64);

@@ -464,6 +464,7 @@ impl Scheduler<'_> {
         let gone = before - self.waiting.len();
         if gone > 0 {
             self.shared.waiting.fetch_sub(gone, Ordering::SeqCst);
+            self.shared.metrics.cancelled_waiting(gone);
         }
         let mut i = 0;
         while i < self.running.len() {

@@ -182,7 +182,12 @@ impl Attention {
             )?;
             outs.push(a.o);
         }
-        self.o.forward_rows(&Tensor::cat(&outs, 0)?, rows)
+        let o = if outs.len() == 1 {
+            outs.pop().expect("one sequence")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.o.forward_rows(&o, rows)
     }
 
     /// Rotary embedding, the cache and the attention proper for `b` sequences of `t` new

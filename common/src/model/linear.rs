@@ -230,6 +230,9 @@ impl LoraLinear {
                 None => y,
             });
         }
+        if outs.len() == 1 {
+            return Ok(outs.pop().expect("one part"));
+        }
         Tensor::cat(&outs, 0)
     }
 
