@@ -214,12 +214,16 @@ pub struct Generation {
 impl Generation {
     /// Decode speed in new tokens per second (prefill excluded).
     pub fn decode_tokens_per_s(&self) -> f64 {
-        let n = self.ids.len().saturating_sub(1);
-        if self.decode_secs > 0.0 {
-            n as f64 / self.decode_secs
-        } else {
-            0.0
-        }
+        decode_rate(self.ids.len(), self.decode_secs)
+    }
+}
+
+/// New tokens per second after the first (which the prefill produces), over `decode_secs`.
+pub fn decode_rate(new_tokens: usize, decode_secs: f64) -> f64 {
+    if decode_secs > 0.0 {
+        new_tokens.saturating_sub(1) as f64 / decode_secs
+    } else {
+        0.0
     }
 }
 

@@ -146,12 +146,7 @@ impl Finished {
 
     /// New tokens per second after the first.
     pub fn decode_tokens_per_s(&self) -> f64 {
-        let n = self.ids.len().saturating_sub(1);
-        if self.decode_secs > 0.0 {
-            n as f64 / self.decode_secs
-        } else {
-            0.0
-        }
+        crate::generate::decode_rate(self.ids.len(), self.decode_secs)
     }
 }
 

@@ -561,16 +561,7 @@ fn dropout_mask_is_counter_based() {
 fn a_batched_step_gives_each_sequence_its_own_logits() {
     let cfg = tiny_config(true);
     let mut model = tiny_model(&cfg, DType::F32);
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    random_lora(&mut model, &all, 0.0, false, DType::F32);
+    random_lora(&mut model, crate::lora::TARGETABLE, 0.0, false, DType::F32);
     let a1 = model.take_loras();
     random_lora(&mut model, &["q_proj", "v_proj"], 0.0, false, DType::F32);
     let a2: Vec<Option<Lora>> = model
