@@ -72,10 +72,14 @@ pub struct LoraLinear {
 }
 
 /// A frozen weight made lighter for inference: bf16 (read by the row kernel, widened to f32 as
-/// it is read) or one of candle's quantized types through its `QMatMul`. Either way every
+/// it is read), candle's Q8_0 (read by the row kernel) or another of candle's quantized types
+/// through its `QMatMul`. Either way every
 /// output is a dot product of its own, whatever the other rows.
 pub enum Packed {
     Bf16(Tensor),
+    /// candle's Q8_0 blocks read by the row kernel (its product for several rows is the one
+    /// that reads each weight once; `QMatMul`'s is not).
+    Q8(matmul::Q8Rows),
     Quantized(candle_core::quantized::QMatMul),
 }
 
@@ -84,6 +88,7 @@ impl Packed {
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Packed::Bf16(w) => matmul::rows_matmul(x, w),
+            Packed::Q8(w) => w.product(x),
             Packed::Quantized(q) => candle_core::Module::forward(q, &x.contiguous()?),
         }
     }
@@ -92,6 +97,7 @@ impl Packed {
     pub fn bytes(&self) -> usize {
         match self {
             Packed::Bf16(w) => w.elem_count() * 2,
+            Packed::Q8(w) => w.bytes(),
             Packed::Quantized(candle_core::quantized::QMatMul::QTensor(q)) => {
                 q.storage_size_in_bytes()
             }

@@ -452,7 +452,12 @@ impl Llama {
                 None => Packed::Bf16(w.to_dtype(DType::BF16)?),
                 Some(ty) => {
                     let q = crate::gguf::weight_type(ty, hf, w.dim(1)?, n_layers, tied)?;
-                    Packed::Quantized(QMatMul::from_qtensor(QTensor::quantize(w, q)?)?)
+                    let qt = QTensor::quantize(w, q)?;
+                    if q == candle_core::quantized::GgmlDType::Q8_0 && w.device().is_cpu() {
+                        Packed::Q8(super::matmul::Q8Rows::from_qtensor(&qt)?)
+                    } else {
+                        Packed::Quantized(QMatMul::from_qtensor(qt)?)
+                    }
                 }
             })
         };

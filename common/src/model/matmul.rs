@@ -295,13 +295,18 @@ pub fn matmul_acc(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Ten
     }
 }
 
-/// A weight element the row kernel reads: f32, or bf16 widened to f32 as it is read.
-trait WeightElem: Copy + Send + Sync {
-    fn f32(self) -> f32;
+/// A weight element the row kernel reads: f32, bf16 widened to f32 as it is read, or a q8_0
+/// block of candle's quantized type (32 signed bytes and their f16 scale) scaled to f32 as it is
+/// read. Each output is then the same f32 dot product as with f32 weights of those values.
+pub(crate) trait WeightElem: Copy + Send + Sync {
+    /// Weights per element.
+    const SPAN: usize = 1;
+    /// Weight `i` of a row, in f32.
+    fn value(row: &[Self], i: usize) -> f32;
     /// `dots` with AVX2 and FMA.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA, and every row of `xs` and `ws` the same length.
+    /// The CPU must have AVX2 and FMA, and every row of `ws` must hold `xs[0].len()` weights.
     #[cfg(target_arch = "x86_64")]
     unsafe fn dots_avx<const R: usize, const C: usize>(
         xs: &[&[f32]; R],
@@ -311,8 +316,8 @@ trait WeightElem: Copy + Send + Sync {
 
 impl WeightElem for f32 {
     #[inline(always)]
-    fn f32(self) -> f32 {
-        self
+    fn value(row: &[Self], i: usize) -> f32 {
+        row[i]
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn dots_avx<const R: usize, const C: usize>(
@@ -325,8 +330,8 @@ impl WeightElem for f32 {
 
 impl WeightElem for half::bf16 {
     #[inline(always)]
-    fn f32(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
+    fn value(row: &[Self], i: usize) -> f32 {
+        f32::from_bits((row[i].to_bits() as u32) << 16)
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn dots_avx<const R: usize, const C: usize>(
@@ -334,6 +339,30 @@ impl WeightElem for half::bf16 {
         ws: &[&[Self]; C],
     ) -> [[f32; C]; R] {
         avx::dots_bf16(xs, ws)
+    }
+}
+
+/// One block of candle's `Q8_0` (`k_quants::BlockQ8_0`): 32 weights `d · qs[i]`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ8 {
+    pub d: half::f16,
+    pub qs: [i8; 32],
+}
+
+impl WeightElem for BlockQ8 {
+    const SPAN: usize = 32;
+    #[inline(always)]
+    fn value(row: &[Self], i: usize) -> f32 {
+        let b = &row[i / 32];
+        b.qs[i % 32] as f32 * b.d.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dots_avx<const R: usize, const C: usize>(
+        xs: &[&[f32]; R],
+        ws: &[&[Self]; C],
+    ) -> [[f32; C]; R] {
+        avx::dots_q8(xs, ws)
     }
 }
 
@@ -382,7 +411,7 @@ mod avx {
                 xs: &[&[f32]; R],
                 ws: &[&[$W]; C],
             ) -> [[f32; C]; R] {
-                let k = ws[0].len();
+                let k = xs[0].len();
                 let n = k / 8 * 8;
                 let mut acc = [[_mm256_setzero_ps(); C]; R];
                 let mut c = 0;
@@ -404,7 +433,7 @@ mod avx {
                     for j in 0..C {
                         let mut t = hsum(acc[r][j]);
                         for i in n..k {
-                            t = xs[r][i].mul_add(ws[j][i].f32(), t);
+                            t = xs[r][i].mul_add(<$W as WeightElem>::value(ws[j], i), t);
                         }
                         out[r][j] = t;
                     }
@@ -415,27 +444,67 @@ mod avx {
     }
     dots!(dots_f32, f32, load_f32);
     dots!(dots_bf16, half::bf16, load_bf16);
+
+    /// q8_0 rows: each block's bytes widened and scaled to f32, then the same 8-lane sums.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; every row of `ws` holds `xs[0].len()` weights (a multiple of 32).
+    // the block index addresses several rows at once
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_q8<const R: usize, const C: usize>(
+        xs: &[&[f32]; R],
+        ws: &[&[super::BlockQ8]; C],
+    ) -> [[f32; C]; R] {
+        let blocks = xs[0].len() / 32;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..blocks {
+            let mut d = [_mm256_setzero_ps(); C];
+            for j in 0..C {
+                d[j] = _mm256_set1_ps(ws[j][b].d.to_f32());
+            }
+            for q in 0..4 {
+                let mut w = [_mm256_setzero_ps(); C];
+                for j in 0..C {
+                    let p = ws[j][b].qs.as_ptr().add(q * 8) as *const __m128i;
+                    let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p));
+                    w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(v), d[j]);
+                }
+                let c = b * 32 + q * 8;
+                for r in 0..R {
+                    let x = _mm256_loadu_ps(xs[r].as_ptr().add(c));
+                    for j in 0..C {
+                        acc[r][j] = _mm256_fmadd_ps(x, w[j], acc[r][j]);
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; C]; R];
+        for r in 0..R {
+            for j in 0..C {
+                out[r][j] = hsum(acc[r][j]);
+            }
+        }
+        out
+    }
 }
 
 /// The same dot products without AVX2/FMA (another machine's order, the same on that machine
 /// for every block shape).
+// one index addresses an input row and a weight row together
+#[allow(clippy::needless_range_loop)]
 fn dots_plain<W: WeightElem, const R: usize, const C: usize>(
     xs: &[&[f32]; R],
     ws: &[&[W]; C],
 ) -> [[f32; C]; R] {
-    let k = ws[0].len();
+    let k = xs[0].len();
     let n = k / LANES * LANES;
     let mut out = [[0f32; C]; R];
     for r in 0..R {
         for j in 0..C {
             let mut acc = [0f32; LANES];
-            for (cx, cw) in xs[r][..n]
-                .chunks_exact(LANES)
-                .zip(ws[j][..n].chunks_exact(LANES))
-            {
-                for l in 0..LANES {
-                    acc[l] += cx[l] * cw[l].f32();
-                }
+            for i in 0..n {
+                acc[i % LANES] += xs[r][i] * W::value(ws[j], i);
             }
             let q = [
                 acc[0] + acc[4],
@@ -446,7 +515,7 @@ fn dots_plain<W: WeightElem, const R: usize, const C: usize>(
             let (a, b) = (q[0] + q[2], q[1] + q[3]);
             let mut t = a + b;
             for i in n..k {
-                t += xs[r][i] * ws[j][i].f32();
+                t += xs[r][i] * W::value(ws[j], i);
             }
             out[r][j] = t;
         }
@@ -500,7 +569,8 @@ fn rows_kernel<W: WeightElem>(
     let block = (n.div_ceil(4 * threads).clamp(24, 1536)).div_ceil(3) * 3;
     let out = Dst(dst.as_mut_ptr());
     let row = |i: usize| &x[i * k..(i + 1) * k];
-    let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    let kb = k / W::SPAN;
+    let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
     let run_block = |bi: usize| {
         let put = |i: usize, j: usize, v: f32| {
             let v = alpha * v;
@@ -620,6 +690,59 @@ pub fn rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A q8_0 weight `[n, k]` in candle's block layout, for the row kernel.
+pub struct Q8Rows {
+    blocks: Vec<BlockQ8>,
+    n: usize,
+    k: usize,
+}
+
+impl Q8Rows {
+    /// From a quantized tensor of candle's `Q8_0` type (`[n, k]`, `k` a multiple of 32).
+    pub fn from_qtensor(q: &candle_core::quantized::QTensor) -> Result<Self> {
+        let (n, k) = q.shape().dims2()?;
+        if q.dtype() != candle_core::quantized::GgmlDType::Q8_0 || k % 32 != 0 {
+            candle_core::bail!("Q8Rows needs a Q8_0 tensor with rows of a multiple of 32");
+        }
+        let data = q.data()?;
+        if data.len() != n * k / 32 * 34 {
+            candle_core::bail!("Q8_0 data of {} bytes for [{n}, {k}]", data.len());
+        }
+        let blocks = data
+            .chunks_exact(34)
+            .map(|c| {
+                let mut qs = [0i8; 32];
+                for (q, b) in qs.iter_mut().zip(&c[2..]) {
+                    *q = *b as i8;
+                }
+                BlockQ8 {
+                    d: half::f16::from_le_bytes([c[0], c[1]]),
+                    qs,
+                }
+            })
+            .collect();
+        Ok(Q8Rows { blocks, n, k })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * 34
+    }
+
+    /// `x·Wᵀ` for `x: [m, k]` in f32 on the CPU, by the row kernel (each output one dot
+    /// product in a fixed order, whatever the other rows).
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (m, k) = x.dims2()?;
+        if k != self.k {
+            candle_core::bail!("q8_0 product: [{m}, {k}] x [{}, {}]ᵀ", self.n, self.k);
+        }
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; m * self.n];
+        rows_kernel(&v, &self.blocks, (m, k, self.n), &mut out, false, 1.0);
+        Tensor::from_vec(out, (m, self.n), x.device())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,5 +832,33 @@ mod tests {
                 bits(&rows_matmul(&x, &wf).unwrap())
             );
         }
+    }
+
+    #[test]
+    fn q8_0_rows_are_the_f32_product_of_their_dequantized_weights() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let x = Tensor::rand(-1f32, 1f32, (9, 96), &dev).unwrap();
+        let w = Tensor::rand(-1f32, 1f32, (70, 96), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let rows = Q8Rows::from_qtensor(&q).unwrap();
+        let deq = q.dequantize(&dev).unwrap();
+        let got = rows.product(&x).unwrap();
+        let want = rows_matmul(&x, &deq).unwrap();
+        assert!(crate::testing::max_abs_diff(&got, &want) < 1e-5);
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for (s, m) in [(0usize, 1usize), (4, 1), (2, 5), (0, 9)] {
+            let part = rows.product(&x.narrow(0, s, m).unwrap()).unwrap();
+            assert_eq!(bits(&part), bits(&got.narrow(0, s, m).unwrap()));
+        }
+        assert_eq!(rows.bytes(), 70 * 96 / 32 * 34);
     }
 }

@@ -21,7 +21,7 @@ pub mod init;
 mod linear;
 mod llama;
 mod loss;
-mod matmul;
+pub(crate) mod matmul;
 mod mlp;
 pub mod ops;
 
