@@ -306,7 +306,8 @@ pub(crate) trait WeightElem: Copy + Send + Sync {
     /// `dots` with AVX2 and FMA.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA, and every row of `ws` must hold `xs[0].len()` weights.
+    /// The CPU must have AVX2, FMA and F16C, and every row of `ws` must hold `xs[0].len()`
+    /// weights.
     #[cfg(target_arch = "x86_64")]
     unsafe fn dots_avx<const R: usize, const C: usize>(
         xs: &[&[f32]; R],
@@ -448,10 +449,10 @@ mod avx {
     /// q8_0 rows: each block's bytes widened and scaled to f32, then the same 8-lane sums.
     ///
     /// # Safety
-    /// AVX2 and FMA; every row of `ws` holds `xs[0].len()` weights (a multiple of 32).
+    /// AVX2, FMA and F16C; every row of `ws` holds `xs[0].len()` weights (a multiple of 32).
     // the block index addresses several rows at once
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dots_q8<const R: usize, const C: usize>(
         xs: &[&[f32]; R],
         ws: &[&[super::BlockQ8]; C],
@@ -461,7 +462,8 @@ mod avx {
         for b in 0..blocks {
             let mut d = [_mm256_setzero_ps(); C];
             for j in 0..C {
-                d[j] = _mm256_set1_ps(ws[j][b].d.to_f32());
+                // the f16 scale widened by F16C, broadcast
+                d[j] = _mm256_cvtph_ps(_mm_set1_epi16(ws[j][b].d.to_bits() as i16));
             }
             for q in 0..4 {
                 let mut w = [_mm256_setzero_ps(); C];
@@ -544,7 +546,7 @@ fn dots<W: WeightElem, const R: usize, const C: usize>(
 ) -> [[f32; C]; R] {
     #[cfg(target_arch = "x86_64")]
     if fma {
-        // SAFETY: AVX2 and FMA were detected; every row is k long (`rows_kernel`)
+        // SAFETY: AVX2, FMA and F16C were detected; every row is k long (`rows_kernel`)
         return unsafe { W::dots_avx(xs, ws) };
     }
     let _ = fma;
