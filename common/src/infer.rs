@@ -260,20 +260,6 @@ impl Session {
             })
             .collect()
     }
-
-    /// Answers `conv` with the session's adapter and with the base model alone.
-    pub fn compare(&self, conv: &Conversation, default_system: Option<&str>) -> Result<Comparison> {
-        let mut r = self.answer_all(
-            &[conv],
-            default_system,
-            &[self.adapter.clone(), None],
-            |_, _| {},
-        );
-        let mut pair = r.remove(0).into_iter();
-        let tuned = pair.next().expect("two runs")?;
-        let base = pair.next().expect("two runs")?;
-        Ok(comparison(conv, default_system, base, tuned))
-    }
 }
 
 /// A conversation's turns answered by the base model and by base + adapter, side by side.

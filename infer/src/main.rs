@@ -370,7 +370,6 @@ struct Tally {
     replies: usize,
     stopped: usize,
     tokens: usize,
-    secs: f64,
 }
 
 impl Tally {
@@ -378,9 +377,6 @@ impl Tally {
         self.replies += 1;
         self.stopped += usize::from(r.stopped);
         self.tokens += r.tokens;
-        if r.tokens_per_s > 0.0 {
-            self.secs += r.tokens as f64 / r.tokens_per_s;
-        }
     }
 }
 
@@ -518,7 +514,6 @@ fn batch(
             )?;
         }
     }
-    all.secs = secs;
     sink.commit()?;
     if a.compare {
         if let Some(p) = &a.output {
@@ -551,8 +546,8 @@ fn batch(
         all.stopped,
         100.0 * all.stopped as f64 / all.replies.max(1) as f64,
         all.tokens,
-        all.secs,
-        all.tokens as f64 / all.secs.max(1e-9),
+        secs,
+        all.tokens as f64 / secs.max(1e-9),
         if bad > 0 {
             format!("; {bad} conversation(s) skipped")
         } else {

@@ -23,7 +23,7 @@ pub use metrics::Metrics;
 pub use sequence::stop_prefix_len;
 
 use crate::generate::SamplingParams;
-use crate::model::{AdapterBranches, Llama, StepSeq};
+use crate::model::{AdapterBranches, KvCache, Llama, StepSeq};
 use anyhow::Result;
 use sequence::{Input, Sequence};
 use std::collections::VecDeque;
@@ -250,7 +250,8 @@ pub struct Engine {
     adapters: Vec<String>,
     context: usize,
     opts: EngineOptions,
-    new_cache: Box<dyn Fn() -> crate::model::KvCache + Send + Sync>,
+    /// The model's blocks (a new sequence's cache has one entry per block).
+    layers: usize,
 }
 
 impl Engine {
@@ -300,7 +301,7 @@ impl Engine {
             adapters: names,
             context,
             opts,
-            new_cache: Box::new(move || crate::model::KvCache::with_layers(layers)),
+            layers,
         })
     }
 
@@ -365,7 +366,7 @@ impl Engine {
                 (n < max).then_some(n + 1)
             })
             .map_err(|_| Refused::Full(max))?;
-        let seq = Sequence::new(req, adapter, sink, (self.new_cache)(), Instant::now());
+        let seq = Sequence::new(req, adapter, sink, KvCache::with_layers(self.layers));
         let sent = self.tx.as_ref().map(|tx| tx.send(Job { seq }).is_ok());
         if sent != Some(true) {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);

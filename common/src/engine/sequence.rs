@@ -67,13 +67,7 @@ pub fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
 }
 
 impl Sequence {
-    pub fn new(
-        req: Request,
-        adapter: Option<usize>,
-        sink: Box<dyn Sink>,
-        cache: KvCache,
-        submitted: Instant,
-    ) -> Self {
+    pub fn new(req: Request, adapter: Option<usize>, sink: Box<dyn Sink>, cache: KvCache) -> Self {
         let sampler = LogitsProcessor::from_sampling(req.params.seed, req.params.sampling());
         Sequence {
             req,
@@ -86,7 +80,7 @@ impl Sequence {
             counts: HashMap::new(),
             text: TextStream::default(),
             logprobs: Vec::new(),
-            submitted,
+            submitted: Instant::now(),
             admitted: None,
             first_token: None,
         }

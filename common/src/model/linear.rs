@@ -73,8 +73,8 @@ pub struct LoraLinear {
 
 /// A frozen weight made lighter for inference: bf16 (read by the row kernel, widened to f32 as
 /// it is read), candle's Q8_0 (read by the row kernel) or another of candle's quantized types
-/// through its `QMatMul`. Either way every
-/// output is a dot product of its own, whatever the other rows.
+/// through its `QMatMul`. Either way every output is a dot product of its own, whatever the
+/// other rows.
 pub enum Packed {
     Bf16(Tensor),
     /// candle's Q8_0 blocks read by the row kernel (its product for several rows is the one

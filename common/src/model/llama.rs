@@ -387,20 +387,17 @@ impl Llama {
             .map(|l| (l.name.clone(), vec![l.out_dim(), l.in_dim()]))
             .collect();
         adapter.check_base(base, self.blocks.len(), |m| shapes.get(m).cloned())?;
-        let mut id = 0;
+        let mut ids = 0..;
         Ok(self
             .linears()
             .map(|l| {
-                adapter.weights.get(&l.name).map(|(a, b)| {
-                    id += 1;
-                    Lora {
-                        id: id - 1,
-                        a: a.clone(),
-                        b: b.clone(),
-                        scale: adapter.config.scale_for(&l.name),
-                        dropout: 0.0,
-                        cast: Default::default(),
-                    }
+                adapter.weights.get(&l.name).map(|(a, b)| Lora {
+                    id: ids.next().expect("unbounded"),
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale: adapter.config.scale_for(&l.name),
+                    dropout: 0.0,
+                    cast: Default::default(),
                 })
             })
             .collect())
@@ -465,20 +462,16 @@ impl Llama {
             let p = pack(&format!("{}.weight", l.name), &l.weight)?;
             l.pack(p)?;
         }
-        let head_name = if tied {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        self.head_packed = Some(pack(head_name, self.head())?);
-        self.lm_head = None;
         if ty.is_none() {
             self.embed = self.embed.to_dtype(DType::BF16)?;
-            if tied {
-                // one bf16 copy serves as both
-                self.head_packed = Some(Packed::Bf16(self.embed.clone()));
-            }
         }
+        self.head_packed = Some(match (ty, tied) {
+            // one bf16 copy serves as both
+            (None, true) => Packed::Bf16(self.embed.clone()),
+            (_, true) => pack("model.embed_tokens.weight", &self.embed)?,
+            (_, false) => pack("lm_head.weight", self.head())?,
+        });
+        self.lm_head = None;
         self.format = format;
         Ok(())
     }
@@ -497,7 +490,8 @@ impl Llama {
             } + l.bias.as_ref().map(t).unwrap_or(0);
         }
         n + match (&self.head_packed, &self.lm_head) {
-            (Some(Packed::Bf16(_)), None) if self.embed.dtype() == DType::BF16 => 0,
+            // a tied bf16 head is the embedding itself
+            (Some(Packed::Bf16(h)), _) if h.id() == self.embed.id() => 0,
             (Some(p), _) => p.bytes(),
             (None, Some(h)) => t(h),
             (None, None) => 0,
@@ -529,6 +523,7 @@ impl Llama {
         if self.linears().any(|l| l.lora.is_some()) {
             candle_core::bail!("forward_step takes adapters per sequence, not attached ones");
         }
+        // runs of the same adapter, told apart by address
         let key = |s: &StepSeq| s.adapter.map(|a| a as *const AdapterBranches as usize);
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| {
@@ -555,10 +550,13 @@ impl Llama {
             spans.push((start, n));
             if s.decode {
                 rows.decode += 1;
+                let same = |p: &Option<&AdapterBranches>| match (p, s.adapter) {
+                    (Some(a), Some(b)) => std::ptr::eq(*a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
                 match rows.parts.last_mut() {
-                    Some(p) if key(s) == p.2.map(|a| a as *const AdapterBranches as usize) => {
-                        p.1 += 1
-                    }
+                    Some(p) if same(&p.2) => p.1 += 1,
                     _ => rows.parts.push((start, 1, s.adapter)),
                 }
             } else {
@@ -609,9 +607,13 @@ impl Llama {
         self.norm.forward(&x)
     }
 
-    /// Logits for every position, `[B, T, V]`.
+    /// Logits for every position, `[B, T, V]` (f32 through a packed head).
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.forward_hidden(ids, cache)?;
+        if self.head_packed.is_some() {
+            let (b, t, d) = h.dims3()?;
+            return self.head_rows(&h.reshape((b * t, d))?)?.reshape((b, t, ()));
+        }
         h.broadcast_matmul(&self.head().t()?)
     }
 
@@ -624,6 +626,9 @@ impl Llama {
 
     /// Loss of a batch without gradients (evaluation).
     pub fn eval_loss(&self, batch: &Batch) -> Result<LossStats> {
+        if self.head_packed.is_some() {
+            candle_core::bail!("the loss needs the f32 model: packed weights are for generation");
+        }
         let (b, t) = batch.input_ids.dims2()?;
         let (rows, tg) = targets(b, t, &batch.labels);
         if rows.is_empty() {

@@ -801,6 +801,17 @@ mod tests {
         assert!(crate::testing::max_abs_diff(&acc, &want.zeros_like().unwrap()) < 1e-4);
     }
 
+    /// The bit patterns of a tensor's values (results compared exactly).
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
     #[test]
     fn row_products_do_not_depend_on_the_other_rows() {
         let dev = Device::Cpu;
@@ -810,15 +821,6 @@ mod tests {
             let want = x.matmul(&w.t().unwrap()).unwrap();
             let all = rows_matmul(&x, &w).unwrap();
             assert!(crate::testing::max_abs_diff(&all, &want) < 1e-4);
-            let bits = |t: &Tensor| -> Vec<u32> {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
             for (s, m) in [(0usize, 1usize), (3, 1), (5, 2), (7, 9), (0, 20)] {
                 let part = x.narrow(0, s, m).unwrap();
                 assert_eq!(
@@ -848,15 +850,6 @@ mod tests {
         let got = rows.product(&x).unwrap();
         let want = rows_matmul(&x, &deq).unwrap();
         assert!(crate::testing::max_abs_diff(&got, &want) < 1e-5);
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
         for (s, m) in [(0usize, 1usize), (4, 1), (2, 5), (0, 9)] {
             let part = rows.product(&x.narrow(0, s, m).unwrap()).unwrap();
             assert_eq!(bits(&part), bits(&got.narrow(0, s, m).unwrap()));

@@ -627,3 +627,22 @@ fn a_batched_step_gives_each_sequence_its_own_logits() {
         }
     }
 }
+
+/// Packed weights (bf16 here) give the f32 logits to bf16's rounding, through the packed head
+/// for an untied model too, and are counted at their size.
+#[test]
+fn packed_weights_keep_the_logits_tied_or_not() {
+    for tied in [true, false] {
+        let cfg = tiny_config(tied);
+        let dense = tiny_model(&cfg, DType::F32);
+        let mut light = tiny_model(&cfg, DType::F32);
+        light.pack(WeightFormat::Bf16).unwrap();
+        let ids = Tensor::new(&[[3u32, 7, 1, 30, 12]], &Device::Cpu).unwrap();
+        let want = dense.forward(&ids, None).unwrap();
+        let got = light.forward(&ids, None).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 0.05, "tied {tied}: {d}");
+        let ratio = light.weight_bytes() as f64 / dense.weight_bytes() as f64;
+        assert!((ratio - 0.5).abs() < 0.02, "tied {tied}: {ratio}");
+    }
+}
