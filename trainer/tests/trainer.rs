@@ -294,6 +294,70 @@ fn divergence_guard_stops_and_keeps_saved_results() {
     assert_eq!(run["status"], "diverged");
 }
 
+/// A run whose loss explodes without ever going non-finite (too high a learning rate) is
+/// stopped as diverged with --divergence-loss-ratio, and trains on without it.
+#[test]
+fn an_exploding_loss_is_divergence_when_asked() {
+    // a pretrained model (a random one starts as bad as an exploded one)
+    let model = real_model_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = shards(tmp.path(), 64);
+    let run = |name: &str, ratio: &str| {
+        let o = tmp.path().join(name);
+        let (code, log) = out(&mut trainer(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            o.to_str().unwrap(),
+            "--max-steps",
+            "5",
+            "--per-device-train-batch-size",
+            "1",
+            "--learning-rate",
+            "1",
+            "--lora-r",
+            "4",
+            "--target-modules",
+            "all-linear",
+            "--logging-steps",
+            "1",
+            "--divergence-loss-ratio",
+            ratio,
+            "--max-nonfinite-steps",
+            "2",
+        ]));
+        (code, log, o)
+    };
+    let (code, log, o) = run("exploding", "1.5");
+    assert_eq!(code, common::cli::exit::DIVERGED, "{log}");
+    assert!(
+        log.contains("training diverged: the loss stayed above 1.5x the first step's")
+            && log.contains("for 2 steps in a row"),
+        "{log}"
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.join("run.json")).unwrap()).unwrap();
+    assert_eq!(rec["status"], "diverged");
+    assert!(!o.join("adapter_model.safetensors").exists());
+    // the exploded steps were logged (the report draws the explosion)
+    let rows = common::train::metrics::read(&o).unwrap();
+    let first = rows.iter().find_map(|r| r.loss).unwrap();
+    assert!(
+        rows.iter().filter_map(|r| r.loss).any(|l| l > 1.5 * first),
+        "{rows:?}"
+    );
+    let (code, log, _) = run("off", "0");
+    assert_eq!(code, 0, "without the ratio the run ends: {log}");
+    let (code, log, _) = run("bad", "0.5");
+    assert_eq!(code, 2, "{log}");
+    assert!(
+        log.contains("--divergence-loss-ratio must be 0 (off) or above 1"),
+        "{log}"
+    );
+}
+
 #[test]
 fn bad_arguments_are_clear_errors() {
     let real = real_model_dir().unwrap();

@@ -188,9 +188,15 @@ pub struct TrainArgs {
     /// usual value. Off when unset.
     #[arg(long)]
     pub neftune_noise_alpha: Option<f64>,
-    /// Stop after this many optimizer steps in a row skipped for non-finite loss or gradient.
+    /// Stop after this many optimizer steps in a row skipped for non-finite loss or gradient
+    /// (or, with --divergence-loss-ratio, with an exploded loss).
     #[arg(long, default_value_t = 3)]
     pub max_nonfinite_steps: usize,
+    /// Also stop as diverged (exit 65) when the training loss stays above this multiple of
+    /// the first step's loss for --max-nonfinite-steps steps in a row: a run that explodes
+    /// (too high a learning rate) without ever reaching a non-finite value. 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    pub divergence_loss_ratio: f64,
 
     // ---- compute
     /// Compute dtype of the frozen model and the activations (LoRA master weights, their
@@ -341,6 +347,12 @@ impl TrainArgs {
         if self.logging_steps == 0 {
             bail!("--logging-steps must be >= 1");
         }
+        if !(self.divergence_loss_ratio == 0.0 || self.divergence_loss_ratio > 1.0) {
+            bail!(
+                "--divergence-loss-ratio must be 0 (off) or above 1, got {}",
+                self.divergence_loss_ratio
+            );
+        }
         if self.max_nonfinite_steps == 0 {
             bail!("--max-nonfinite-steps must be >= 1");
         }
@@ -423,11 +435,7 @@ pub fn expand_config_file(argv: Vec<String>) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The flags a config file stands for. Every key must be a trainer flag (`_` or `-`); how its
-/// value becomes flags follows clap's own description of the argument: a switch
-/// (`--gradient-checkpointing`) is given for `true` and left out for `false`; an argument that
-/// takes a value (`--group-by-length false`, `--learning-rate 1e-4`, `--lr-scheduler-type
-/// cosine`) gets it, lists joined with commas.
+/// The flags a config file stands for (`flags_of` its table).
 fn config_to_args(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read config", path.display()))?;
@@ -441,6 +449,19 @@ fn config_to_args(path: &Path) -> Result<Vec<String>> {
     let obj = v
         .as_object()
         .ok_or_else(|| anyhow!("{}: must be a table/object of arguments", path.display()))?;
+    flags_of(obj, &path.display().to_string())
+}
+
+/// The trainer flags a table of arguments stands for (`source` names it in errors: a file, or
+/// a file and its table). Every key must be a trainer flag (`_` or `-`); how its value becomes
+/// flags follows clap's own description of the argument: a switch (`--gradient-checkpointing`)
+/// is given for `true` and left out for `false`; an argument that takes a value
+/// (`--group-by-length false`, `--learning-rate 1e-4`, `--lr-scheduler-type cosine`) gets it,
+/// lists joined with commas.
+pub fn flags_of(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    source: &str,
+) -> Result<Vec<String>> {
     let cmd = <TrainArgs as clap::Args>::augment_args(clap::Command::new("trainer"));
     let mut args = Vec::new();
     for (k, v) in obj {
@@ -449,18 +470,14 @@ fn config_to_args(path: &Path) -> Result<Vec<String>> {
             .get_arguments()
             .find(|a| a.get_long() == Some(long.as_str()))
             .ok_or_else(|| {
-                anyhow!(
-                    "{}: key '{k}' is not a trainer argument (see trainer --help)",
-                    path.display()
-                )
+                anyhow!("{source}: key '{k}' is not a trainer argument (see trainer --help)")
             })?;
         let flag = format!("--{long}");
         let scalar = |x: &serde_json::Value| match x {
             serde_json::Value::String(s) => Ok(s.clone()),
             serde_json::Value::Bool(_) | serde_json::Value::Number(_) => Ok(x.to_string()),
             other => Err(anyhow!(
-                "{}: key '{k}': {other} is not a value for --{long}",
-                path.display()
+                "{source}: key '{k}': {other} is not a value for --{long}"
             )),
         };
         match (arg.get_action(), v) {
@@ -469,10 +486,9 @@ fn config_to_args(path: &Path) -> Result<Vec<String>> {
                     args.push(flag)
                 }
             }
-            (clap::ArgAction::SetTrue, other) => bail!(
-                "{}: key '{k}' is a switch: give true or false, not {other}",
-                path.display()
-            ),
+            (clap::ArgAction::SetTrue, other) => {
+                bail!("{source}: key '{k}' is a switch: give true or false, not {other}")
+            }
             (_, serde_json::Value::Null) => {}
             (_, serde_json::Value::Array(items)) => {
                 let items: Vec<String> = items.iter().map(scalar).collect::<Result<_>>()?;
@@ -482,6 +498,29 @@ fn config_to_args(path: &Path) -> Result<Vec<String>> {
         }
     }
     Ok(args)
+}
+
+/// The arguments trainer flags resolve to, as the trainer would parse them (its defaults
+/// filled in; model, data and output directory `.` unless given): what tells two
+/// spellings of one setting (`1e-3`, `0.001`) apart from two settings.
+pub fn parse_flags(flags: &[String]) -> Result<TrainArgs> {
+    #[derive(clap::Parser)]
+    #[command(allow_negative_numbers = true, args_override_self = true)]
+    struct Flags {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+    let placeholders = ["--model", ".", "--data", ".", "--output-dir", "."];
+    let argv = std::iter::once("trainer")
+        .chain(placeholders)
+        .chain(flags.iter().map(String::as_str));
+    let f = <Flags as clap::Parser>::try_parse_from(argv).map_err(|e| {
+        anyhow!(
+            "{}",
+            e.render().to_string().lines().next().unwrap_or_default()
+        )
+    })?;
+    Ok(f.args)
 }
 
 #[cfg(test)]

@@ -29,6 +29,12 @@ pub struct TrainerState {
     #[serde(default)]
     pub wall_s: f64,
     pub nonfinite_in_a_row: usize,
+    /// The loss of the first training step, and the steps in a row since whose loss was above
+    /// --divergence-loss-ratio times it.
+    #[serde(default)]
+    pub first_loss: Option<f64>,
+    #[serde(default)]
+    pub exploded_in_a_row: usize,
     pub adam_t: u64,
     /// The lowest evaluation loss so far (before-training evaluation included).
     pub best_eval_loss: Option<f64>,

@@ -677,6 +677,13 @@ impl Trainer {
                 }
             } else {
                 self.state.nonfinite_in_a_row = 0;
+                let first = *self.state.first_loss.get_or_insert(loss);
+                let ratio = self.args.divergence_loss_ratio;
+                if ratio > 0.0 && loss > ratio * first {
+                    self.state.exploded_in_a_row += 1;
+                } else {
+                    self.state.exploded_in_a_row = 0;
+                }
                 self.opt.step_loras(&mut self.model, &gs, lr)?;
                 win_loss += loss;
                 win_labels += 1;
@@ -759,6 +766,18 @@ impl Trainer {
             } else {
                 None
             };
+            if self.state.exploded_in_a_row >= self.args.max_nonfinite_steps {
+                let message = format!(
+                    "training diverged: the loss stayed above {}x the first step's ({:.4}) for {} steps in a row, the last at step {step} with {loss:.4} (learning rate {lr:.3e}); lower --learning-rate (LoRA runs on 7B models are known to explode at 1e-2; 1e-4 to 2e-4 is typical). Checkpoints already saved are intact.",
+                    self.args.divergence_loss_ratio,
+                    self.state.first_loss.unwrap_or(f64::NAN),
+                    self.state.exploded_in_a_row,
+                );
+                let mut r = self.record(RunStatus::Diverged);
+                r.reason = Some(message.clone());
+                self.save_record(r)?;
+                return Ok(Outcome::Diverged { message });
+            }
             if stopped_early {
                 rep.line(&format!(
                     "stopping early: no improvement of {} by more than {} in {} evaluations",
