@@ -123,7 +123,7 @@ impl Run {
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }
 
-    fn wall_s(&self) -> Option<f64> {
+    pub fn wall_s(&self) -> Option<f64> {
         let rec = self.record.as_ref();
         rec.map(|r| r.wall_s)
             .filter(|&s| s > 0.0)
@@ -131,7 +131,7 @@ impl Run {
             .or_else(|| self.rows.last().map(|r| r.elapsed_s))
     }
 
-    fn peak_mem_mib(&self) -> Option<f64> {
+    pub fn peak_mem_mib(&self) -> Option<f64> {
         let from_rows = self.rows.iter().map(|r| r.peak_mem_mib).reduce(f64::max);
         self.record
             .as_ref()
@@ -223,43 +223,115 @@ pub fn tick(v: f64) -> String {
     }
 }
 
-/// One SVG chart of `column` for every run; `mark_best` circles each run's best point.
+/// What a chart's x axis counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XAxis {
+    /// Optimizer steps.
+    Step,
+    /// Wall time of the run in seconds (when batch size or accumulation change what a step
+    /// is).
+    Wall,
+}
+
+impl Run {
+    /// `(x, value)` of a metrics column against `x`, where the row has it.
+    pub fn series_on(&self, column: &str, x: XAxis) -> Vec<(f64, f64)> {
+        let at: BTreeMap<i64, f64> = self
+            .rows
+            .iter()
+            .map(|r| (r.step as i64, r.elapsed_s))
+            .collect();
+        self.series(column)
+            .into_iter()
+            .filter_map(|(step, v)| match x {
+                XAxis::Step => Some((step as f64, v)),
+                XAxis::Wall => at.get(&step).map(|&t| (t, v)),
+            })
+            .collect()
+    }
+}
+
+/// One SVG chart of `column` against step for every run; `mark_best` circles each run's best
+/// point.
 pub fn chart_svg(runs: &[Run], column: &str, title: &str, mark_best: bool) -> Result<String> {
+    chart_svg_on(runs, column, title, mark_best, XAxis::Step)
+}
+
+/// Values that span more than this ratio (all positive) are drawn on a log scale, so that a
+/// spike does not flatten every other curve.
+pub const LOG_SCALE_ABOVE: f64 = 50.0;
+
+/// One SVG chart of `column` for every run against `x`. The y range covers every finite value
+/// (a spike is drawn, not cut off), on a log scale when they span more than
+/// `LOG_SCALE_ABOVE`.
+pub fn chart_svg_on(
+    runs: &[Run],
+    column: &str,
+    title: &str,
+    mark_best: bool,
+    x: XAxis,
+) -> Result<String> {
+    let all: Vec<(f64, f64)> = runs.iter().flat_map(|r| r.series_on(column, x)).collect();
+    let (lo, hi) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
+    let log = lo > 0.0 && hi / lo > LOG_SCALE_ABOVE;
+    let y = |v: f64| if log { v.log10() } else { v };
+    let title = if log {
+        format!("{title} (log scale)")
+    } else {
+        title.to_string()
+    };
+    let x_desc = match x {
+        XAxis::Step => "step",
+        XAxis::Wall => "wall time (s)",
+    };
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (640, 340)).into_drawing_area();
         root.fill(&WHITE)?;
-        let all: Vec<(i64, f64)> = runs.iter().flat_map(|r| r.series(column)).collect();
-        let (mut x0, mut x1) = (0i64, 1i64);
+        let (mut x0, mut x1) = (0f64, 1f64);
         let (mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY);
-        for &(x, y) in &all {
-            x0 = x0.min(x);
-            x1 = x1.max(x);
-            y0 = y0.min(y);
-            y1 = y1.max(y);
+        for &(px, py) in &all {
+            x0 = x0.min(px);
+            x1 = x1.max(px);
+            y0 = y0.min(y(py));
+            y1 = y1.max(y(py));
         }
         if !y0.is_finite() {
             (y0, y1) = (0.0, 1.0);
         }
         let pad = ((y1 - y0) * 0.08).max(y1.abs() * 0.01).max(1e-12);
         let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 18))
+            .caption(&title, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(34)
             .y_label_area_size(56)
-            .build_cartesian_2d(x0..x1.max(x0 + 1), (y0 - pad)..(y1 + pad))?;
+            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
+        let x_label = |v: &f64| match x {
+            // whole steps only
+            XAxis::Step if v.fract().abs() > 1e-9 => String::new(),
+            XAxis::Step => format!("{v:.0}"),
+            XAxis::Wall => tick(*v),
+        };
         chart
             .configure_mesh()
-            .x_desc("step")
+            .x_desc(x_desc)
             .x_labels(8)
             .y_labels(6)
             .light_line_style(RGBColor(235, 235, 235))
-            .x_label_formatter(&|v| v.to_string())
-            .y_label_formatter(&|v| tick(*v))
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&|v| tick(if log { 10f64.powf(*v) } else { *v }))
             .draw()?;
         for (i, r) in runs.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let pts = r.series(column);
+            let pts: Vec<(f64, f64)> = r
+                .series_on(column, x)
+                .into_iter()
+                .map(|(a, b)| (a, y(b)))
+                .collect();
             if pts.is_empty() {
                 continue;
             }
@@ -271,7 +343,15 @@ pub fn chart_svg(runs: &[Run], column: &str, title: &str, mark_best: bool) -> Re
                 });
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, color.filled())))?;
             if mark_best {
-                if let Some(best) = r.best_eval() {
+                let best = r.best_eval().and_then(|(step, v)| match x {
+                    XAxis::Step => Some((step as f64, y(v))),
+                    XAxis::Wall => r
+                        .rows
+                        .iter()
+                        .find(|row| row.step as i64 == step)
+                        .map(|row| (row.elapsed_s, y(v))),
+                });
+                if let Some(best) = best {
                     chart.draw_series(std::iter::once(Circle::new(
                         best,
                         7,
@@ -330,7 +410,8 @@ td.answer{white-space:pre-wrap;max-width:420px}
 </body></html>
 "#;
 
-fn fmt(v: Option<f64>, prec: usize) -> String {
+/// A value with `prec` decimals, or a dash when there is none.
+pub fn fmt(v: Option<f64>, prec: usize) -> String {
     v.map(|x| format!("{x:.prec$}"))
         .unwrap_or_else(|| "–".into())
 }
