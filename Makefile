@@ -5,7 +5,7 @@ BIN   ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/release
 MODEL ?= models/smollm2-135m-instruct
 CARGO ?= cargo
 
-.PHONY: all build cuda model test pipeline bench lint fmt clean slurm-test
+.PHONY: all build cuda model test pipeline study bench lint fmt clean slurm-test
 
 all: build
 
@@ -26,6 +26,11 @@ test: model
 
 pipeline: model
 	scripts/pipeline.sh
+
+# The article's study (studies/article.toml) on the demo model: every point trained, the
+# held-out questions answered, runs/article/report.html. Run again to resume.
+study: model
+	DIALORA_BIN=$(BIN) scripts/study.sh studies/article.toml
 
 bench: model
 	scripts/bench.sh

@@ -6,7 +6,9 @@ validates it, offers one small concrete idea, and ends with a single gentle ques
 style is what fine-tuning should visibly teach the base model.
 
 Writes data/counsel_train.jsonl (training; dataprep takes a validation split from it) and
-data/counsel_heldout.jsonl (held-out conversations for `infer --compare`). Deterministic.
+data/counsel_heldout.jsonl (held-out conversations for `infer --compare`) and
+data/counsel_study.jsonl (held-out questions with reference replies in the counsellor's style,
+for the study's answer scores: the article's two-turn question first). Deterministic.
 Usage: python3 scripts/make-sample-data.py
 """
 import json
@@ -225,8 +227,32 @@ def main():
         held.append({"conversation": conv})
     (root / "counsel_train.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in train), encoding="utf-8")
     (root / "counsel_heldout.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in held), encoding="utf-8")
+    # the study's questions, with reference replies (a separate generator: the files above stay
+    # as they were). First the article's two-turn question, then new openers of some topics.
+    srng = random.Random(20261201)
+    study = [{"conversation": [
+        {"system": SYSTEM, "input": "I'm anxious about a show I agreed to perform in next week.",
+         "output": "It sounds like you are feeling anxious. Feeling this way before a performance is very human. "
+                   "One small step might be rehearsing the first minute until it feels automatic. "
+                   "What part of the show worries you most?"},
+        {"input": "But I have social anxiety, what can I do?",
+         "output": "Thank you for telling me more. You could try practising in front of one person you trust "
+                   "before the show. How have you been coping so far?"}]}]
+    study_msgs = [
+        ("social anxiety", "I get nervous every time I have to speak up in a meeting."),
+        ("trouble sleeping", "I've been sleeping four hours a night for weeks."),
+        ("loneliness", "Since my friends moved away I spend every evening alone."),
+        ("exam stress", "I have three exams in two days and I'm panicking."),
+        ("burnout at work", "I feel numb at work, like nothing I do matters."),
+    ]
+    for topic, opener in study_msgs:
+        feeling, _, details, _ = TOPICS[topic]
+        study.append({"conversation": [
+            {"system": SYSTEM, "input": opener, "output": reply(srng, topic, feeling, True)},
+            {"input": srng.choice(details), "output": reply(srng, topic, feeling, False)}]})
+    (root / "counsel_study.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in study), encoding="utf-8")
     turns = sum(len(c["conversation"]) for c in train)
-    print(f"wrote {len(train)} training conversations ({turns} turns) and {len(held)} held-out conversations to {root}")
+    print(f"wrote {len(train)} training conversations ({turns} turns) {len(held)} held-out conversations and {len(study)} study questions to {root}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #
 #   scripts/sweep.sh [options] KEY=V1,V2 ... [-- trainer flags]
 #   scripts/sweep.sh --report NAME            # report over every point of sweep NAME
+#   scripts/sweep.sh --points FILE [options]  # explicit points instead of a grid
 #
 # KEY is a trainer argument in HF form (learning_rate, lora_r, lora_alpha, lora_dropout,
 # target_modules, num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps...).
@@ -10,6 +11,8 @@
 #   target_modules='q_proj,v_proj|all-linear'
 #
 # Options:
+#   --points FILE        the points as lines of NAME<TAB>trainer flags instead of a grid (what
+#                        scripts/study.sh gives: a study is a sweep over its planned points)
 #   --name NAME          sweep name: everything goes to runs/NAME/ (default: sweep)
 #   --model DIR          base model (default: models/smollm2-135m-instruct)
 #   --data DIR           shards to train on (default: runs/NAME/shards, made once from --input)
@@ -27,12 +30,14 @@
 #
 # Every point trains into runs/NAME/<point>/ with --resume-from-checkpoint auto, so running a
 # point again (a requeued or preempted array task, a second local run) resumes it, and a point
-# that completed exits 0 at once. A sweep's grid is frozen when it is written: the job script
+# that completed exits 0 at once. Locally, a point that diverges (exit 65) or fails does not
+# stop the sweep: the next point runs, the report lists it, and the sweep exits 1 if any
+# failed; an interrupted point (75: a signal) stops it. A sweep's grid is frozen when it is written: the job script
 # holds every point's flags, and writing a sweep NAME again with another grid is refused.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NAME=sweep; MODEL=$ROOT/models/smollm2-135m-instruct; DATA=""; INPUT=$ROOT/data/counsel_train.jsonl
-SLURM=0; SUBMIT=0; DRY=0; REPORT=""; RUNS=${RUNS:-$ROOT/runs}
+SLURM=0; SUBMIT=0; DRY=0; REPORT=""; POINTS=""; RUNS=${RUNS:-$ROOT/runs}
 CPUS=2; MEM=8G; TIME=04:00:00; PARTITION=""; ACCOUNT=""; GRES=""; SIGNAL=120; SAVE_MIN=""
 grid=(); extra=()
 abs() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
@@ -46,6 +51,7 @@ while [ $# -gt 0 ]; do
     --submit) SUBMIT=1; SLURM=1; shift ;;
     --dry-run) DRY=1; shift ;;
     --report) REPORT=$2; shift 2 ;;
+    --points) POINTS=$(abs "$2"); shift 2 ;;
     --cpus-per-task) CPUS=$2; shift 2 ;;
     --mem) MEM=$2; shift 2 ;;
     --time) TIME=$2; shift 2 ;;
@@ -67,6 +73,8 @@ BIN=$(abs "$BIN")
 if [ -n "$REPORT" ]; then
   OUT=$RUNS/$REPORT
   [ -f "$OUT/manifest.tsv" ] || { echo "sweep: no sweep '$REPORT' ($OUT/manifest.tsv missing)" >&2; exit 2; }
+  # a study's points (scripts/study.sh): its own report, with the answers side by side
+  if [ -f "$OUT/plan.json" ]; then exec "$BIN/study" report "$OUT"; fi
   dirs=(); pending=()
   while IFS=$'\t' read -r _ point _; do
     dirs+=("$OUT/$point")
@@ -79,26 +87,36 @@ if [ -n "$REPORT" ]; then
   exit 0
 fi
 
-[ ${#grid[@]} -gt 0 ] || { echo "sweep: no grid given (e.g. learning_rate=1e-4,1e-3 lora_r=8,16)" >&2; exit 2; }
 OUT=$RUNS/$NAME
 SHARDS=${DATA:-$OUT/shards}
-
-# ---- expand the grid: each point is a list of flags and a name
-points=(""); names=("")
-for entry in "${grid[@]}"; do
-  key=${entry%%=*}; vals=${entry#*=}
-  flag="--${key//_/-}"
-  if [[ $vals == *"|"* ]]; then IFS='|' read -r -a vs <<<"$vals"; else IFS=',' read -r -a vs <<<"$vals"; fi
-  np=(); nn=()
-  for i in "${!points[@]}"; do
-    for v in "${vs[@]}"; do
-      np+=("${points[$i]} $flag $v")
-      short=${v//,/+}
-      nn+=("${names[$i]:+${names[$i]}_}${key}=${short}")
+points=(); names=()
+if [ -n "$POINTS" ]; then
+  # ---- explicit points: NAME<TAB>flags
+  [ ${#grid[@]} -eq 0 ] || { echo "sweep: give a grid or --points, not both" >&2; exit 2; }
+  while IFS=$'\t' read -r pname pflags; do
+    [ -n "$pname" ] || continue
+    names+=("$pname"); points+=("$pflags")
+  done <"$POINTS"
+  [ ${#points[@]} -gt 0 ] || { echo "sweep: $POINTS: no points" >&2; exit 2; }
+else
+  [ ${#grid[@]} -gt 0 ] || { echo "sweep: no grid given (e.g. learning_rate=1e-4,1e-3 lora_r=8,16)" >&2; exit 2; }
+  # ---- expand the grid: each point is a list of flags and a name
+  points=(""); names=("")
+  for entry in "${grid[@]}"; do
+    key=${entry%%=*}; vals=${entry#*=}
+    flag="--${key//_/-}"
+    if [[ $vals == *"|"* ]]; then IFS='|' read -r -a vs <<<"$vals"; else IFS=',' read -r -a vs <<<"$vals"; fi
+    np=(); nn=()
+    for i in "${!points[@]}"; do
+      for v in "${vs[@]}"; do
+        np+=("${points[$i]} $flag $v")
+        short=${v//,/+}
+        nn+=("${names[$i]:+${names[$i]}_}${key}=${short}")
+      done
     done
+    points=("${np[@]}"); names=("${nn[@]}")
   done
-  points=("${np[@]}"); names=("${nn[@]}")
-done
+fi
 n=${#points[@]}
 manifest=$(for i in "${!points[@]}"; do printf '%s\t%s\t%s\n' "$i" "${names[$i]}" "${points[$i]# }"; done)
 if [ $DRY = 1 ]; then printf '%s\n' "$manifest"; exit 0; fi
@@ -163,9 +181,16 @@ EOF
   {
     echo "#!/usr/bin/env bash"
     echo "#SBATCH --job-name=dialora-$NAME-report"
-    echo "#SBATCH --cpus-per-task=1"
-    echo "#SBATCH --mem=2G"
-    echo "#SBATCH --time=00:10:00"
+    if [ -n "$POINTS" ]; then
+      # a study's report answers its questions with every point: the array's resources
+      echo "#SBATCH --cpus-per-task=$CPUS"
+      echo "#SBATCH --mem=$MEM"
+      echo "#SBATCH --time=01:00:00"
+    else
+      echo "#SBATCH --cpus-per-task=1"
+      echo "#SBATCH --mem=2G"
+      echo "#SBATCH --time=00:10:00"
+    fi
     [ -n "$PARTITION" ] && echo "#SBATCH --partition=$PARTITION"
     [ -n "$ACCOUNT" ] && echo "#SBATCH --account=$ACCOUNT"
     echo "#SBATCH --output=$OUT/logs/%x-%j.log"
@@ -185,11 +210,20 @@ EOF
 fi
 
 # ---- local: the points one after another, then the report
+failed=()
 for i in "${!points[@]}"; do
   d=$OUT/${names[$i]}
   echo "== sweep point $((i + 1))/$n: ${names[$i]}"
+  rc=0
   # shellcheck disable=SC2086
   "$ROOT/scripts/train.sh" "$MODEL" "$SHARDS" "$d" ${points[$i]} --run-name "${names[$i]}" \
-    --resume-from-checkpoint auto ${SAVE_MIN:+--save-every-minutes $SAVE_MIN} "${extra[@]+"${extra[@]}"}"
+    --resume-from-checkpoint auto ${SAVE_MIN:+--save-every-minutes $SAVE_MIN} "${extra[@]+"${extra[@]}"}" || rc=$?
+  case $rc in
+    0) ;;
+    65) echo "sweep: point ${names[$i]} diverged (exit 65); going on with the next" ;;
+    75) echo "sweep: point ${names[$i]} interrupted (exit 75, checkpoint saved); run the same command again to resume" >&2; exit 75 ;;
+    *) echo "sweep: point ${names[$i]} failed (exit $rc); going on with the next" >&2; failed+=("${names[$i]}") ;;
+  esac
 done
 "$0" --report "$NAME"
+if [ ${#failed[@]} -gt 0 ]; then echo "sweep: failed points: ${failed[*]}" >&2; exit 1; fi

@@ -40,6 +40,7 @@ pub mod model;
 pub mod progress;
 pub mod report;
 pub mod serve;
+pub mod study;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
