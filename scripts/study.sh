@@ -13,7 +13,8 @@
 # `--` apply to every point (`-- --max-steps 2`: a smoke run of the whole study).
 #
 # Options: --name NAME (default: the study file's name; everything goes to runs/NAME/),
-# --model DIR (default: models/smollm2-135m-instruct), and those of scripts/sweep.sh:
+# --model DIR (default: models/smollm2-135m-instruct), --dry-run (print the points, one
+# `name<TAB>trainer flags` line each, and write nothing), and those of scripts/sweep.sh:
 # --slurm / --submit (one job array, one task per point, then the report job), --cpus-per-task,
 # --mem, --time, --partition, --account, --gres, --signal-seconds, --save-every-minutes.
 #
@@ -38,12 +39,13 @@ STUDY=${1:?usage: scripts/study.sh STUDY.toml [--name NAME] [--slurm ...] [-- tr
 shift
 [ -f "$STUDY" ] || { echo "study: $STUDY: no such study file" >&2; exit 2; }
 NAME=$(basename "$STUDY" .toml)
-sweep_opts=(); extra=()
+sweep_opts=(); extra=(); DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) NAME=$2; shift 2 ;;
     --model) MODEL=$(abs "$2"); shift 2 ;;
-    --slurm | --submit | --dry-run) sweep_opts+=("$1"); shift ;;
+    --dry-run) DRY=1; shift ;;
+    --slurm | --submit) sweep_opts+=("$1"); shift ;;
     --cpus-per-task | --mem | --time | --partition | --account | --gres | --signal-seconds | --save-every-minutes)
       sweep_opts+=("$1" "$2"); shift 2 ;;
     --) shift; extra=("$@"); break ;;
@@ -51,6 +53,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 OUT=$RUNS/$NAME
+if [ $DRY = 1 ]; then
+  # the points this study would train, planned into a scratch directory: nothing else written
+  scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
+  "$BIN/study" plan "$STUDY" --out "$scratch/$NAME" --model "$MODEL" -- "${extra[@]+"${extra[@]}"}" >&2
+  cat "$scratch/$NAME/points.tsv"
+  exit 0
+fi
 
 # the plan: points.tsv, frozen under runs/NAME (another study file under this name is refused)
 "$BIN/study" plan "$STUDY" --out "$OUT" --model "$MODEL" -- "${extra[@]+"${extra[@]}"}"

@@ -100,6 +100,14 @@ fn a_tiny_study_shares_its_baseline_reports_every_value_and_resumes() {
         "400",
     ];
 
+    // --dry-run: the points, and nothing written
+    let (code, log) = study(&runs, &[&args[..5], &["--dry-run"], &args[5..]].concat());
+    assert_eq!(code, 0, "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains('\t')).collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    assert!(lines[1].starts_with("learning_rate=1e30\t") && lines[1].ends_with("--max-steps 400"));
+    assert!(!out.exists(), "a dry run writes nothing");
+
     // interrupted while the baseline trains: SIGTERM to the whole job, as Slurm sends it
     let first_log = tmp.path().join("interrupted.log");
     let mut child = study_cmd(&runs, &args)
