@@ -32,8 +32,9 @@
 # point again (a requeued or preempted array task, a second local run) resumes it, and a point
 # that completed exits 0 at once. Locally, a point that diverges (exit 65) or fails does not
 # stop the sweep: the next point runs, the report lists it, and the sweep exits 1 if any
-# failed; an interrupted point (75: a signal) stops it. A sweep's grid is frozen when it is written: the job script
-# holds every point's flags, and writing a sweep NAME again with another grid is refused.
+# failed; an interrupted point (75: a signal) stops it. A sweep's grid is frozen when it is
+# written: the job script holds every point's flags, and writing a sweep NAME again with
+# another grid is refused.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NAME=sweep; MODEL=$ROOT/models/smollm2-135m-instruct; DATA=""; INPUT=$ROOT/data/counsel_train.jsonl
@@ -181,8 +182,9 @@ EOF
   {
     echo "#!/usr/bin/env bash"
     echo "#SBATCH --job-name=dialora-$NAME-report"
-    if [ -n "$POINTS" ]; then
-      # a study's report answers its questions with every point: the array's resources
+    if [ -f "$OUT/plan.json" ]; then
+      # a study's report (see --report) answers its questions with every point: the array's
+      # resources
       echo "#SBATCH --cpus-per-task=$CPUS"
       echo "#SBATCH --mem=$MEM"
       echo "#SBATCH --time=01:00:00"

@@ -123,6 +123,16 @@ impl Run {
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }
 
+    /// How the run stands: its record's status, else `not started` (nothing logged yet) or
+    /// `unknown`.
+    pub fn status(&self) -> &'static str {
+        match &self.record {
+            Some(x) => x.status.as_str(),
+            None if self.rows.is_empty() => "not started",
+            None => "unknown",
+        }
+    }
+
     pub fn wall_s(&self) -> Option<f64> {
         let rec = self.record.as_ref();
         rec.map(|r| r.wall_s)
@@ -519,11 +529,7 @@ pub fn write_report(
             let rec = r.record.as_ref();
             context! {
                 name => r.name,
-                status => match rec {
-                    Some(x) => x.status.as_str(),
-                    None if r.rows.is_empty() => "not started",
-                    None => "unknown",
-                },
+                status => r.status(),
                 reason => rec.and_then(|x| x.reason.clone()),
                 params => p,
                 final_loss => fmt(r.series("loss").last().map(|p| p.1), 4),

@@ -182,25 +182,25 @@ fn fingerprint(flags: &[String]) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
-}
-
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("{}: cannot resolve", p.display()))
+}
+
+fn read_study(study_file: &Path) -> Result<String> {
+    std::fs::read_to_string(study_file)
+        .with_context(|| format!("{}: cannot read the study file", study_file.display()))
 }
 
 /// Reads a study file and expands it into points: the baseline first, then each factor's
 /// values that differ from every point before them.
 pub fn plan(study_file: &Path, model: &Path, extra: &[String]) -> Result<Plan> {
+    plan_text(study_file, &read_study(study_file)?, model, extra)
+}
+
+/// `plan` of the study file `study_file` whose text is `text`.
+fn plan_text(study_file: &Path, text: &str, model: &Path, extra: &[String]) -> Result<Plan> {
     let path = study_file.display().to_string();
-    let text = std::fs::read_to_string(study_file)
-        .with_context(|| format!("{path}: cannot read the study file"))?;
-    let spec: StudyFile = toml::from_str(&text).map_err(|e| {
+    let spec: StudyFile = toml::from_str(text).map_err(|e| {
         anyhow!(
             "{path}: {}",
             e.to_string().lines().collect::<Vec<_>>().join(" ")
@@ -216,14 +216,15 @@ pub fn plan(study_file: &Path, model: &Path, extra: &[String]) -> Result<Plan> {
             _ => unreachable!("a TOML table is an object"),
         }
     };
-    let checked = |flags: Vec<String>, what: &str| -> Result<Vec<String>> {
+    // a point's flags (the trainer flags after `--` included) and what they resolve to
+    let checked = |flags: Vec<String>, what: &str| -> Result<(Vec<String>, serde_json::Value)> {
         if let Some(f) = flags.iter().find(|f| f.chars().any(char::is_whitespace)) {
             bail!("{path}: {what}: '{f}' has white space, which a point's flags cannot hold");
         }
         let mut all = flags;
         all.extend(extra.iter().cloned());
-        fingerprint(&all).map_err(|e| anyhow!("{path}: {what}: {e}"))?;
-        Ok(all)
+        let print = fingerprint(&all).map_err(|e| anyhow!("{path}: {what}: {e}"))?;
+        Ok((all, print))
     };
     for k in spec.baseline.keys() {
         if NOT_FACTORS.contains(&k.replace('-', "_").as_str()) {
@@ -231,15 +232,15 @@ pub fn plan(study_file: &Path, model: &Path, extra: &[String]) -> Result<Plan> {
         }
     }
     let base_obj = to_obj(&spec.baseline)?;
-    let base_flags = checked(
+    let (base_flags, base_print) = checked(
         flags_of(&base_obj, &format!("{path} [baseline]"))?,
         "[baseline]",
     )?;
     let mut points = vec![Point {
         name: BASELINE.into(),
-        flags: base_flags.clone(),
+        flags: base_flags,
     }];
-    let mut prints = vec![fingerprint(&base_flags)?];
+    let mut prints = vec![base_print];
     let mut factors = Vec::new();
     for (i, f) in spec.factors.iter().enumerate() {
         let what = format!("factor {} ({})", i + 1, f.setting);
@@ -252,15 +253,15 @@ pub fn plan(study_file: &Path, model: &Path, extra: &[String]) -> Result<Plan> {
         }
         let mut levels = Vec::new();
         for v in &f.values {
+            // the baseline with the setting replaced, however the baseline spells it
             let mut obj = base_obj.clone();
-            obj.remove(&f.setting);
+            obj.retain(|k, _| k.replace('-', "_") != setting);
             obj.insert(setting.clone(), serde_json::to_value(v)?);
             let value = show(v);
-            let flags = checked(
+            let (flags, print) = checked(
                 flags_of(&obj, &format!("{path} {what}"))?,
                 &format!("{what} value {value}"),
             )?;
-            let print = fingerprint(&flags)?;
             let point = match prints.iter().position(|p| *p == print) {
                 Some(k) => points[k].name.clone(),
                 None => {
@@ -302,14 +303,15 @@ pub fn plan(study_file: &Path, model: &Path, extra: &[String]) -> Result<Plan> {
         })
         .collect();
     let data = DataSpec {
-        input: spec.data.input.iter().map(|p| resolve(&dir, p)).collect(),
+        // relative to the study file (an absolute path stays as it is)
+        input: spec.data.input.iter().map(|p| dir.join(p)).collect(),
         dataprep_args: spec.data.dataprep_args,
     };
     if data.input.is_empty() {
         bail!("{path}: [data] input: no files");
     }
     let answers = spec.answers.map(|a| AnswerSpec {
-        questions: resolve(&dir, &a.questions),
+        questions: dir.join(&a.questions),
         ..a
     });
     if let Some(a) = &answers {
@@ -342,8 +344,8 @@ pub fn plan(study_file: &Path, model: &Path, extra: &[String]) -> Result<Plan> {
 /// copy, `plan.json`, `points.tsv` (one `name<TAB>flags` line per point) and `dataprep.args`
 /// (the inputs, `--`, the dataprep flags: one per line).
 pub fn write_plan(study_file: &Path, model: &Path, extra: &[String], out: &Path) -> Result<Plan> {
-    let plan = plan(study_file, model, extra)?;
-    let text = std::fs::read_to_string(study_file)?;
+    let text = read_study(study_file)?;
+    let plan = plan_text(study_file, &text, model, extra)?;
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -503,31 +505,24 @@ struct Answers {
     replies: Vec<Vec<Reply>>,
 }
 
-/// What a run's answers depend on: the model, the adapter file, the questions and the
-/// decoding.
-fn made_from(plan: &Plan, spec: &AnswerSpec, adapter: Option<&Path>) -> String {
-    let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .map(|m| {
-                let t = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
-                format!("{}:{}:{t}", p.display(), m.len())
-            })
-            .unwrap_or_default()
-    };
-    let weights = adapter.map(|d| stamp(&d.join("adapter_model.safetensors")));
-    format!(
-        "model {} | adapter {} | questions {} | max_new_tokens {} | system {:?} | greedy",
-        stamp(&plan.model.join("config.json")),
-        weights.unwrap_or_else(|| "none".into()),
-        crate::train::run::file_sha256(&spec.questions),
-        spec.max_new_tokens,
-        spec.system
-    )
+/// A file as far as answers made from it go: its path, size and modification time.
+fn stamp(p: &Path) -> String {
+    std::fs::metadata(p)
+        .map(|m| {
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            format!("{}:{}:{t}", p.display(), m.len())
+        })
+        .unwrap_or_default()
+}
+
+/// `answers/NAME.json` of a run (`None`: the base model).
+fn answers_file(dir: &Path, name: Option<&str>) -> PathBuf {
+    dir.join(format!("{}.json", name.unwrap_or("base-model")))
 }
 
 // ---- the report
@@ -565,21 +560,14 @@ pub struct StudyResults {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FactorResult {
-    pub setting: String,
-    pub title: String,
-    pub note: Option<String>,
-    pub levels: Vec<Level>,
+    #[serde(flatten)]
+    pub factor: Factor,
     /// The value whose run reached the lowest best eval loss (completed runs only).
     pub best: Option<String>,
 }
 
 fn point_result(p: &Point, run: &Run, scores: Option<Scores>) -> PointResult {
     let rec = run.record.as_ref();
-    let status = match rec {
-        Some(r) => r.status.as_str().to_string(),
-        None if run.rows.is_empty() => "not started".into(),
-        None => "unknown".into(),
-    };
     // the best evaluation after training (the one before it is every point's start)
     let best = run.best_eval().filter(|b| b.0 > 0);
     let tokens = run.rows.last().map(|r| r.tokens).unwrap_or(0);
@@ -591,7 +579,7 @@ fn point_result(p: &Point, run: &Run, scores: Option<Scores>) -> PointResult {
         name: p.name.clone(),
         dir: run.dir.clone(),
         flags: p.flags.clone(),
-        status,
+        status: run.status().to_string(),
         message: rec.and_then(|r| r.reason.clone().or(r.error.clone())),
         step: rec.map(|r| r.global_step),
         final_loss: run.series("loss").last().map(|x| x.1),
@@ -621,6 +609,15 @@ fn answer(
     std::fs::create_dir_all(&dir)?;
     let mut have = BTreeMap::new();
     let mut todo: Vec<(Option<String>, String)> = Vec::new();
+    // what every run's answers depend on (the model, the questions, the decoding), then its
+    // adapter file
+    let common = format!(
+        "model {} | questions {} | max_new_tokens {} | system {:?} | greedy",
+        stamp(&plan.model.join("config.json")),
+        crate::train::run::file_sha256(&spec.questions),
+        spec.max_new_tokens,
+        spec.system
+    );
     let answerable = std::iter::once(None).chain(
         runs.iter()
             .filter(|r| r.record.as_ref().map(|x| x.status) == Some(RunStatus::Completed))
@@ -628,8 +625,14 @@ fn answer(
             .map(|r| Some(r.dir.file_name().unwrap().to_string_lossy().to_string())),
     );
     for name in answerable {
-        let file = dir.join(format!("{}.json", name.as_deref().unwrap_or("base-model")));
-        let from = made_from(plan, spec, name.as_ref().map(|n| out.join(n)).as_deref());
+        let file = answers_file(&dir, name.as_deref());
+        let adapter = name
+            .as_ref()
+            .map(|n| stamp(&out.join(n).join("adapter_model.safetensors")));
+        let from = format!(
+            "{common} | adapter {}",
+            adapter.as_deref().unwrap_or("none")
+        );
         let cached: Option<Answers> = std::fs::read_to_string(&file)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -692,9 +695,8 @@ fn answer(
         t0.elapsed().as_secs_f64()
     ));
     for ((name, from), replies) in todo.into_iter().zip(per_run) {
-        let file = dir.join(format!("{}.json", name.as_deref().unwrap_or("base-model")));
         crate::atomic::write_json(
-            &file,
+            &answers_file(&dir, name.as_deref()),
             &Answers {
                 made_from: from,
                 replies: replies.clone(),
@@ -758,10 +760,7 @@ pub fn write_report(out: &Path, log: &mut dyn FnMut(&str)) -> Result<StudyResult
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(l, _)| l.value.clone());
             FactorResult {
-                setting: f.setting.clone(),
-                title: f.title.clone(),
-                note: f.note.clone(),
-                levels: f.levels.clone(),
+                factor: f.clone(),
                 best,
             }
         })
@@ -851,7 +850,8 @@ fn render(
         .collect();
     let scored = plan.answers.is_some();
     let mut factors = Vec::new();
-    for f in &results.factors {
+    for fr in &results.factors {
+        let f = &fr.factor;
         let mine: Vec<Run> = f
             .levels
             .iter()
@@ -862,17 +862,14 @@ fn render(
             })
             .collect();
         let mut charts = Vec::new();
-        for (col, title) in [
-            ("loss", "training loss"),
-            ("eval_loss", "eval loss"),
-            ("grad_norm", "gradient norm"),
-        ] {
+        let shown = ["loss", "eval_loss", "grad_norm"];
+        for (col, title) in report::CHARTS.iter().filter(|c| shown.contains(&c.0)) {
             for x in [report::XAxis::Step, report::XAxis::Wall] {
                 charts.push(report::chart_svg_on(
                     &mine,
                     col,
                     title,
-                    col == "eval_loss",
+                    *col == "eval_loss",
                     x,
                 )?);
             }
@@ -884,7 +881,7 @@ fn render(
                 let p = &results.points[index[l.point.as_str()]];
                 context! {
                     value => l.value, baseline => l.baseline, status => p.status,
-                    best => f.best.as_deref() == Some(l.value.as_str()),
+                    best => fr.best.as_deref() == Some(l.value.as_str()),
                     step => p.step, message => p.message,
                     final_loss => fmt(p.final_loss, 4),
                     best_eval => match (p.best_eval_loss, p.best_step) {
@@ -1050,6 +1047,15 @@ mod tests {
             .iter()
             .all(|x| x.flags.ends_with(&["--max-steps".into(), "2".into()])));
         assert_eq!(p.data.input, [d.path().join("train.jsonl")]);
+        // a factor replaces its setting however the baseline spells it
+        let f = write(
+            d.path(),
+            "[baseline]\nlora-r = 8\n[[factor]]\nsetting = \"lora_r\"\nvalues = [16]\n",
+        );
+        let p = plan(&f, d.path(), &[]).unwrap();
+        let flags = &p.points[1].flags;
+        assert_eq!(flags.iter().filter(|f| *f == "--lora-r").count(), 1, "{flags:?}");
+        assert!(flags.contains(&"16".to_string()), "{flags:?}");
     }
 
     #[test]
