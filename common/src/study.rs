@@ -1054,7 +1054,11 @@ mod tests {
         );
         let p = plan(&f, d.path(), &[]).unwrap();
         let flags = &p.points[1].flags;
-        assert_eq!(flags.iter().filter(|f| *f == "--lora-r").count(), 1, "{flags:?}");
+        assert_eq!(
+            flags.iter().filter(|f| *f == "--lora-r").count(),
+            1,
+            "{flags:?}"
+        );
         assert!(flags.contains(&"16".to_string()), "{flags:?}");
     }
 

@@ -558,8 +558,17 @@ impl Scheduler<'_> {
                 Err(e) => ended.push((k, Err(crate::cli::error_line(&e)))),
             }
         }
-        for (k, r) in ended.into_iter().rev() {
-            let mut s = self.running.remove(k);
+        // the finished leave the batch (and the running count) before their clients hear of
+        // it, so a client that has its answer never sees itself counted as running
+        let ended: Vec<_> = ended
+            .into_iter()
+            .rev()
+            .map(|(k, r)| (self.running.remove(k), r))
+            .collect();
+        self.shared
+            .running
+            .store(self.running.len(), Ordering::SeqCst);
+        for (mut s, r) in ended {
             match r {
                 Ok(f) => self.end(s, f),
                 Err(e) => {
@@ -567,9 +576,6 @@ impl Scheduler<'_> {
                 }
             }
         }
-        self.shared
-            .running
-            .store(self.running.len(), Ordering::SeqCst);
     }
 
     /// A failed step ends every running request with the error (the engine goes on).
