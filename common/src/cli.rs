@@ -92,6 +92,13 @@ pub fn finish(name: &str, outcome: Result<i32>) -> ! {
     let code = match outcome {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => exit::OK,
+        // another rank of a training run failed and said why: this one only exits
+        Err(e)
+            if e.downcast_ref::<crate::train::comm::OtherRankFailed>()
+                .is_some() =>
+        {
+            exit_code(&e)
+        }
         Err(e) if is_usage(&e) => {
             eprintln!("{name}: error: {}", error_line(&e));
             exit::USAGE
@@ -102,6 +109,17 @@ pub fn finish(name: &str, outcome: Result<i32>) -> ! {
         }
     };
     std::process::exit(code)
+}
+
+/// The exit status `finish` gives an error.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if let Some(o) = e.downcast_ref::<crate::train::comm::OtherRankFailed>() {
+        o.code
+    } else if is_usage(e) {
+        exit::USAGE
+    } else {
+        exit::ERROR
+    }
 }
 
 #[cfg(test)]

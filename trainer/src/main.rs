@@ -5,7 +5,9 @@ use clap::Parser;
 use common::progress::{eta, Progress};
 use common::train::args::{expand_config_file, TrainArgs};
 use common::train::checkpoint::TrainerState;
+use common::train::comm::{self, Communicator};
 use common::train::{stop_flag, Outcome, Reporter, Trainer};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Train a LoRA adapter. Writes adapter_model.safetensors + adapter_config.json (PEFT layout),
@@ -17,6 +19,13 @@ use std::time::{Duration, Instant};
 /// with status 75; resume with `--resume-from-checkpoint latest`. Exit statuses: 0 done, 75
 /// interrupted with a checkpoint saved (run again to resume), 65 diverged (retrying will not
 /// help), 2 bad arguments, 1 any other error.
+///
+/// Data-parallel over MPI with the trainer of `make mpi` (target/mpi/release/trainer):
+/// `mpirun -n N trainer ...` or, in a Slurm allocation, `srun --mpi=pmix -n N trainer ...`.
+/// Each step's batch is world size x --per-device-train-batch-size x
+/// --gradient-accumulation-steps sequences, the run N ranks x accumulation G equals one
+/// process with accumulation N x G; rank 0 writes everything. A trainer without MPI refuses
+/// to be one of several tasks.
 #[derive(Parser)]
 #[command(
     name = "trainer",
@@ -54,6 +63,13 @@ impl Report {
     }
 }
 
+/// What the ranks other than 0 report: nothing (rank 0 speaks for the run).
+struct Quiet;
+
+impl Reporter for Quiet {
+    fn line(&mut self, _: &str) {}
+}
+
 impl Reporter for Report {
     fn line(&mut self, s: &str) {
         self.progress.println(&format!("trainer: {s}"));
@@ -82,10 +98,19 @@ fn main() {
     common::cli::finish("trainer", outcome);
 }
 
-fn run(args: TrainArgs) -> Result<i32> {
+fn run(mut args: TrainArgs) -> Result<i32> {
     let t0 = Instant::now();
+    let comm: Rc<dyn Communicator> = comm::world(args.ddp_timeout)?.into();
+    let (rank, world) = (comm.rank(), comm.size());
+    if world > 1 && args.device == "cuda" {
+        // each rank takes the GPU of its rank on the node
+        args.device = format!("cuda:{}", comm.local_rank());
+    }
     if args.resume_from_checkpoint.is_some() {
-        if let Some(done) = common::train::check_completed(&args)? {
+        if let Some(done) = common::train::check_completed(&args, world)? {
+            if rank > 0 {
+                return Ok(common::cli::exit::OK);
+            }
             let line = format!(
                 "trainer: the run in {} already completed at step {} with these arguments; nothing to resume (adapter in {})",
                 args.output_dir.display(),
@@ -97,17 +122,30 @@ fn run(args: TrainArgs) -> Result<i32> {
         }
     }
     let stop = stop_flag()?;
+    if rank > 0 {
+        return rank_run(args, comm, stop);
+    }
     let mut progress = Progress::new(0, "trainer");
     progress.set_message("loading model and data");
-    let mut t = Trainer::new(args)?;
+    let mut t = Trainer::with_comm(args, comm.clone()).map_err(|e| at_rank(e, world, 0))?;
     let resumed = t.state.global_step;
     progress.println(&format!(
-        "trainer: {} LoRA modules, {} trainable parameters; {} train / {} val sequences; {} steps{}",
+        "trainer: {} LoRA modules, {} trainable parameters; {} train / {} val sequences; {} steps{}{}",
         t.model.num_loras(),
         t.model.trainable_parameters(),
         t.train.len(),
         t.val.as_ref().map(|v| v.len()).unwrap_or(0),
         t.state.total_steps,
+        if world > 1 {
+            format!(
+                " on {world} ranks ({} sequences a step)",
+                world
+                    * t.args.per_device_train_batch_size
+                    * t.args.gradient_accumulation_steps
+            )
+        } else {
+            String::new()
+        },
         if resumed > 0 {
             format!(" (resuming at step {resumed})")
         } else {
@@ -122,8 +160,9 @@ fn run(args: TrainArgs) -> Result<i32> {
         eta: None,
         loss: None,
     };
-    let outcome = t.run(stop, &mut rep)?;
+    let outcome = t.run(stop, &mut rep);
     rep.progress.finish();
+    let outcome = outcome_or_abort(outcome, &*comm)?;
     let wall = common::report::duration(t0.elapsed().as_secs_f64());
     match outcome {
         Outcome::Completed {
@@ -170,4 +209,41 @@ fn run(args: TrainArgs) -> Result<i32> {
             Ok(common::cli::exit::INTERRUPTED)
         }
     }
+}
+
+/// A rank's error named by its rank when there are several.
+fn at_rank(e: anyhow::Error, world: usize, rank: usize) -> anyhow::Error {
+    if world > 1 && e.downcast_ref::<comm::OtherRankFailed>().is_none() {
+        e.context(format!("rank {rank}"))
+    } else {
+        e
+    }
+}
+
+/// A run's end as every rank sees it; an error on one rank alone (the ranks may be waiting
+/// for it in a collective) is said and ends every rank (MPI_Abort).
+fn outcome_or_abort(r: Result<Outcome>, comm: &dyn Communicator) -> Result<Outcome> {
+    match r {
+        Err(e) if comm.size() > 1 => {
+            let e = at_rank(e, comm.size(), comm.rank());
+            eprintln!("trainer: error: {}", common::cli::error_line(&e));
+            comm.abort(common::cli::exit_code(&e))
+        }
+        r => r,
+    }
+}
+
+/// A rank other than 0: the same training, silent; the exit status of the run's end.
+fn rank_run(
+    args: TrainArgs,
+    comm: Rc<dyn Communicator>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<i32> {
+    let (rank, world) = (comm.rank(), comm.size());
+    let mut t = Trainer::with_comm(args, comm.clone()).map_err(|e| at_rank(e, world, rank))?;
+    Ok(match outcome_or_abort(t.run(stop, &mut Quiet), &*comm)? {
+        Outcome::Completed { .. } => common::cli::exit::OK,
+        Outcome::Diverged { .. } => common::cli::exit::DIVERGED,
+        Outcome::Interrupted { .. } => common::cli::exit::INTERRUPTED,
+    })
 }

@@ -212,6 +212,11 @@ pub struct TrainArgs {
     pub gradient_checkpointing: bool,
     #[arg(long, default_value = "cpu", help = crate::device::DEVICE_HELP)]
     pub device: String,
+    /// Under MPI (the `make mpi` trainer, launched by mpirun or srun --mpi=pmix): seconds a
+    /// rank waits for the others in a collective before it fails the run. A rank on the same
+    /// node that has exited fails it at once, naming the rank.
+    #[arg(long, default_value_t = 1800.0)]
+    pub ddp_timeout: f64,
 }
 
 impl Default for TrainArgs {
@@ -385,6 +390,9 @@ impl TrainArgs {
         }
         if self.early_stopping_threshold.is_nan() || self.early_stopping_threshold < 0.0 {
             bail!("--early-stopping-threshold must be >= 0");
+        }
+        if self.ddp_timeout.is_nan() || self.ddp_timeout <= 0.0 {
+            bail!("--ddp-timeout must be > 0 seconds");
         }
         if self.save_every_minutes.is_nan() || self.save_every_minutes < 0.0 {
             bail!("--save-every-minutes must be >= 0");

@@ -72,8 +72,13 @@ impl Setting {
 /// What a resumed run must share with the checkpoint, keyed by flag: what the adapter is
 /// (LoRA settings, the base model) and what the data stream is (the shards, the seed that
 /// orders them and draws dropout, the batch geometry).
+///
+/// `world`: the ranks training the run. Its micro-batches per step (ranks x
+/// --gradient-accumulation-steps) are what a resume must keep, so a run of 2 ranks x
+/// accumulation 4 resumes as 4 ranks x 2, or 1 rank x 8, the same optimizer steps.
 pub fn identity(
     args: &super::args::TrainArgs,
+    world: usize,
     lora: &LoraConfig,
     model_sha: &str,
     data_sha: &str,
@@ -97,10 +102,20 @@ pub fn identity(
             "--per-device-train-batch-size".into(),
             Setting::plain(args.per_device_train_batch_size),
         ),
-        (
-            "--gradient-accumulation-steps".into(),
-            Setting::plain(args.gradient_accumulation_steps),
-        ),
+        ("--gradient-accumulation-steps".into(), {
+            let g = args.gradient_accumulation_steps;
+            Setting {
+                value: (world * g).to_string(),
+                shown: if world == 1 {
+                    g.to_string()
+                } else {
+                    format!(
+                        "{g} on each of {world} ranks ({} micro-batches a step)",
+                        world * g
+                    )
+                },
+            }
+        }),
         (
             "--group-by-length".into(),
             Setting::plain(args.group_by_length),

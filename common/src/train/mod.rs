@@ -4,6 +4,7 @@
 pub mod args;
 pub mod batches;
 pub mod checkpoint;
+pub mod comm;
 pub mod metrics;
 pub mod optim;
 pub mod run;
@@ -11,7 +12,9 @@ pub mod schedule;
 pub mod tensorboard;
 mod trainer;
 
-pub use trainer::{steps, stop_flag, Outcome, OutputLock, Reporter, Trainer, LOCK_FILE};
+pub use trainer::{
+    record_failure, steps, stop_flag, Outcome, OutputLock, Reporter, Trainer, LOCK_FILE,
+};
 
 use anyhow::Result;
 
@@ -30,12 +33,13 @@ pub fn completed_run(output_dir: &std::path::Path) -> Option<run::RunRecord> {
     .then_some(r)
 }
 
-/// `--resume-from-checkpoint` on an output directory whose run already completed: the record
+/// `--resume-from-checkpoint` on an output directory whose run already completed (by `world`
+/// ranks now): the record
 /// when these arguments are that run's own (nothing left to do: a requeued sweep point ends at
 /// once), a bad-argument error naming what differs when they ask for another run (more steps,
 /// other settings), since a finished run is not continued silently or at all; `None` when the
 /// directory holds no completed run.
-pub fn check_completed(args: &args::TrainArgs) -> Result<Option<run::RunRecord>> {
+pub fn check_completed(args: &args::TrainArgs, world: usize) -> Result<Option<run::RunRecord>> {
     let out = &args.output_dir;
     let Some(done) = completed_run(out) else {
         return Ok(None);
@@ -56,12 +60,14 @@ pub fn check_completed(args: &args::TrainArgs) -> Result<Option<run::RunRecord>>
         .map_err(|e| crate::cli::usage(crate::cli::error_line(&e)))?;
     let now = checkpoint::identity(
         args,
+        world,
         &lora,
         &run::file_sha256(&args.model.join("config.json")),
         &run::file_sha256(&args.data.join("meta.json")),
     )?;
     let then = checkpoint::identity(
         &done.args,
+        done.world_size.max(1),
         done_lora,
         &done.model.config_sha256,
         &done.data.meta_sha256,
@@ -74,7 +80,7 @@ pub fn check_completed(args: &args::TrainArgs) -> Result<Option<run::RunRecord>>
         )));
     }
     let meta = crate::data::shards::Meta::load(&args.data)?;
-    let (_, _, total) = steps(args, meta.train.sequences);
+    let (_, _, total) = steps(args, world, meta.train.sequences);
     if total != done.total_steps {
         return Err(usage(format!("these arguments ask for {total} steps")));
     }

@@ -103,8 +103,18 @@ pub struct RunRecord {
     pub data: DataInfo,
     pub versions: Versions,
     pub device: String,
-    /// CPU threads the compute ran on.
+    /// CPU threads the compute ran on (on each rank).
     pub threads: usize,
+    /// The ranks that trained the run (1: one process), and the sequences of one optimizer
+    /// step across them (ranks x per-device batch x accumulation).
+    #[serde(default)]
+    pub world_size: usize,
+    #[serde(default)]
+    pub global_batch_size: usize,
+    /// Seconds rank 0 spent in collectives with the other ranks (gradients, losses, the
+    /// stop flag), waiting for them included.
+    #[serde(default)]
+    pub collective_s: f64,
     pub global_step: usize,
     /// Time in the training loop (steps and evaluations), over every attempt.
     pub elapsed_s: f64,

@@ -5,6 +5,7 @@
 use super::args::{IntervalStrategy, TrainArgs};
 use super::batches;
 use super::checkpoint::{self, TrainerState};
+use super::comm::{self, Communicator};
 use super::metrics::{MetricsLog, MetricsRow};
 use super::optim::{self, AdamW, AdamWConfig};
 use super::run::{file_sha256, DataInfo, ModelInfo, RunRecord, RunStatus, Versions};
@@ -16,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,8 +95,10 @@ pub struct Trainer {
     /// When this attempt started (before loading), and the wall time of earlier attempts.
     started: Instant,
     wall0: f64,
-    /// Held for the trainer's life: no second trainer writes this output directory.
-    _lock: OutputLock,
+    /// Held for the trainer's life by rank 0: no second trainer writes this output directory.
+    _lock: Option<OutputLock>,
+    /// The ranks training this run; rank 0 writes everything.
+    comm: Rc<dyn Communicator>,
 }
 
 /// A bad argument found while setting up: exit status 2 (`cli::usage`).
@@ -103,11 +107,12 @@ fn as_usage(e: anyhow::Error) -> anyhow::Error {
 }
 
 /// Batches per epoch, optimizer steps per epoch and the run's total steps, for a train split
-/// of `train_len` sequences.
-pub fn steps(args: &TrainArgs, train_len: usize) -> (usize, usize, usize) {
+/// of `train_len` sequences trained by `world` ranks (each step takes world x accumulation
+/// micro-batches).
+pub fn steps(args: &TrainArgs, world: usize, train_len: usize) -> (usize, usize, usize) {
     let batches_per_epoch = train_len.div_ceil(args.per_device_train_batch_size);
     let steps_per_epoch = batches_per_epoch
-        .div_ceil(args.gradient_accumulation_steps)
+        .div_ceil(world * args.gradient_accumulation_steps)
         .max(1);
     let total_steps = if args.max_steps > 0 {
         args.max_steps as usize
@@ -178,9 +183,23 @@ impl OutputLock {
 }
 
 impl Trainer {
-    /// Loads model and data, attaches LoRA (fresh or from a checkpoint) and validates the run.
+    /// Loads model and data, attaches LoRA (fresh or from a checkpoint) and validates the run
+    /// (one process).
     pub fn new(args: TrainArgs) -> Result<Self> {
+        Self::with_comm(args, Rc::new(comm::Single))
+    }
+
+    /// `new` for one rank of a run trained by the ranks of `comm`: every rank loads, rank 0
+    /// alone takes the output directory; a failure on any rank fails all (`comm::agree`).
+    pub fn with_comm(args: TrainArgs, comm: Rc<dyn Communicator>) -> Result<Self> {
+        let r = Self::load(args, comm.clone());
+        comm::agree(&*comm, r, "loading")
+    }
+
+    fn load(args: TrainArgs, comm: Rc<dyn Communicator>) -> Result<Self> {
         let started = Instant::now();
+        let writes = comm.rank() == 0;
+        let world = comm.size();
         args.validate().map_err(as_usage)?;
         let device = crate::device::parse(&args.device).map_err(as_usage)?;
         let lora_cfg = args.lora_config().map_err(as_usage)?;
@@ -249,7 +268,7 @@ impl Trainer {
 
         // output directory policy, under the directory's lock
         let out = &args.output_dir;
-        let lock = OutputLock::acquire(out)?;
+        let lock = writes.then(|| OutputLock::acquire(out)).transpose()?;
         let resume = match args.resume_from_checkpoint.as_deref() {
             Some(spec) => checkpoint::resolve(out, spec).map_err(as_usage)?,
             None => None,
@@ -257,7 +276,11 @@ impl Trainer {
         // `auto` with no checkpoint yet starts afresh over what an attempt stopped before its
         // first checkpoint left behind (run.json, metrics.csv)
         let auto = args.resume_from_checkpoint.as_deref() == Some("auto");
-        if resume.is_none() && !auto && !lock.dir_is_empty()? && !args.overwrite_output_dir {
+        let not_empty = match &lock {
+            Some(l) => !l.dir_is_empty()?,
+            None => false,
+        };
+        if resume.is_none() && !auto && not_empty && !args.overwrite_output_dir {
             bail!(
                 "{}: output directory is not empty; resume with --resume-from-checkpoint latest, or pass --overwrite-output-dir",
                 out.display()
@@ -282,7 +305,7 @@ impl Trainer {
         };
         let mut opt = AdamW::new(opt_cfg, 2 * n);
 
-        let (batches_per_epoch, steps_per_epoch, total_steps) = steps(&args, train.len());
+        let (batches_per_epoch, steps_per_epoch, total_steps) = steps(&args, world, train.len());
         let warmup = if args.warmup_steps > 0 {
             args.warmup_steps
         } else {
@@ -297,6 +320,7 @@ impl Trainer {
 
         let identity = checkpoint::identity(
             &args,
+            world,
             &lora_cfg,
             &file_sha256(&args.model.join("config.json")),
             &file_sha256(&args.data.join("meta.json")),
@@ -309,7 +333,11 @@ impl Trainer {
         if let Some(dir) = &resume {
             // a damaged checkpoint ends this attempt: run.json says so (under the lock)
             let (st, adapter) = checkpoint::load(dir, &mut opt, &module_names, &device)
-                .inspect_err(|e| super::record_failed_start(out, e))?;
+                .inspect_err(|e| {
+                    if writes {
+                        super::record_failed_start(out, e)
+                    }
+                })?;
             checkpoint::check_identity(dir, &st.identity, &identity).map_err(as_usage)?;
             if st.total_steps != total_steps {
                 return Err(crate::cli::usage(format!(
@@ -374,7 +402,18 @@ impl Trainer {
             started,
             wall0: state_wall0,
             _lock: lock,
+            comm,
         })
+    }
+
+    /// The ranks training this run.
+    pub fn comm(&self) -> &dyn Communicator {
+        &*self.comm
+    }
+
+    /// Whether this process writes the run's files (rank 0).
+    fn writes(&self) -> bool {
+        self.comm.rank() == 0
     }
 
     fn lora_weights(&self) -> BTreeMap<String, (Tensor, Tensor)> {
@@ -447,18 +486,32 @@ impl Trainer {
         let Some(val) = &self.val else {
             return Ok(None);
         };
-        let (mut sum, mut n) = (0f64, 0usize);
+        // the ranks take the batches in turn; the sums are reduced token-weighted
+        let (rank, world) = (self.comm.rank(), self.comm.size());
+        let mut sums = [0f64; 2];
         let idx: Vec<usize> = (0..val.len()).collect();
-        for chunk in idx.chunks(self.args.per_device_eval_batch_size) {
+        for (i, chunk) in idx.chunks(self.args.per_device_eval_batch_size).enumerate() {
+            if i % world != rank {
+                continue;
+            }
             let b = batches::make_batch(val, chunk, self.pad_id, &self.model.device)?;
             let s = self.model.eval_loss(&b)?;
-            sum += s.loss_sum;
-            n += s.tokens;
+            sums[0] += s.loss_sum;
+            sums[1] += s.tokens as f64;
         }
-        Ok((n > 0).then(|| sum / n as f64))
+        self.comm.sum_f64(&mut sums, "the evaluation losses");
+        let [sum, n] = sums;
+        Ok((n > 0.0).then(|| sum / n))
     }
 
+    /// Saves a checkpoint (rank 0; the others return where it goes).
     fn save_checkpoint(&self) -> Result<PathBuf> {
+        if !self.writes() {
+            return Ok(checkpoint::checkpoint_dir(
+                &self.args.output_dir,
+                self.state.global_step,
+            ));
+        }
         let protect = self.state.best_step;
         let mut st = self.state.clone();
         st.adam_t = self.opt.t;
@@ -509,6 +562,11 @@ impl Trainer {
             versions: Versions::default(),
             device: a.device.clone(),
             threads: crate::device::threads(),
+            world_size: self.comm.size(),
+            global_batch_size: self.comm.size()
+                * a.per_device_train_batch_size
+                * a.gradient_accumulation_steps,
+            collective_s: self.comm.collective_s(),
             global_step: self.state.global_step,
             elapsed_s: self.state.elapsed_s,
             wall_s: self.wall0 + self.started.elapsed().as_secs_f64(),
@@ -530,6 +588,9 @@ impl Trainer {
     /// records as `aborted`; any other status ends that first, so an abort never overwrites
     /// how the run really ended.
     fn save_record(&self, r: RunRecord) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let mut last = ABORT_RECORD.lock().unwrap_or_else(|p| p.into_inner());
         *last = (r.status == RunStatus::Running).then(|| (self.args.output_dir.clone(), r.clone()));
         r.save(&self.args.output_dir)
@@ -559,9 +620,13 @@ impl Trainer {
 
     fn run_steps(&mut self, stop: Arc<AtomicBool>, rep: &mut dyn Reporter) -> Result<Outcome> {
         let resumed = self.state.global_step;
-        let mut metrics =
-            MetricsLog::open(&self.args.output_dir, (resumed > 0).then_some(resumed))?;
-        if self.args.reports_to_tensorboard()? {
+        // rank 0 writes the metrics
+        let mut metrics = self
+            .writes()
+            .then(|| MetricsLog::open(&self.args.output_dir, (resumed > 0).then_some(resumed)))
+            .transpose()?;
+        let tensorboard = self.args.reports_to_tensorboard()?;
+        if let Some(metrics) = metrics.as_mut().filter(|_| tensorboard) {
             let args = serde_json::to_string_pretty(&serde_json::json!({
                 "args": &self.args, "lora_config": &self.lora_cfg,
             }))?;
@@ -574,17 +639,20 @@ impl Trainer {
         self.write_run_json(RunStatus::Running)?;
         let bs = self.args.per_device_train_batch_size;
         let gas = self.args.gradient_accumulation_steps;
+        let (rank, world) = (self.comm.rank(), self.comm.size());
         let mut first_eval = None;
         let mut eta = Eta::default();
         if self.state.global_step == 0 && self.args.eval_strategy != IntervalStrategy::No {
             first_eval = self.timed_eval(rep, &mut eta)?;
             if let Some(e) = first_eval {
                 self.state.best_eval_loss = Some(e);
-                metrics.append(&MetricsRow {
-                    peak_mem_mib: crate::device::peak_mem_mib(&self.model.device),
-                    eval_loss: Some(e),
-                    ..Default::default()
-                })?;
+                if let Some(m) = metrics.as_mut() {
+                    m.append(&MetricsRow {
+                        peak_mem_mib: crate::device::peak_mem_mib(&self.model.device),
+                        eval_loss: Some(e),
+                        ..Default::default()
+                    })?;
+                }
                 rep.line(&format!("step 0: eval_loss {e:.4}"));
             }
         }
@@ -606,10 +674,11 @@ impl Trainer {
         let mut last_save = Instant::now();
         while self.state.global_step < self.state.total_steps {
             let t_step = Instant::now();
-            // gather the accumulated batch; note whether an epoch ends in it
-            let mut micro = Vec::with_capacity(gas);
+            // gather the step's batch (world x accumulation micro-batches, what one process
+            // would take with accumulation world x gas); note whether an epoch ends in it
+            let mut micro = Vec::with_capacity(world * gas);
             let mut epoch_end = false;
-            for _ in 0..gas {
+            for _ in 0..world * gas {
                 if self.state.batch_in_epoch >= epoch_batches.len() {
                     epoch_end |= !micro.is_empty();
                     self.state.epoch += 1;
@@ -630,30 +699,36 @@ impl Trainer {
                 .iter()
                 .map(|m| batches::label_count(&self.train, m))
                 .sum();
+            let toks: usize = micro.iter().flatten().map(|&i| self.train.seq_len(i)).sum();
+            // the loss is normalised by the labels of the whole step's batch, all ranks'
             let scale = 1.0 / labels.max(1) as f64;
             let mut grads = Grads::new(self.module_names.len());
-            let mut loss_sum = 0f64;
-            for m in &micro {
+            let mut loss_sum = [0f64];
+            // this rank's share: its run of micro-batches, each with the dropout masks of its
+            // place in the step (the global micro-step)
+            for (j, m) in micro.iter().enumerate().skip(rank * gas).take(gas) {
                 let batch = batches::make_batch(&self.train, m, self.pad_id, &self.model.device)?;
                 let ctx = TrainCtx {
                     seed: self.args.seed,
-                    micro_step: self.state.micro_step,
+                    micro_step: self.state.micro_step + j as u64,
                     gradient_checkpointing: self.args.gradient_checkpointing,
                     neftune_noise_alpha: self.args.neftune_noise_alpha,
                 };
-                loss_sum += self
+                loss_sum[0] += self
                     .model
                     .forward_backward(&batch, &ctx, scale, &mut grads)?
                     .loss_sum;
-                self.state.micro_step += 1;
-                let toks: usize = m.iter().map(|&i| self.train.seq_len(i)).sum();
-                self.state.tokens_seen += toks;
-                win_tokens += toks;
             }
-            let loss = loss_sum / labels.max(1) as f64;
+            self.state.micro_step += micro.len() as u64;
+            self.state.tokens_seen += toks;
+            win_tokens += toks;
+            let mut gs = grads.into_flat()?;
+            // summed over the ranks before clipping, so the norm is the global one
+            comm::sum_tensors(&*self.comm, &mut gs)?;
+            self.comm.sum_f64(&mut loss_sum, "the training loss");
+            let loss = loss_sum[0] / labels.max(1) as f64;
             let step = self.state.global_step;
             let lr = self.schedule.lr_at(step);
-            let mut gs = grads.into_flat()?;
             let norm = {
                 let mut refs: Vec<&mut Tensor> = gs.iter_mut().collect();
                 optim::clip_grad_norm(&mut refs, self.args.max_grad_norm)?
@@ -726,7 +801,7 @@ impl Trainer {
                 let epoch = self.state.epoch as f64
                     + self.state.batch_in_epoch as f64 / self.batches_per_epoch as f64;
                 let tps = win_tokens as f64 / secs.max(1e-9);
-                metrics.append(&MetricsRow {
+                let row = MetricsRow {
                     step,
                     epoch,
                     loss: Some(mean_loss),
@@ -737,7 +812,10 @@ impl Trainer {
                     elapsed_s: self.state.elapsed_s,
                     peak_mem_mib: crate::device::peak_mem_mib(&self.model.device),
                     eval_loss: eval,
-                })?;
+                };
+                if let Some(m) = metrics.as_mut() {
+                    m.append(&row)?;
+                }
                 let left = eta.remaining(self.state.total_steps - step, self.evals_after(step));
                 rep.line(&format!(
                     "step {step}/{}: loss {mean_loss:.4} grad_norm {last_norm:.3} lr {lr:.2e} {tps:.0} tok/s{}{}",
@@ -787,7 +865,8 @@ impl Trainer {
                 ));
                 break;
             }
-            if stop.load(Ordering::SeqCst) && !last {
+            // a signal on any rank stops them all, after the same step
+            if comm::any(&*self.comm, stop.load(Ordering::SeqCst), "the stop flag") && !last {
                 let d = match saved {
                     Some(d) => d,
                     None => self.save_checkpoint()?,
@@ -817,11 +896,14 @@ impl Trainer {
     fn write_final_adapter(&self, rep: &mut dyn Reporter) -> Result<usize> {
         let out = &self.args.output_dir;
         let now = self.state.global_step;
-        if let Some(best) = self
+        let best = self
             .state
             .best_step
-            .filter(|&b| self.args.load_best_model_at_end && b != now)
-        {
+            .filter(|&b| self.args.load_best_model_at_end && b != now);
+        if !self.writes() {
+            return Ok(best.unwrap_or(now));
+        }
+        if let Some(best) = best {
             let dir = checkpoint::checkpoint_dir(out, best);
             for f in [crate::lora::ADAPTER_WEIGHTS, crate::lora::ADAPTER_CONFIG] {
                 let bytes = std::fs::read(dir.join(f)).with_context(|| {
@@ -874,6 +956,20 @@ fn record_abort() {
         ));
         if let Err(e) = r.save(&dir) {
             eprintln!("trainer: cannot record the abort in run.json: {e:#}");
+        }
+    }
+}
+
+/// Records in run.json that the run failed with `message` outside the loop's own error
+/// handling (a rank of the run has gone and the collectives cannot go on), when a run is in
+/// its loop in this process.
+pub fn record_failure(message: &str) {
+    let mut last = ABORT_RECORD.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((dir, mut r)) = last.take() {
+        r.status = RunStatus::Failed;
+        r.error = Some(message.to_string());
+        if let Err(e) = r.save(&dir) {
+            eprintln!("trainer: cannot record the failure in run.json: {e:#}");
         }
     }
 }
