@@ -5,7 +5,7 @@ BIN   ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/release
 MODEL ?= models/smollm2-135m-instruct
 CARGO ?= cargo
 
-.PHONY: all build cuda model test pipeline study bench lint fmt clean slurm-test
+.PHONY: all build cuda mpi model test mpi-test pipeline study bench lint fmt clean slurm-test
 
 all: build
 
@@ -18,11 +18,23 @@ build:
 cuda:
 	$(CARGO) build --release --workspace --features cuda --target-dir target/cuda
 
+# The release binaries with the MPI trainer (data-parallel training, launched by mpirun or
+# srun --mpi=pmix), in target/mpi/release (the default build stays pure Rust). Needs an MPI and
+# libclang: on Debian, apt-get install libopenmpi-dev openmpi-bin libclang-dev (and libpmix-dev
+# for srun --mpi=pmix).
+mpi:
+	$(CARGO) build --release --workspace --features trainer/mpi --target-dir target/mpi
+
 model: build
 	DIALORA_BIN=$(BIN) scripts/fetch-model.sh $(MODEL)
 
 test: model
 	scripts/test.sh
+
+# The data-parallel tests: two ranks against one process, signals, a killed rank, refusals
+# (real Open MPI, mpirun).
+mpi-test: model mpi
+	DIALORA_MPI_BIN=$(CURDIR)/target/mpi/release $(CARGO) test --release -p trainer --test mpi -- --ignored --test-threads 1
 
 pipeline: model
 	scripts/pipeline.sh

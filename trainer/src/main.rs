@@ -121,7 +121,11 @@ fn run(mut args: TrainArgs) -> Result<i32> {
             return Ok(common::cli::exit::OK);
         }
     }
-    let stop = stop_flag()?;
+    let stop = stop_flag(&if world > 1 {
+        format!("rank {rank}: ")
+    } else {
+        String::new()
+    })?;
     if rank > 0 {
         return rank_run(args, comm, stop);
     }
@@ -163,8 +167,17 @@ fn run(mut args: TrainArgs) -> Result<i32> {
     let outcome = t.run(stop, &mut rep);
     rep.progress.finish();
     let outcome = outcome_or_abort(outcome, &*comm)?;
+    let code = report_end(&t, &outcome, t0)?;
+    // the other ranks exit after rank 0 has written everything and said so (a launcher may
+    // stop every rank as soon as one exits with a non-zero status)
+    comm::barrier(&*comm, "the end of the run");
+    Ok(code)
+}
+
+/// Says how the run ended; its exit status.
+fn report_end(t: &Trainer, outcome: &Outcome, t0: Instant) -> Result<i32> {
     let wall = common::report::duration(t0.elapsed().as_secs_f64());
-    match outcome {
+    match outcome.clone() {
         Outcome::Completed {
             adapter_dir,
             final_eval_loss,
@@ -241,9 +254,11 @@ fn rank_run(
 ) -> Result<i32> {
     let (rank, world) = (comm.rank(), comm.size());
     let mut t = Trainer::with_comm(args, comm.clone()).map_err(|e| at_rank(e, world, rank))?;
-    Ok(match outcome_or_abort(t.run(stop, &mut Quiet), &*comm)? {
+    let code = match outcome_or_abort(t.run(stop, &mut Quiet), &*comm)? {
         Outcome::Completed { .. } => common::cli::exit::OK,
         Outcome::Diverged { .. } => common::cli::exit::DIVERGED,
         Outcome::Interrupted { .. } => common::cli::exit::INTERRUPTED,
-    })
+    };
+    comm::barrier(&*comm, "the end of the run");
+    Ok(code)
 }

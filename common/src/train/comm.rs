@@ -62,6 +62,11 @@ pub fn any(comm: &dyn Communicator, flag: bool, what: &str) -> bool {
     v[0] > 0.0
 }
 
+/// Waits until every rank is here.
+pub fn barrier(comm: &dyn Communicator, what: &str) {
+    comm.sum_f64(&mut [0.0], what);
+}
+
 /// Sums tensors (gradients) across ranks through host memory: one collective for all of them.
 pub fn sum_tensors(comm: &dyn Communicator, ts: &mut [candle_core::Tensor]) -> Result<()> {
     if comm.size() == 1 {

@@ -974,16 +974,18 @@ pub fn record_failure(message: &str) {
     }
 }
 
-pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+/// `who`: how the messages name this process ("" alone, "rank 1: " among several).
+pub fn stop_flag(who: &str) -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
+    let who = who.to_string();
     ctrlc::set_handler(move || {
         if f.swap(true, Ordering::SeqCst) {
-            eprintln!("second interrupt: exiting without saving");
+            eprintln!("{who}second interrupt: exiting without saving");
             record_abort();
             std::process::exit(crate::cli::exit::ERROR);
         }
-        eprintln!("interrupt received: finishing this step and saving a checkpoint (interrupt again to abort)");
+        eprintln!("{who}interrupt received: finishing this step and saving a checkpoint (interrupt again to abort)");
     })
     .map_err(|e| anyhow!("cannot install signal handler: {e}"))?;
     Ok(flag)
