@@ -65,8 +65,10 @@ fn with(base: &[String], out: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
-/// metrics.csv as (step, loss, grad_norm, eval_loss) rows.
-fn metrics(dir: &Path) -> Vec<(usize, Option<f64>, Option<f64>, Option<f64>)> {
+/// A metrics.csv row: step, loss, grad_norm, eval_loss.
+type Row = (usize, Option<f64>, Option<f64>, Option<f64>);
+
+fn metrics(dir: &Path) -> Vec<Row> {
     let mut r = csv::Reader::from_path(dir.join("metrics.csv")).unwrap();
     r.deserialize::<std::collections::HashMap<String, String>>()
         .map(|row| {
