@@ -48,11 +48,12 @@ bench: model
 	scripts/bench.sh
 
 # The sweep scripts on a real one-node Slurm cluster started on localhost (needs root; installs
-# Debian's slurm-wlm and munge when missing), stopped again at the end.
+# Debian's slurm-wlm and munge when missing), stopped again at the end: a sweep's array through
+# requeue, preemption and time limits, and a 2-task (2-rank MPI) point through a requeue.
 SLURM_TEST_DIR ?= /tmp/dialora-slurm
-slurm-test: model
+slurm-test: model mpi
 	SLURM_TEST_DIR=$(SLURM_TEST_DIR) scripts/slurm-cluster.sh start
-	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf $(CARGO) test --release -p trainer --test slurm -- --ignored --nocapture; \
+	SLURM_CONF=$(SLURM_TEST_DIR)/slurm.conf DIALORA_MPI_BIN=$(CURDIR)/target/mpi/release $(CARGO) test --release -p trainer --test slurm -- --ignored --nocapture --test-threads 1; \
 	  status=$$?; SLURM_TEST_DIR=$(SLURM_TEST_DIR) scripts/slurm-cluster.sh stop; exit $$status
 
 lint:

@@ -27,6 +27,10 @@
 #   --signal-seconds S   SIGTERM this long before the time limit (default 120): the trainer
 #                        saves a checkpoint and exits 75
 #   --save-every-minutes M  checkpoint interval of every point (default 10 with --slurm, else 0)
+#   --ntasks-per-point N train each point data-parallel on N MPI ranks with the MPI trainer of
+#                        `make mpi` ($DIALORA_MPI_BIN, default target/mpi/release): with --slurm
+#                        the job asks for N tasks (--cpus-per-task each) and starts them with
+#                        srun --mpi=pmix; locally with mpirun -n N
 #
 # Every point trains into runs/NAME/<point>/ with --resume-from-checkpoint auto, so running a
 # point again (a requeued or preempted array task, a second local run) resumes it, and a point
@@ -40,6 +44,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NAME=sweep; MODEL=$ROOT/models/smollm2-135m-instruct; DATA=""; INPUT=$ROOT/data/counsel_train.jsonl
 SLURM=0; SUBMIT=0; DRY=0; REPORT=""; POINTS=""; RUNS=${RUNS:-$ROOT/runs}
 CPUS=2; MEM=8G; TIME=04:00:00; PARTITION=""; ACCOUNT=""; GRES=""; SIGNAL=120; SAVE_MIN=""
+NTASKS=1
 grid=(); extra=()
 abs() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
 while [ $# -gt 0 ]; do
@@ -61,6 +66,7 @@ while [ $# -gt 0 ]; do
     --gres) GRES=$2; shift 2 ;;
     --signal-seconds) SIGNAL=$2; shift 2 ;;
     --save-every-minutes) SAVE_MIN=$2; shift 2 ;;
+    --ntasks-per-point) NTASKS=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *=*) grid+=("$1"); shift ;;
     *) echo "sweep: unexpected argument '$1' (grid entries are KEY=V1,V2; see the header of $0)" >&2; exit 2 ;;
@@ -131,12 +137,26 @@ fi
 printf '%s\n' "$manifest" >"$OUT/manifest.tsv.tmp" && mv "$OUT/manifest.tsv.tmp" "$OUT/manifest.tsv"
 echo "sweep: $n grid points -> $OUT/manifest.tsv"
 
+# ---- N ranks a point: the MPI trainer trains it (the plain one refuses to be one of N tasks)
+if ! [[ $NTASKS =~ ^[1-9][0-9]*$ ]]; then echo "sweep: --ntasks-per-point must be a whole number >= 1, not '$NTASKS'" >&2; exit 2; fi
+TRAIN_BIN=$BIN
+if [ "$NTASKS" -gt 1 ]; then
+  TRAIN_BIN=$(abs "${DIALORA_MPI_BIN:-$ROOT/target/mpi/release}")
+  if [ ! -x "$TRAIN_BIN/trainer" ]; then
+    echo "sweep: --ntasks-per-point $NTASKS needs the MPI trainer, and $TRAIN_BIN/trainer is missing: build it with make mpi (or set DIALORA_MPI_BIN)" >&2
+    exit 2
+  fi
+fi
+
 if [ ! -f "$SHARDS/meta.json" ]; then
   "$ROOT/scripts/prepare-data.sh" "$MODEL" "$SHARDS" "$INPUT" -- --val-split 0.15 --max-seq-len 256
 fi
 
 if [ $SLURM = 1 ]; then
   SAVE_MIN=${SAVE_MIN:-10}
+  # N ranks a point: srun starts them in the job, with Open MPI's PMIx plugin
+  SRUN=""
+  if [ "$NTASKS" -gt 1 ]; then SRUN="srun --mpi=pmix --ntasks=$NTASKS --cpus-per-task=$CPUS --kill-on-bad-exit=1 "; fi
   q() { printf '%q' "$1"; }
   {
     echo "#!/usr/bin/env bash"
@@ -148,13 +168,15 @@ if [ $SLURM = 1 ]; then
     [ -n "$PARTITION" ] && echo "#SBATCH --partition=$PARTITION"
     [ -n "$ACCOUNT" ] && echo "#SBATCH --account=$ACCOUNT"
     [ -n "$GRES" ] && echo "#SBATCH --gres=$GRES"
+    [ "$NTASKS" -gt 1 ] && echo "#SBATCH --ntasks=$NTASKS"
     echo "#SBATCH --output=$OUT/logs/%x-%A_%a.log"
     echo "#SBATCH --open-mode=append"
     echo "#SBATCH --requeue"
     echo "#SBATCH --signal=B:TERM@$SIGNAL"
     cat <<EOF
 # dialora sweep '$NAME': one array task per grid point ($n), written by scripts/sweep.sh.
-# The trainer replaces this shell (exec), so it receives what Slurm sends on requeue,
+# The trainer replaces this shell (exec; with N ranks a point, srun does and passes the signals
+# on to the N trainers, which stop together), so it receives what Slurm sends on requeue,
 # preemption, scancel and $SIGNAL s before the time limit: it saves a checkpoint and exits 75.
 # A task run again resumes from its checkpoint (--resume-from-checkpoint auto); a completed
 # point exits 0 at once. Exit statuses: 0 done, 75 interrupted (run again: a cluster with
@@ -170,8 +192,8 @@ EOF
   *) echo "no grid point \$SLURM_ARRAY_TASK_ID in this sweep" >&2; exit 2 ;;
 esac
 echo "dialora sweep $NAME: point \$point, attempt \$((\${SLURM_RESTART_COUNT:-0} + 1)) on \$(hostname) at \$(date -u +%FT%TZ)"
-export DIALORA_NO_BAR=1 DIALORA_BIN=$(q "$BIN")
-cmd=($(q "$ROOT/scripts/train.sh") $(q "$MODEL") $(q "$SHARDS") $(q "$OUT")/"\$point" "\${args[@]}"
+export DIALORA_NO_BAR=1 DIALORA_BIN=$(q "$TRAIN_BIN")
+cmd=(${SRUN}$(q "$ROOT/scripts/train.sh") $(q "$MODEL") $(q "$SHARDS") $(q "$OUT")/"\$point" "\${args[@]}"
   --run-name "\$point" --resume-from-checkpoint auto --save-every-minutes $SAVE_MIN$(for e in "${extra[@]+"${extra[@]}"}"; do printf ' %q' "$e"; done))
 # DIALORA_DRY_RUN=1: show what this task runs, run nothing
 if [ -n "\${DIALORA_DRY_RUN:-}" ]; then echo "\${cmd[*]}"; exit 0; fi
@@ -217,8 +239,9 @@ for i in "${!points[@]}"; do
   d=$OUT/${names[$i]}
   echo "== sweep point $((i + 1))/$n: ${names[$i]}"
   rc=0
+  launch=(); [ "$NTASKS" -gt 1 ] && launch=(mpirun -n "$NTASKS")
   # shellcheck disable=SC2086
-  "$ROOT/scripts/train.sh" "$MODEL" "$SHARDS" "$d" ${points[$i]} --run-name "${names[$i]}" \
+  DIALORA_BIN=$TRAIN_BIN "${launch[@]+"${launch[@]}"}" "$ROOT/scripts/train.sh" "$MODEL" "$SHARDS" "$d" ${points[$i]} --run-name "${names[$i]}" \
     --resume-from-checkpoint auto ${SAVE_MIN:+--save-every-minutes $SAVE_MIN} "${extra[@]+"${extra[@]}"}" || rc=$?
   case $rc in
     0) ;;

@@ -258,3 +258,152 @@ fn a_sweep_survives_requeue_preemption_and_time_limits_on_slurm() {
     }
     assert_eq!(html.matches("class=\"status-completed\"").count(), 4);
 }
+
+/// The MPI trainer of `make mpi` (DIALORA_MPI_BIN names its directory).
+fn mpi_bin_dir() -> PathBuf {
+    let dir = std::env::var_os("DIALORA_MPI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::testing::repo_root().join("target/mpi/release"));
+    assert!(
+        dir.join("trainer").exists(),
+        "{}/trainer is missing: build it with make mpi",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+#[ignore = "needs a Slurm cluster and the MPI trainer: make slurm-test"]
+fn a_two_task_point_is_requeued_and_resumes_as_one_two_rank_run() {
+    assert!(
+        std::env::var_os("SLURM_CONF").is_some(),
+        "SLURM_CONF is not set: run make slurm-test"
+    );
+    let mpi = mpi_bin_dir();
+    let root = common::testing::repo_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    write_tiny_model(&model, 64, 2, 5).unwrap();
+    let data = sample_shards(tmp.path(), 128, 0.15).unwrap();
+    let runs = tmp.path().join("runs");
+    let mut args: Vec<&str> = vec![
+        "--name",
+        "mpi",
+        "--slurm",
+        "--ntasks-per-point",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--mem",
+        "1G",
+        "--time",
+        "00:20:00",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "learning_rate=1e-3",
+        "--",
+    ];
+    args.extend(EXTRA);
+    let o = Command::new("bash")
+        .arg(root.join("scripts/sweep.sh"))
+        .args(&args)
+        .env("RUNS", &runs)
+        .env(
+            "DIALORA_BIN",
+            PathBuf::from(env!("CARGO_BIN_EXE_trainer"))
+                .parent()
+                .unwrap(),
+        )
+        .env("DIALORA_MPI_BIN", &mpi)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sweep = runs.join("mpi");
+    let script = std::fs::read_to_string(sweep.join("sweep.sbatch")).unwrap();
+    assert!(script.contains("#SBATCH --ntasks=2"), "{script}");
+    assert!(script.contains("srun --mpi=pmix --ntasks=2"), "{script}");
+    let job = slurm(
+        "sbatch",
+        &["--parsable", sweep.join("sweep.sbatch").to_str().unwrap()],
+    );
+    let task = format!("{job}_0");
+    let dir = sweep.join("learning_rate=1e-3");
+    let mut requeued = false;
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(480),
+            "the 2-task job did not finish in 8 minutes: {:?}",
+            queue()
+        );
+        let q = queue();
+        for (j, st, reason) in &q {
+            if st == "PENDING" && reason == "BeginTime" {
+                Command::new("scontrol")
+                    .args(["update", &format!("JobId={j}"), "StartTime=now"])
+                    .status()
+                    .ok();
+            }
+        }
+        let running = q.iter().any(|(j, st, _)| j == &task && st == "RUNNING");
+        if !requeued && running && has_checkpoint(&dir) {
+            slurm("scontrol", &["requeue", &task]);
+            requeued = true;
+        }
+        if requeued && completed(&dir) && q.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let log = std::fs::read_to_string(sweep.join(format!("logs/dialora-mpi-{job}_0.log"))).unwrap();
+    assert!(log.contains("on 2 ranks"), "{log}");
+    assert!(log.contains("trainer: interrupted at step"), "{log}");
+    assert!(log.contains("(resuming at step"), "{log}");
+    assert!(log.matches("attempt").count() >= 2, "{log}");
+    let rec = common::train::run::RunRecord::load(&dir).unwrap();
+    assert_eq!((rec.world_size, rec.threads), (2, 1));
+    let steps: Vec<usize> = common::train::metrics::read(&dir)
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    let mut uniq = steps.clone();
+    uniq.dedup();
+    assert_eq!(steps, uniq, "every step logged once");
+    // the adapter of an uninterrupted 2-rank run (mpirun), bit for bit
+    let reference = tmp.path().join("ref");
+    let st = Command::new("mpirun")
+        .args(["-n", "2"])
+        .arg(mpi.join("trainer"))
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--output-dir",
+            reference.to_str().unwrap(),
+            "--learning-rate",
+            "1e-3",
+        ])
+        .args(EXTRA)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("DIALORA_NO_BAR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let file = "adapter_model.safetensors";
+    assert_eq!(
+        std::fs::read(dir.join(file)).unwrap(),
+        std::fs::read(reference.join(file)).unwrap(),
+        "the requeued 2-task run's adapter differs from an uninterrupted 2-rank run"
+    );
+}
