@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make bench: one summary line per benchmark (trainer, dataprep, infer, merger) on the real
+# make bench: one summary line per benchmark (trainer, dataprep, infer, merger, and the
+# data-parallel trainer when make mpi has built it: scripts/bench-ddp.sh) on the real
 # SmolLM2, with the reference stack (HF transformers + peft: scripts/bench_lora.py and HF
 # generate) measured in the same run, alternating with dialora.
 #   scripts/bench.sh                   # the reference Python from scripts/hf-env.sh
@@ -59,3 +60,10 @@ rm -rf "$OUT/adapter"
 "$BIN/trainer" --model "$MODEL" --data "$OUT/big-shards" --output-dir "$OUT/adapter" --max-steps 1 --per-device-train-batch-size 1 --lora-r 16 --target-modules all-linear --init-lora-weights false >/dev/null 2>&1
 line=$( { /usr/bin/time -f "peak_rss_kib=%M" "$BIN/merger" --base "$MODEL" --adapter "$OUT/adapter" --output "$OUT/merged" --overwrite; } 2>&1 | grep -E "^merger: merged|peak_rss" | tr '\n' ' ')
 echo "merger   dialora      $line"
+
+# ---- trainer data-parallel over MPI: 1 rank vs 2 ranks vs 2 threads (needs make mpi)
+if [ -x "${DIALORA_MPI_BIN:-target/mpi/release}/trainer" ] && command -v mpirun >/dev/null; then
+  scripts/bench-ddp.sh
+else
+  echo "trainer-ddp: skipped (make mpi builds the MPI trainer; it needs an MPI: see README)"
+fi

@@ -7,9 +7,10 @@
 //! loss are summed across ranks through host memory, so every rank applies the same update.
 //! MPI is called from one thread (the one that started it), as `MPI_THREAD_FUNNELED` allows.
 //!
-//! A collective that cannot complete never hangs: a rank waiting in one checks the other ranks
-//! on its node every second and fails at once, naming the rank, when one of them has exited;
-//! it fails after `--ddp-timeout` seconds (HF's name) whatever the cause.
+//! A collective that cannot complete never hangs: while a rank waits in one, a watchdog thread
+//! checks the other ranks on its node twice a second and fails the run at once, naming the
+//! rank, when one of them has exited; it fails it after `--ddp-timeout` seconds (HF's name)
+//! whatever the cause.
 
 use anyhow::Result;
 
@@ -26,8 +27,9 @@ pub trait Communicator {
     fn sum_f32(&self, buf: &mut [f32], what: &str);
     /// Sums `buf` across ranks, in place.
     fn sum_f64(&self, buf: &mut [f64], what: &str);
-    /// Seconds spent in collectives so far (waiting for the other ranks included).
-    fn collective_s(&self) -> f64;
+    /// Seconds spent in collectives so far: moving the data, and waiting for the other ranks
+    /// to reach them (the slowest rank's work).
+    fn collective_s(&self) -> (f64, f64);
     /// Ends every rank now (an error on this rank alone, after saying so): exits with `code`.
     fn abort(&self, code: i32) -> !;
 }
@@ -47,8 +49,8 @@ impl Communicator for Single {
     }
     fn sum_f32(&self, _: &mut [f32], _: &str) {}
     fn sum_f64(&self, _: &mut [f64], _: &str) {}
-    fn collective_s(&self) -> f64 {
-        0.0
+    fn collective_s(&self) -> (f64, f64) {
+        (0.0, 0.0)
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)

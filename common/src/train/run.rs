@@ -112,9 +112,11 @@ pub struct RunRecord {
     #[serde(default)]
     pub global_batch_size: usize,
     /// Seconds rank 0 spent in collectives with the other ranks (gradients, losses, the
-    /// stop flag), waiting for them included.
+    /// stop flag) moving the data, and waiting for the others to reach them.
     #[serde(default)]
     pub collective_s: f64,
+    #[serde(default)]
+    pub collective_wait_s: f64,
     pub global_step: usize,
     /// Time in the training loop (steps and evaluations), over every attempt.
     pub elapsed_s: f64,

@@ -566,7 +566,8 @@ impl Trainer {
             global_batch_size: self.comm.size()
                 * a.per_device_train_batch_size
                 * a.gradient_accumulation_steps,
-            collective_s: self.comm.collective_s(),
+            collective_s: self.comm.collective_s().0,
+            collective_wait_s: self.comm.collective_s().1,
             global_step: self.state.global_step,
             elapsed_s: self.state.elapsed_s,
             wall_s: self.wall0 + self.started.elapsed().as_secs_f64(),

@@ -9,6 +9,7 @@ use mpi::traits::Communicator as _;
 use mpi::traits::*;
 use mpi::Threading;
 use std::cell::Cell;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Bytes of a host name kept for messages about other ranks.
@@ -21,11 +22,11 @@ pub struct Mpi {
     rank: usize,
     size: usize,
     local_rank: usize,
-    /// Every rank's process id and host (to tell which rank has gone).
-    pids: Vec<u32>,
-    hosts: Vec<String>,
-    timeout: Duration,
+    /// Watched by a thread that fails the run when a collective cannot complete.
+    watch: Arc<Watch>,
+    /// Seconds moving data in collectives, and waiting for the other ranks to reach them.
     in_collectives: Cell<f64>,
+    waiting: Cell<f64>,
 }
 
 /// The srun trap: started by srun without an MPI plugin, every rank would come up alone
@@ -79,23 +80,106 @@ impl Mpi {
                     .to_string()
             })
             .collect();
+        let watch = Arc::new(Watch {
+            current: Mutex::new(None),
+            rank,
+            pids,
+            hosts,
+            timeout: Duration::from_secs_f64(timeout_s.max(1.0)),
+        });
+        if size > 1 {
+            let w = watch.clone();
+            std::thread::Builder::new()
+                .name("collective watchdog".into())
+                .spawn(move || w.run())?;
+        }
         Ok(Mpi {
             _universe: universe,
             world,
             rank,
             size,
             local_rank,
-            pids,
-            hosts,
-            timeout: Duration::from_secs_f64(timeout_s.max(1.0)),
+            watch,
             in_collectives: Cell::new(0.0),
+            waiting: Cell::new(0.0),
         })
+    }
+
+    /// Reduced on rank 0, then broadcast from it: every rank gets the very same bits, which an
+    /// all-reduce does not promise beyond two ranks (its order of additions may differ by
+    /// rank), so the ranks' LoRA weights never drift apart.
+    ///
+    /// A barrier first parts the time spent waiting for the other ranks (the slowest one's
+    /// work) from the time moving the data.
+    fn sum<T: Equivalence + Copy>(&self, buf: &mut [T], what: &str) {
+        let send = buf.to_vec();
+        let t0 = Instant::now();
+        self.watch.enter(what);
+        self.world.barrier();
+        let t1 = Instant::now();
+        let root = self.world.process_at_rank(0);
+        if self.rank == 0 {
+            root.reduce_into_root(&send[..], buf, SystemOperation::sum());
+        } else {
+            root.reduce_into(&send[..], SystemOperation::sum());
+        }
+        root.broadcast_into(buf);
+        self.watch.leave();
+        self.waiting
+            .set(self.waiting.get() + (t1 - t0).as_secs_f64());
+        self.in_collectives
+            .set(self.in_collectives.get() + t1.elapsed().as_secs_f64());
+    }
+}
+
+/// What the watchdog thread watches: the collective this rank is in, and since when. MPI
+/// itself is only called from the rank's own thread; the watchdog only reads /proc and, when
+/// a collective cannot complete, says so and ends the process.
+struct Watch {
+    current: Mutex<Option<(Instant, String)>>,
+    rank: usize,
+    pids: Vec<u32>,
+    hosts: Vec<String>,
+    timeout: Duration,
+}
+
+impl Watch {
+    fn enter(&self, what: &str) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), what.to_string()));
+    }
+
+    fn leave(&self) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Checks twice a second, for as long as the process lives.
+    fn run(&self) {
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let current = self
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Some((since, what)) = current else {
+                continue;
+            };
+            let waited = since.elapsed();
+            if waited < Duration::from_millis(500) {
+                continue;
+            }
+            let gone = self.gone_ranks();
+            if !gone.is_empty() || waited > self.timeout {
+                self.fail(&what, &gone);
+            }
+        }
     }
 
     /// The ranks on this node whose process has ended (gone, or a zombie).
     fn gone_ranks(&self) -> Vec<usize> {
         let me = &self.hosts[self.rank];
-        (0..self.size)
+        (0..self.pids.len())
             .filter(|&r| r != self.rank && &self.hosts[r] == me)
             .filter(|&r| {
                 match std::fs::read_to_string(format!("/proc/{}/stat", self.pids[r])) {
@@ -133,48 +217,6 @@ impl Mpi {
         // not MPI_Finalize, which would wait for the rank that is gone
         std::process::exit(crate::cli::exit::ERROR)
     }
-
-    /// Waits for a started collective, testing it (which also progresses it), checking the
-    /// other ranks on this node every second and giving up after the timeout.
-    fn wait<'a, D: ?Sized, S: mpi::request::Scope<'a>>(
-        &self,
-        mut req: mpi::request::Request<'a, D, S>,
-        what: &str,
-    ) {
-        let t0 = Instant::now();
-        let mut next_check = t0 + Duration::from_secs(1);
-        let mut spins = 0u32;
-        loop {
-            match req.test() {
-                Ok(_) => break,
-                Err(r) => req = r,
-            }
-            spins += 1;
-            if spins > 2000 {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-            let now = Instant::now();
-            if now >= next_check {
-                next_check = now + Duration::from_secs(1);
-                let gone = self.gone_ranks();
-                if !gone.is_empty() || now - t0 > self.timeout {
-                    self.fail(what, &gone);
-                }
-            }
-        }
-        self.in_collectives
-            .set(self.in_collectives.get() + t0.elapsed().as_secs_f64());
-    }
-
-    fn sum<T: Equivalence + Copy>(&self, buf: &mut [T], what: &str) {
-        let send = buf.to_vec();
-        mpi::request::scope(|scope| {
-            let req =
-                self.world
-                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
-            self.wait(req, what);
-        });
-    }
 }
 
 impl Communicator for Mpi {
@@ -197,8 +239,8 @@ impl Communicator for Mpi {
             self.sum(buf, what)
         }
     }
-    fn collective_s(&self) -> f64 {
-        self.in_collectives.get()
+    fn collective_s(&self) -> (f64, f64) {
+        (self.in_collectives.get(), self.waiting.get())
     }
     fn abort(&self, code: i32) -> ! {
         if self.size == 1 {
