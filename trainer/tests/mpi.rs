@@ -517,3 +517,37 @@ fn n_copies_of_one_run_are_refused() {
     assert_eq!(code, 0, "{log}");
     assert_eq!(run_json(&out)["world_size"], 1);
 }
+
+#[test]
+#[ignore = "needs Open MPI and the MPI trainer: make mpi-test"]
+fn divergence_ends_every_rank_with_its_status() {
+    let mpi = mpi_trainer();
+    let tmp = tempfile::tempdir().unwrap();
+    // an update of 1e30 makes the next loss non-finite on both ranks, the same step
+    let base = tiny(
+        tmp.path(),
+        &[
+            "--max-steps",
+            "50",
+            "--learning-rate",
+            "1e30",
+            "--max-nonfinite-steps",
+            "2",
+            "--eval-strategy",
+            "no",
+            "--max-grad-norm",
+            "0",
+        ],
+    );
+    let out = tmp.path().join("o");
+    let (code, log) = run(mpirun(2, &mpi, &with(&base, &out, &[])));
+    assert_eq!(code, common::cli::exit::DIVERGED, "{log}");
+    assert_eq!(
+        log.matches("training diverged").count(),
+        1,
+        "said once: {log}"
+    );
+    let r = run_json(&out);
+    assert_eq!(r["status"], "diverged");
+    assert_eq!(r["world_size"], 2);
+}
