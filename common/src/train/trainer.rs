@@ -241,7 +241,7 @@ impl Trainer {
                 }
             )));
         }
-        if val.is_none() && args.eval_strategy != IntervalStrategy::No {
+        if writes && val.is_none() && args.eval_strategy != IntervalStrategy::No {
             eprintln!(
                 "trainer: warning: {} has no validation sequences: this run is not evaluated (no eval_loss)",
                 args.data.display()
@@ -404,11 +404,6 @@ impl Trainer {
             _lock: lock,
             comm,
         })
-    }
-
-    /// The ranks training this run.
-    pub fn comm(&self) -> &dyn Communicator {
-        &*self.comm
     }
 
     /// Whether this process writes the run's files (rank 0).
