@@ -92,20 +92,14 @@ pub fn finish(name: &str, outcome: Result<i32>) -> ! {
     let code = match outcome {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => exit::OK,
-        // another rank of a training run failed and said why: this one only exits
-        Err(e)
-            if e.downcast_ref::<crate::train::comm::OtherRankFailed>()
-                .is_some() =>
-        {
-            exit_code(&e)
-        }
-        Err(e) if is_usage(&e) => {
-            eprintln!("{name}: error: {}", error_line(&e));
-            exit::USAGE
-        }
         Err(e) => {
-            eprintln!("{name}: error: {}", error_line(&e));
-            exit::ERROR
+            // another rank of a training run that failed has said why: this one only exits
+            if e.downcast_ref::<crate::train::comm::OtherRankFailed>()
+                .is_none()
+            {
+                eprintln!("{name}: error: {}", error_line(&e));
+            }
+            exit_code(&e)
         }
     };
     std::process::exit(code)

@@ -141,12 +141,7 @@ fn run(mut args: TrainArgs) -> Result<i32> {
         t.val.as_ref().map(|v| v.len()).unwrap_or(0),
         t.state.total_steps,
         if world > 1 {
-            format!(
-                " on {world} ranks ({} sequences a step)",
-                world
-                    * t.args.per_device_train_batch_size
-                    * t.args.gradient_accumulation_steps
-            )
+            format!(" on {world} ranks ({} sequences a step)", t.global_batch_size())
         } else {
             String::new()
         },
@@ -167,15 +162,15 @@ fn run(mut args: TrainArgs) -> Result<i32> {
     let outcome = t.run(stop, &mut rep);
     rep.progress.finish();
     let outcome = outcome_or_abort(outcome, &*comm)?;
-    let code = report_end(&t, &outcome, t0)?;
+    report_end(&t, &outcome, t0)?;
     // the other ranks exit after rank 0 has written everything and said so (a launcher may
     // stop every rank as soon as one exits with a non-zero status)
     comm::barrier(&*comm, "the end of the run");
-    Ok(code)
+    Ok(outcome.exit_code())
 }
 
-/// Says how the run ended; its exit status.
-fn report_end(t: &Trainer, outcome: &Outcome, t0: Instant) -> Result<i32> {
+/// Says how the run ended.
+fn report_end(t: &Trainer, outcome: &Outcome, t0: Instant) -> Result<()> {
     let wall = common::report::duration(t0.elapsed().as_secs_f64());
     match outcome.clone() {
         Outcome::Completed {
@@ -207,11 +202,11 @@ fn report_end(t: &Trainer, outcome: &Outcome, t0: Instant) -> Result<i32> {
                 t.state.global_step,
                 adapter_dir.display()
             ))?;
-            Ok(0)
+            Ok(())
         }
         Outcome::Diverged { message } => {
             eprintln!("trainer: error: {message}");
-            Ok(common::cli::exit::DIVERGED)
+            Ok(())
         }
         Outcome::Interrupted { checkpoint } => {
             eprintln!(
@@ -219,7 +214,7 @@ fn report_end(t: &Trainer, outcome: &Outcome, t0: Instant) -> Result<i32> {
                 t.state.global_step,
                 checkpoint.display()
             );
-            Ok(common::cli::exit::INTERRUPTED)
+            Ok(())
         }
     }
 }
@@ -254,11 +249,7 @@ fn rank_run(
 ) -> Result<i32> {
     let (rank, world) = (comm.rank(), comm.size());
     let mut t = Trainer::with_comm(args, comm.clone()).map_err(|e| at_rank(e, world, rank))?;
-    let code = match outcome_or_abort(t.run(stop, &mut Quiet), &*comm)? {
-        Outcome::Completed { .. } => common::cli::exit::OK,
-        Outcome::Diverged { .. } => common::cli::exit::DIVERGED,
-        Outcome::Interrupted { .. } => common::cli::exit::INTERRUPTED,
-    };
+    let outcome = outcome_or_abort(t.run(stop, &mut Quiet), &*comm)?;
     comm::barrier(&*comm, "the end of the run");
-    Ok(code)
+    Ok(outcome.exit_code())
 }

@@ -46,12 +46,9 @@ fn single(bin: &Path, args: &[String]) -> Command {
     c
 }
 
-fn run(mut c: Command) -> (i32, String) {
-    let o = c.output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).to_string() + &String::from_utf8_lossy(&o.stdout),
-    )
+/// Runs `c` to its end: its exit status and what it printed.
+fn run(c: Command) -> (i32, String) {
+    finish(spawn(c))
 }
 
 fn strs(v: &[&str]) -> Vec<String> {

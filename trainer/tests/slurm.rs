@@ -35,6 +35,46 @@ fn queue() -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Slurm holds a requeued job back for two minutes: lets those of `q` go now.
+fn release_requeued(q: &[(String, String, String)]) {
+    for (j, st, reason) in q {
+        if st == "PENDING" && reason == "BeginTime" {
+            Command::new("scontrol")
+                .args(["update", &format!("JobId={j}"), "StartTime=now"])
+                .status()
+                .ok();
+        }
+    }
+}
+
+/// Runs scripts/sweep.sh with `args`, its runs under `runs`, the binaries of this build (and
+/// `env`); panics with its stderr when it fails.
+fn write_sweep(args: &[&str], runs: &Path, env: &[(&str, &Path)]) {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_trainer"));
+    let o = Command::new("bash")
+        .arg(common::testing::repo_root().join("scripts/sweep.sh"))
+        .args(args)
+        .env("RUNS", runs)
+        .env("DIALORA_BIN", bin.parent().unwrap())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The steps metrics.csv logs, each asserted to be logged once.
+fn steps_logged_once(dir: &Path) -> Vec<usize> {
+    let steps: Vec<usize> = common::train::metrics::read(dir)
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    let mut uniq = steps.clone();
+    uniq.dedup();
+    assert_eq!(steps, uniq, "{}: every step logged once", dir.display());
+    steps
+}
+
 fn has_checkpoint(dir: &Path) -> bool {
     !common::train::checkpoint::list(dir).is_empty()
 }
@@ -69,14 +109,12 @@ fn a_sweep_survives_requeue_preemption_and_time_limits_on_slurm() {
         "SLURM_CONF is not set: run make slurm-test"
     );
     slurm("sinfo", &[]);
-    let root = common::testing::repo_root();
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny");
     write_tiny_model(&model, 64, 2, 5).unwrap();
     let data = sample_shards(tmp.path(), 128, 0.15).unwrap();
     let runs = tmp.path().join("runs");
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_trainer"));
-    let bin_dir = bin.parent().unwrap();
     let mut args: Vec<&str> = vec![
         "--name",
         "s",
@@ -98,14 +136,7 @@ fn a_sweep_survives_requeue_preemption_and_time_limits_on_slurm() {
         "--",
     ];
     args.extend(EXTRA);
-    let o = Command::new("bash")
-        .arg(root.join("scripts/sweep.sh"))
-        .args(&args)
-        .env("RUNS", &runs)
-        .env("DIALORA_BIN", bin_dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    write_sweep(&args, &runs, &[]);
     let sweep = runs.join("s");
     let points: Vec<String> = std::fs::read_to_string(sweep.join("manifest.tsv"))
         .unwrap()
@@ -133,15 +164,7 @@ fn a_sweep_survives_requeue_preemption_and_time_limits_on_slurm() {
         );
         let q = queue();
         let running = |id: &str| q.iter().any(|(j, st, _)| j == id && st == "RUNNING");
-        // Slurm holds a requeued job back for two minutes: let it go now
-        for (j, st, reason) in &q {
-            if st == "PENDING" && reason == "BeginTime" {
-                Command::new("scontrol")
-                    .args(["update", &format!("JobId={j}"), "StartTime=now"])
-                    .status()
-                    .ok();
-            }
-        }
+        release_requeued(&q);
         let task0 = format!("{a}_0");
         if !requeued && running(&task0) && has_checkpoint(&dir(0)) {
             slurm("scontrol", &["requeue", &task0]);
@@ -202,16 +225,7 @@ fn a_sweep_survives_requeue_preemption_and_time_limits_on_slurm() {
         assert_eq!(rec.status, common::train::run::RunStatus::Completed, "{p}");
         // the job's one CPU, one compute thread
         assert_eq!(rec.threads, 1, "{p}");
-        // every step logged once
-        let steps: Vec<usize> = common::train::metrics::read(&d)
-            .unwrap()
-            .iter()
-            .map(|r| r.step)
-            .collect();
-        let mut uniq = steps.clone();
-        uniq.dedup();
-        assert_eq!(steps, uniq, "{p}: {steps:?}");
-        assert_eq!(steps.last(), Some(&1600));
+        assert_eq!(steps_logged_once(&d).last(), Some(&1600), "{p}");
         // the adapter of an uninterrupted run with the same arguments, bit for bit
         let reference = tmp.path().join(format!("ref-{i}"));
         let flags: Vec<String> = std::fs::read_to_string(sweep.join("manifest.tsv"))
@@ -280,7 +294,6 @@ fn a_two_task_point_is_requeued_and_resumes_as_one_two_rank_run() {
         "SLURM_CONF is not set: run make slurm-test"
     );
     let mpi = mpi_bin_dir();
-    let root = common::testing::repo_root();
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny");
     write_tiny_model(&model, 64, 2, 5).unwrap();
@@ -306,20 +319,7 @@ fn a_two_task_point_is_requeued_and_resumes_as_one_two_rank_run() {
         "--",
     ];
     args.extend(EXTRA);
-    let o = Command::new("bash")
-        .arg(root.join("scripts/sweep.sh"))
-        .args(&args)
-        .env("RUNS", &runs)
-        .env(
-            "DIALORA_BIN",
-            PathBuf::from(env!("CARGO_BIN_EXE_trainer"))
-                .parent()
-                .unwrap(),
-        )
-        .env("DIALORA_MPI_BIN", &mpi)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    write_sweep(&args, &runs, &[("DIALORA_MPI_BIN", &mpi)]);
     let sweep = runs.join("mpi");
     let script = std::fs::read_to_string(sweep.join("sweep.sbatch")).unwrap();
     assert!(script.contains("#SBATCH --ntasks=2"), "{script}");
@@ -339,14 +339,7 @@ fn a_two_task_point_is_requeued_and_resumes_as_one_two_rank_run() {
             queue()
         );
         let q = queue();
-        for (j, st, reason) in &q {
-            if st == "PENDING" && reason == "BeginTime" {
-                Command::new("scontrol")
-                    .args(["update", &format!("JobId={j}"), "StartTime=now"])
-                    .status()
-                    .ok();
-            }
-        }
+        release_requeued(&q);
         let running = q.iter().any(|(j, st, _)| j == &task && st == "RUNNING");
         if !requeued && running && has_checkpoint(&dir) {
             slurm("scontrol", &["requeue", &task]);
@@ -364,14 +357,7 @@ fn a_two_task_point_is_requeued_and_resumes_as_one_two_rank_run() {
     assert!(log.matches("attempt").count() >= 2, "{log}");
     let rec = common::train::run::RunRecord::load(&dir).unwrap();
     assert_eq!((rec.world_size, rec.threads), (2, 1));
-    let steps: Vec<usize> = common::train::metrics::read(&dir)
-        .unwrap()
-        .iter()
-        .map(|r| r.step)
-        .collect();
-    let mut uniq = steps.clone();
-    uniq.dedup();
-    assert_eq!(steps, uniq, "every step logged once");
+    assert_eq!(steps_logged_once(&dir).last(), Some(&1600));
     // the adapter of an uninterrupted 2-rank run (mpirun), bit for bit
     let reference = tmp.path().join("ref");
     let st = Command::new("mpirun")

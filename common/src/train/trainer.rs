@@ -42,6 +42,17 @@ pub enum Outcome {
     Diverged { message: String },
 }
 
+impl Outcome {
+    /// The exit status of a run that ended so (`cli::exit`).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Completed { .. } => crate::cli::exit::OK,
+            Outcome::Diverged { .. } => crate::cli::exit::DIVERGED,
+            Outcome::Interrupted { .. } => crate::cli::exit::INTERRUPTED,
+        }
+    }
+}
+
 /// Messages for the user; the binary decides where they go (a bar, log lines).
 pub trait Reporter {
     /// A log line.
@@ -406,6 +417,13 @@ impl Trainer {
         })
     }
 
+    /// The sequences of one optimizer step over all ranks.
+    pub fn global_batch_size(&self) -> usize {
+        self.comm.size()
+            * self.args.per_device_train_batch_size
+            * self.args.gradient_accumulation_steps
+    }
+
     /// Whether this process writes the run's files (rank 0).
     fn writes(&self) -> bool {
         self.comm.rank() == 0
@@ -558,9 +576,7 @@ impl Trainer {
             device: a.device.clone(),
             threads: crate::device::threads(),
             world_size: self.comm.size(),
-            global_batch_size: self.comm.size()
-                * a.per_device_train_batch_size
-                * a.gradient_accumulation_steps,
+            global_batch_size: self.global_batch_size(),
             collective_s: self.comm.collective_s().0,
             collective_wait_s: self.comm.collective_s().1,
             global_step: self.state.global_step,
