@@ -96,8 +96,18 @@ struct Attended {
     p: Tensor,
 }
 
-/// A layer's key/value cache: roped keys and values `[B, KVH, positions, hd]`.
-pub(crate) type LayerCache = Option<(Tensor, Tensor)>;
+/// A layer's key/value cache: roped keys and values `[B, KVH, positions, hd]`, written in
+/// place into room that grows by `CACHE_BLOCK` positions at a time (candle's own cache), so a
+/// decode step writes its one position instead of copying the whole cache.
+pub(crate) type LayerCache = candle_nn::kv_cache::KvCache;
+
+/// Positions a layer's cache makes room for at a time.
+pub(crate) const CACHE_BLOCK: usize = 256;
+
+/// An empty layer cache.
+pub(crate) fn layer_cache() -> LayerCache {
+    candle_nn::kv_cache::KvCache::new(2, CACHE_BLOCK)
+}
 
 impl Attention {
     pub(crate) fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
@@ -167,11 +177,7 @@ impl Attention {
         let mut outs = Vec::with_capacity(seqs.len());
         for (start, t, cache) in seqs.iter_mut() {
             let (start, t) = (*start, *t);
-            let pos = cache
-                .as_ref()
-                .map(|(k, _)| k.dim(2))
-                .transpose()?
-                .unwrap_or(0);
+            let pos = cache.current_seq_len();
             let a = self.attend(
                 &q.narrow(0, start, t)?,
                 &k.narrow(0, start, t)?,
@@ -213,12 +219,9 @@ impl Attention {
         let mut v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let mut past = 0;
         if let Some(c) = cache {
-            if let Some((pk, pv)) = c.as_ref() {
-                past = pk.dim(2)?;
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *c = Some((k.clone(), v.clone()));
+            past = c.current_seq_len();
+            // the cached positions and these, as views of the cache
+            (k, v) = c.append(&k.contiguous()?, &v)?;
         }
         // grouped-query attention without repeating K/V: the `rep` query heads that share a
         // key/value head become rows

@@ -150,21 +150,22 @@ impl KvCache {
     pub fn len(&self) -> usize {
         self.layers
             .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .map(|l| l.current_seq_len())
             .unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.layers.iter_mut().for_each(|l| l.reset());
     }
 
     /// An empty cache for a model of `layers` blocks.
     pub fn with_layers(layers: usize) -> Self {
         KvCache {
-            layers: vec![None; layers],
+            layers: (0..layers)
+                .map(|_| super::attention::layer_cache())
+                .collect(),
         }
     }
 }
@@ -273,9 +274,7 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            layers: vec![None; self.blocks.len()],
-        }
+        KvCache::with_layers(self.blocks.len())
     }
 
     /// Every linear layer, in a fixed order (layer by layer: q,k,v,o,gate,up,down).
@@ -517,6 +516,10 @@ impl Llama {
     /// the row kernel (one dot product per output, summed in an order fixed by the length), its
     /// prefill chunk the same products it would take alone, and its LoRA terms are its own.
     pub fn forward_step(&self, seqs: &mut [StepSeq]) -> Result<Vec<Option<Tensor>>> {
+        super::on_pool(|| self.forward_step_here(seqs))
+    }
+
+    fn forward_step_here(&self, seqs: &mut [StepSeq]) -> Result<Vec<Option<Tensor>>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
@@ -597,7 +600,11 @@ impl Llama {
     }
 
     /// Hidden states after the final norm, `[B, T, D]`. With a cache, positions continue from it.
-    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        super::on_pool(|| self.forward_hidden_here(ids, cache))
+    }
+
+    fn forward_hidden_here(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let pos = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let mut x = self.embed(ids)?;
         for (i, blk) in self.blocks.iter().enumerate() {

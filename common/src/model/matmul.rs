@@ -295,55 +295,67 @@ pub fn matmul_acc(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Ten
     }
 }
 
-/// A weight element the row kernel reads: f32, bf16 widened to f32 as it is read, or a q8_0
-/// block of candle's quantized type (32 signed bytes and their f16 scale) scaled to f32 as it is
-/// read. Each output is then the same f32 dot product as with f32 weights of those values.
+/// A weight element the row kernel reads, and the form its input rows take: f32 weights, or
+/// bf16 widened to f32 as they are read, against f32 inputs; or q8_0 blocks of candle's
+/// quantized type against input rows quantized to Q8_0 by candle too (`quantize_rows`), the
+/// q8_0 × q8_0 product of llama.cpp and candle's `QMatMul`: exact integer sums per block, then
+/// scaled and summed in f32. Either way each output is a sequence of operations fixed by `k`
+/// alone, whatever the other rows.
 pub(crate) trait WeightElem: Copy + Send + Sync {
-    /// Weights per element.
+    /// An element of an input row.
+    type Input: Copy + Send + Sync;
+    /// Weights (and input values) per element.
     const SPAN: usize = 1;
-    /// Weight `i` of a row, in f32.
-    fn value(row: &[Self], i: usize) -> f32;
-    /// `dots` with AVX2 and FMA.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C, and every row of `ws` must hold `xs[0].len()`
-    /// weights.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx<const R: usize, const C: usize>(
-        xs: &[&[f32]; R],
+    /// Whether the weight rows are stored in triples, the elements of a triple's three rows
+    /// interleaved (`Q8Rows`): one stream from memory instead of three.
+    const TRIPLES: bool = false;
+    /// The dot products of `R` input rows with `C` weight rows, all of one length: element `b`
+    /// of weight row `j` is `ws[j][b * stride]` (`stride` is 1 unless the rows are triples).
+    fn dots<const R: usize, const C: usize>(
+        xs: &[&[Self::Input]; R],
         ws: &[&[Self]; C],
+        stride: usize,
     ) -> [[f32; C]; R];
 }
 
 impl WeightElem for f32 {
+    type Input = f32;
     #[inline(always)]
-    fn value(row: &[Self], i: usize) -> f32 {
-        row[i]
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx<const R: usize, const C: usize>(
+    fn dots<const R: usize, const C: usize>(
         xs: &[&[f32]; R],
         ws: &[&[Self]; C],
+        _stride: usize,
     ) -> [[f32; C]; R] {
-        avx::dots_f32(xs, ws)
+        #[cfg(target_arch = "x86_64")]
+        if simd() >= Simd::Avx2 {
+            // SAFETY: AVX2 and FMA were detected; every row is k long (`rows_kernel`)
+            return unsafe { avx::dots_f32(xs, ws) };
+        }
+        dots_plain(xs, ws, |row, i| row[i])
     }
 }
 
 impl WeightElem for half::bf16 {
+    type Input = f32;
     #[inline(always)]
-    fn value(row: &[Self], i: usize) -> f32 {
-        f32::from_bits((row[i].to_bits() as u32) << 16)
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx<const R: usize, const C: usize>(
+    fn dots<const R: usize, const C: usize>(
         xs: &[&[f32]; R],
         ws: &[&[Self]; C],
+        _stride: usize,
     ) -> [[f32; C]; R] {
-        avx::dots_bf16(xs, ws)
+        #[cfg(target_arch = "x86_64")]
+        if simd() >= Simd::Avx2 {
+            // SAFETY: as for f32
+            return unsafe { avx::dots_bf16(xs, ws) };
+        }
+        dots_plain(xs, ws, |row, i| {
+            f32::from_bits((row[i].to_bits() as u32) << 16)
+        })
     }
 }
 
-/// One block of candle's `Q8_0` (`k_quants::BlockQ8_0`): 32 weights `d · qs[i]`.
+/// One block of candle's `Q8_0` (`k_quants::BlockQ8_0`, the same `repr(C)` layout): 32 values
+/// `d · qs[i]`.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub(crate) struct BlockQ8 {
@@ -351,20 +363,98 @@ pub(crate) struct BlockQ8 {
     pub qs: [i8; 32],
 }
 
+const _: () = assert!(
+    std::mem::size_of::<BlockQ8>()
+        == std::mem::size_of::<candle_core::quantized::k_quants::BlockQ8_0>()
+        && std::mem::align_of::<BlockQ8>()
+            == std::mem::align_of::<candle_core::quantized::k_quants::BlockQ8_0>()
+);
+
 impl WeightElem for BlockQ8 {
+    type Input = BlockQ8;
     const SPAN: usize = 32;
+    const TRIPLES: bool = true;
     #[inline(always)]
-    fn value(row: &[Self], i: usize) -> f32 {
-        let b = &row[i / 32];
-        b.qs[i % 32] as f32 * b.d.to_f32()
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dots_avx<const R: usize, const C: usize>(
-        xs: &[&[f32]; R],
+    fn dots<const R: usize, const C: usize>(
+        xs: &[&[BlockQ8]; R],
         ws: &[&[Self]; C],
+        stride: usize,
     ) -> [[f32; C]; R] {
-        avx::dots_q8(xs, ws)
+        dots_q8_with(simd(), xs, ws, stride)
     }
+}
+
+/// The instruction sets the kernels can use here, in order.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub(crate) enum Simd {
+    Plain,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// Those and AVX-512 VNNI (with VL): the q8_0 sums by `vpdpbusd`.
+    Vnni,
+}
+
+pub(crate) fn simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(|| {
+            if !(has!("avx2") && has!("fma") && has!("f16c")) {
+                Simd::Plain
+            } else if has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
+                Simd::Vnni
+            } else {
+                Simd::Avx2
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Simd::Plain
+}
+
+/// The q8_0 × q8_0 dot products with the instructions of `level` (at most `simd()`): the same
+/// bits whichever, since each block's 8 lane sums are exact integers and what follows is the
+/// same f32 operations in the same order.
+#[inline(always)]
+pub(crate) fn dots_q8_with<const R: usize, const C: usize>(
+    level: Simd,
+    xs: &[&[BlockQ8]; R],
+    ws: &[&[BlockQ8]; C],
+    stride: usize,
+) -> [[f32; C]; R] {
+    assert!(level <= simd(), "{level:?} is not available here");
+    let blocks = xs[0].len();
+    assert!(
+        blocks == 0
+            || (xs.iter().all(|x| x.len() == blocks)
+                && ws.iter().all(|w| w.len() > (blocks - 1) * stride)),
+        "q8_0 rows of unequal lengths"
+    );
+    // SAFETY: the level's instructions were detected (asserted above); every row has the
+    // same number of blocks (`rows_kernel`)
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        Simd::Vnni => return unsafe { avx::dots_q8_vnni(xs, ws, stride) },
+        Simd::Avx2 => return unsafe { avx::dots_q8(xs, ws, stride) },
+        Simd::Plain => {}
+    }
+    dots_q8_plain(xs, ws, stride)
+}
+
+/// `x` (`[m, k]`, `k` a multiple of 32) quantized row by row to Q8_0 by candle
+/// (`BlockQ8_0::from_float`, what its `QMatMul` and llama.cpp do to the input of a q8_0 product).
+pub(crate) fn quantize_rows(x: &[f32], k: usize) -> Vec<BlockQ8> {
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    let mut q = vec![BlockQ8_0::zeros(); x.len() / 32];
+    for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
+        BlockQ8_0::from_float(x, q);
+    }
+    // SAFETY: both types are `repr(C)` { f16, [i8; 32] } of one size and alignment (asserted
+    // above; `quantized_rows_are_candles_blocks` checks the bytes against candle's own)
+    q.iter()
+        .map(|b| unsafe { std::ptr::read(b as *const BlockQ8_0 as *const BlockQ8) })
+        .collect()
 }
 
 /// Lanes of a dot product's accumulator. Every output `dot(x_i, w_j)` is summed the same way,
@@ -373,11 +463,21 @@ impl WeightElem for BlockQ8 {
 /// length alone, so a row's results are the same computed alone or among others.
 const LANES: usize = 8;
 
+/// The lanes summed as `avx::hsum` sums them: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1.
+fn hsum_plain(acc: &[f32; LANES]) -> f32 {
+    let q = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
 /// The dot products with AVX2 + FMA intrinsics: `R` input rows against `C` weight rows, an
 /// 8-lane accumulator each (12 of them at 4 × 3, with the loads, the 16 registers).
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::WeightElem;
     use std::arch::x86_64::*;
 
     #[inline]
@@ -404,7 +504,7 @@ mod avx {
     }
 
     macro_rules! dots {
-        ($name:ident, $W:ty, $load:ident) => {
+        ($name:ident, $W:ty, $load:ident, $value:expr) => {
             /// # Safety
             /// AVX2 and FMA; every row of `xs` and `ws` the same length.
             #[target_feature(enable = "avx2,fma")]
@@ -429,12 +529,13 @@ mod avx {
                     }
                     c += 8;
                 }
+                let value: fn(&[$W], usize) -> f32 = $value;
                 let mut out = [[0f32; C]; R];
                 for r in 0..R {
                     for j in 0..C {
                         let mut t = hsum(acc[r][j]);
                         for i in n..k {
-                            t = xs[r][i].mul_add(<$W as WeightElem>::value(ws[j], i), t);
+                            t = xs[r][i].mul_add(value(ws[j], i), t);
                         }
                         out[r][j] = t;
                     }
@@ -443,61 +544,147 @@ mod avx {
             }
         };
     }
-    dots!(dots_f32, f32, load_f32);
-    dots!(dots_bf16, half::bf16, load_bf16);
+    dots!(dots_f32, f32, load_f32, |row, i| row[i]);
+    dots!(dots_bf16, half::bf16, load_bf16, |row, i| {
+        f32::from_bits((row[i].to_bits() as u32) << 16)
+    });
 
-    /// q8_0 rows: each block's bytes widened and scaled to f32, then the same 8-lane sums.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; every row of `ws` holds `xs[0].len()` weights (a multiple of 32).
-    // the block index addresses several rows at once
-    #[allow(clippy::needless_range_loop)]
+    /// A block's f16 scale widened by F16C and broadcast.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dots_q8<const R: usize, const C: usize>(
-        xs: &[&[f32]; R],
-        ws: &[&[super::BlockQ8]; C],
-    ) -> [[f32; C]; R] {
-        let blocks = xs[0].len() / 32;
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for b in 0..blocks {
-            let mut d = [_mm256_setzero_ps(); C];
-            for j in 0..C {
-                // the f16 scale widened by F16C, broadcast
-                d[j] = _mm256_cvtph_ps(_mm_set1_epi16(ws[j][b].d.to_bits() as i16));
-            }
-            for q in 0..4 {
-                let mut w = [_mm256_setzero_ps(); C];
-                for j in 0..C {
-                    let p = ws[j][b].qs.as_ptr().add(q * 8) as *const __m128i;
-                    let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p));
-                    w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(v), d[j]);
-                }
-                let c = b * 32 + q * 8;
-                for r in 0..R {
-                    let x = _mm256_loadu_ps(xs[r].as_ptr().add(c));
+    unsafe fn scale(b: &super::BlockQ8) -> __m256 {
+        _mm256_cvtph_ps(_mm_set1_epi16(b.d.to_bits() as i16))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_qs(b: &super::BlockQ8) -> __m256i {
+        _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i)
+    }
+
+    /// The q8_0 × q8_0 products by blocks: 8 exact i32 lane sums (4 bytes each) of a block
+    /// pair, given by `$lanes`, then `acc += f32(lanes) · (d_w · d_x)` and the lanes summed.
+    macro_rules! dots_q8 {
+        ($name:ident, $features:literal, $prep:ident, $lanes:ident) => {
+            /// # Safety
+            /// The features named; every row of `xs` the same number of blocks, and every row
+            /// of `ws` that many at `stride`.
+            // the block index addresses several rows at once
+            #[allow(clippy::needless_range_loop)]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const R: usize, const C: usize>(
+                xs: &[&[super::BlockQ8]; R],
+                ws: &[&[super::BlockQ8]; C],
+                stride: usize,
+            ) -> [[f32; C]; R] {
+                let blocks = xs[0].len();
+                let mut acc = [[_mm256_setzero_ps(); C]; R];
+                for b in 0..blocks {
+                    let mut w = [(_mm256_setzero_si256(), _mm256_setzero_si256()); C];
+                    let mut dw = [_mm256_setzero_ps(); C];
                     for j in 0..C {
-                        acc[r][j] = _mm256_fmadd_ps(x, w[j], acc[r][j]);
+                        let wb = ws[j].get_unchecked(b * stride);
+                        w[j] = $prep(load_qs(wb));
+                        dw[j] = scale(wb);
+                    }
+                    for r in 0..R {
+                        let xb = xs[r].get_unchecked(b);
+                        let x = load_qs(xb);
+                        let dx = scale(xb);
+                        for j in 0..C {
+                            let s = _mm256_cvtepi32_ps($lanes(x, w[j]));
+                            acc[r][j] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw[j], dx), acc[r][j]);
+                        }
                     }
                 }
+                let mut out = [[0f32; C]; R];
+                for r in 0..R {
+                    for j in 0..C {
+                        out[r][j] = hsum(acc[r][j]);
+                    }
+                }
+                out
             }
-        }
-        let mut out = [[0f32; C]; R];
-        for r in 0..R {
-            for j in 0..C {
-                out[r][j] = hsum(acc[r][j]);
-            }
-        }
-        out
+        };
     }
+
+    /// AVX2: the weights' magnitudes (u8) and signs (`maddubs` multiplies u8 by i8 and adds
+    /// pairs into i16: |w| ≤ 128 and |x| ≤ 127, so a pair cannot saturate).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn prep_avx2(w: __m256i) -> (__m256i, __m256i) {
+        (_mm256_sign_epi8(w, w), w)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn lanes_avx2(x: __m256i, (wabs, w): (__m256i, __m256i)) -> __m256i {
+        let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    dots_q8!(dots_q8, "avx2,fma,f16c", prep_avx2, lanes_avx2);
+
+    /// VNNI: `vpdpbusd` multiplies u8 by i8 and adds fours into i32. The input's bytes are
+    /// offset by 128 to make them unsigned, and each sum starts at −128·(the weights' lane
+    /// sums): (x + 128)·w − 128·w = x·w, exactly.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn prep_vnni(w: __m256i) -> (__m256i, __m256i) {
+        let z = _mm256_setzero_si256();
+        let bias = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(-128), w);
+        (_mm256_sub_epi32(z, bias), w)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn lanes_vnni(x: __m256i, (start, w): (__m256i, __m256i)) -> __m256i {
+        _mm256_dpbusd_epi32(start, _mm256_xor_si256(x, _mm256_set1_epi8(-128)), w)
+    }
+
+    dots_q8!(
+        dots_q8_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        prep_vnni,
+        lanes_vnni
+    );
+}
+
+/// The q8_0 × q8_0 dot products without SIMD: the same lanes, sums and order as `avx`'s.
+// one index addresses an input row and a weight row together
+#[allow(clippy::needless_range_loop)]
+fn dots_q8_plain<const R: usize, const C: usize>(
+    xs: &[&[BlockQ8]; R],
+    ws: &[&[BlockQ8]; C],
+    stride: usize,
+) -> [[f32; C]; R] {
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for j in 0..C {
+            let mut acc = [0f32; LANES];
+            for (x, w) in xs[r].iter().zip(ws[j].iter().step_by(stride)) {
+                let d = w.d.to_f32() * x.d.to_f32();
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let s: i32 = (4 * l..4 * l + 4)
+                        .map(|i| x.qs[i] as i32 * w.qs[i] as i32)
+                        .sum();
+                    *a = (s as f32).mul_add(d, *a);
+                }
+            }
+            out[r][j] = hsum_plain(&acc);
+        }
+    }
+    out
 }
 
 /// The same dot products without AVX2/FMA (another machine's order, the same on that machine
 /// for every block shape).
 // one index addresses an input row and a weight row together
 #[allow(clippy::needless_range_loop)]
-fn dots_plain<W: WeightElem, const R: usize, const C: usize>(
+fn dots_plain<W: Copy, const R: usize, const C: usize>(
     xs: &[&[f32]; R],
     ws: &[&[W]; C],
+    value: impl Fn(&[W], usize) -> f32,
 ) -> [[f32; C]; R] {
     let k = xs[0].len();
     let n = k / LANES * LANES;
@@ -506,18 +693,11 @@ fn dots_plain<W: WeightElem, const R: usize, const C: usize>(
         for j in 0..C {
             let mut acc = [0f32; LANES];
             for i in 0..n {
-                acc[i % LANES] += xs[r][i] * W::value(ws[j], i);
+                acc[i % LANES] += xs[r][i] * value(ws[j], i);
             }
-            let q = [
-                acc[0] + acc[4],
-                acc[1] + acc[5],
-                acc[2] + acc[6],
-                acc[3] + acc[7],
-            ];
-            let (a, b) = (q[0] + q[2], q[1] + q[3]);
-            let mut t = a + b;
+            let mut t = hsum_plain(&acc);
             for i in n..k {
-                t += xs[r][i] * W::value(ws[j], i);
+                t += xs[r][i] * value(ws[j], i);
             }
             out[r][j] = t;
         }
@@ -525,40 +705,13 @@ fn dots_plain<W: WeightElem, const R: usize, const C: usize>(
     out
 }
 
-fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *FMA.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-#[inline(always)]
-fn dots<W: WeightElem, const R: usize, const C: usize>(
-    fma: bool,
-    xs: &[&[f32]; R],
-    ws: &[&[W]; C],
-) -> [[f32; C]; R] {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        // SAFETY: AVX2, FMA and F16C were detected; every row is k long (`rows_kernel`)
-        return unsafe { W::dots_avx(xs, ws) };
-    }
-    let _ = fma;
-    dots_plain(xs, ws)
-}
-
 /// `dst[i·n + j] = alpha·dot(x_i, w_j)` (`+=` with `accumulate`) for the `m` rows of `x`
 /// (`[m, k]`) and the `n` rows of `w` (`[n, k]`), both contiguous. Blocks of weight rows run in
 /// parallel; each weight row is read from memory once for all of `x`'s rows, three weight rows
-/// against four input rows at a time.
+/// against four input rows at a time. With `W::TRIPLES`, `w` holds rows `3t..3t + 3` as one
+/// triple of interleaved elements (`Q8Rows::from_qtensor`), and the last `n % 3` rows plain.
 fn rows_kernel<W: WeightElem>(
-    x: &[f32],
+    x: &[W::Input],
     w: &[W],
     (m, k, n): (usize, usize, usize),
     dst: &mut [f32],
@@ -566,12 +719,11 @@ fn rows_kernel<W: WeightElem>(
     alpha: f32,
 ) {
     use rayon::prelude::*;
-    let fma = has_fma();
     let threads = get_threads().max(1);
     let block = (n.div_ceil(4 * threads).clamp(24, 1536)).div_ceil(3) * 3;
     let out = Dst(dst.as_mut_ptr());
-    let row = |i: usize| &x[i * k..(i + 1) * k];
     let kb = k / W::SPAN;
+    let row = |i: usize| &x[i * kb..(i + 1) * kb];
     let wrow = |j: usize| &w[j * kb..(j + 1) * kb];
     let run_block = |bi: usize| {
         let put = |i: usize, j: usize, v: f32| {
@@ -586,29 +738,37 @@ fn rows_kernel<W: WeightElem>(
         let mut j = bi * block;
         while j < end {
             if j + 3 <= end {
-                let ws = [wrow(j), wrow(j + 1), wrow(j + 2)];
+                // blocks start at multiples of 3, so j is the first row of a triple
+                let (ws, stride) = if W::TRIPLES {
+                    let t = &w[j * kb..(j + 3) * kb];
+                    ([t, &t[1..], &t[2..]], 3)
+                } else {
+                    ([wrow(j), wrow(j + 1), wrow(j + 2)], 1)
+                };
                 let mut i = 0;
                 while i + 4 <= m {
-                    let v = dots(fma, &[row(i), row(i + 1), row(i + 2), row(i + 3)], &ws);
+                    let v = W::dots(&[row(i), row(i + 1), row(i + 2), row(i + 3)], &ws, stride);
                     (0..4).for_each(|r| (0..3).for_each(|c| put(i + r, j + c, v[r][c])));
                     i += 4;
                 }
                 while i < m {
-                    let v = dots(fma, &[row(i)], &ws);
+                    let v = W::dots(&[row(i)], &ws, stride);
                     (0..3).for_each(|c| put(i, j + c, v[0][c]));
                     i += 1;
                 }
                 j += 3;
             } else {
+                // one of the last n % 3 rows, stored plain
+                debug_assert!(j >= n / 3 * 3);
                 let ws = [wrow(j)];
                 let mut i = 0;
                 while i + 4 <= m {
-                    let v = dots(fma, &[row(i), row(i + 1), row(i + 2), row(i + 3)], &ws);
+                    let v = W::dots(&[row(i), row(i + 1), row(i + 2), row(i + 3)], &ws, 1);
                     (0..4).for_each(|r| put(i + r, j, v[r][0]));
                     i += 4;
                 }
                 while i < m {
-                    put(i, j, dots(fma, &[row(i)], &ws)[0][0]);
+                    put(i, j, W::dots(&[row(i)], &ws, 1)[0][0]);
                     i += 1;
                 }
                 j += 1;
@@ -710,7 +870,7 @@ impl Q8Rows {
         if data.len() != n * k / 32 * 34 {
             candle_core::bail!("Q8_0 data of {} bytes for [{n}, {k}]", data.len());
         }
-        let blocks = data
+        let plain: Vec<BlockQ8> = data
             .chunks_exact(34)
             .map(|c| {
                 let mut qs = [0i8; 32];
@@ -723,6 +883,13 @@ impl Q8Rows {
                 }
             })
             .collect();
+        // rows in triples, block b of the triple's row j at 3b + j; the last n % 3 rows plain
+        let kb = k / 32;
+        let mut blocks = Vec::with_capacity(plain.len());
+        for t in plain[..n / 3 * 3 * kb].chunks_exact(3 * kb) {
+            blocks.extend((0..3 * kb).map(|i| t[(i % 3) * kb + i / 3]));
+        }
+        blocks.extend_from_slice(&plain[n / 3 * 3 * kb..]);
         Ok(Q8Rows { blocks, n, k })
     }
 
@@ -730,8 +897,9 @@ impl Q8Rows {
         self.blocks.len() * 34
     }
 
-    /// `x·Wᵀ` for `x: [m, k]` in f32 on the CPU, by the row kernel (each output one dot
-    /// product in a fixed order, whatever the other rows).
+    /// `x·Wᵀ` for `x: [m, k]` in f32 on the CPU: the rows quantized to Q8_0 as candle's
+    /// `QMatMul` quantizes them, then the row kernel's q8_0 × q8_0 products (each output one
+    /// dot product in a fixed order, whatever the other rows).
     pub fn product(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         let (m, k) = x.dims2()?;
@@ -739,8 +907,9 @@ impl Q8Rows {
             candle_core::bail!("q8_0 product: [{m}, {k}] x [{}, {}]ᵀ", self.n, self.k);
         }
         let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let q = quantize_rows(&v, k);
         let mut out = vec![0f32; m * self.n];
-        rows_kernel(&v, &self.blocks, (m, k, self.n), &mut out, false, 1.0);
+        rows_kernel(&q, &self.blocks, (m, k, self.n), &mut out, false, 1.0);
         Tensor::from_vec(out, (m, self.n), x.device())
     }
 }
@@ -839,21 +1008,106 @@ mod tests {
     }
 
     #[test]
-    fn q8_0_rows_are_the_f32_product_of_their_dequantized_weights() {
+    fn quantized_rows_are_candles_blocks() {
         use candle_core::quantized::{GgmlDType, QTensor};
+        let x = Tensor::rand(-3f32, 3f32, (5, 96), &Device::Cpu).unwrap();
+        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<u8> = quantize_rows(&v, 96)
+            .iter()
+            .flat_map(|b| {
+                let mut o = b.d.to_le_bytes().to_vec();
+                o.extend(b.qs.iter().map(|&q| q as u8));
+                o
+            })
+            .collect();
+        let q = QTensor::quantize(&x, GgmlDType::Q8_0).unwrap();
+        assert_eq!(ours, q.data().unwrap().to_vec());
+    }
+
+    #[test]
+    fn q8_0_rows_are_the_product_of_their_quantized_inputs_and_weights() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
         let dev = Device::Cpu;
         let x = Tensor::rand(-1f32, 1f32, (9, 96), &dev).unwrap();
         let w = Tensor::rand(-1f32, 1f32, (70, 96), &dev).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let rows = Q8Rows::from_qtensor(&q).unwrap();
-        let deq = q.dequantize(&dev).unwrap();
         let got = rows.product(&x).unwrap();
-        let want = rows_matmul(&x, &deq).unwrap();
-        assert!(crate::testing::max_abs_diff(&got, &want) < 1e-5);
+        // the exact product of the dequantized input rows and weights
+        let deq = |t: &Tensor| {
+            QTensor::quantize(t, GgmlDType::Q8_0)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+        };
+        let want = deq(&x).matmul(&deq(&w).t().unwrap()).unwrap();
+        let got64 = got.to_dtype(candle_core::DType::F64).unwrap();
+        assert!(crate::testing::max_abs_diff(&got64, &want) < 1e-5);
+        // candle's QMatMul computes the same products (in another order)
+        let theirs = candle_core::Module::forward(&QMatMul::from_qtensor(q).unwrap(), &x).unwrap();
+        assert!(crate::testing::max_abs_diff(&got, &theirs) < 1e-5);
         for (s, m) in [(0usize, 1usize), (4, 1), (2, 5), (0, 9)] {
             let part = rows.product(&x.narrow(0, s, m).unwrap()).unwrap();
             assert_eq!(bits(&part), bits(&got.narrow(0, s, m).unwrap()));
         }
         assert_eq!(rows.bytes(), 70 * 96 / 32 * 34);
+    }
+
+    #[test]
+    fn q8_0_dots_are_the_same_bits_with_every_instruction_set() {
+        // extreme bytes included: -128 and 127 in the weights, ±127 in the inputs
+        let mut seed = 7u64;
+        let mut byte = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 56) as u8 as i8
+        };
+        let mut block = |lo: i8| {
+            let mut qs = [0i8; 32];
+            qs.iter_mut().for_each(|q| *q = byte().max(lo));
+            qs[0] = lo;
+            qs[1] = 127;
+            let d = half::f16::from_f32((byte() as f32).abs() / 1000.0 + 1e-3);
+            BlockQ8 { d, qs }
+        };
+        let xs: Vec<Vec<BlockQ8>> = (0..4)
+            .map(|_| (0..7).map(|_| block(-127)).collect())
+            .collect();
+        let ws: Vec<Vec<BlockQ8>> = (0..3)
+            .map(|_| (0..7).map(|_| block(-128)).collect())
+            .collect();
+        let xr = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+        let wr = [&ws[0][..], &ws[1][..], &ws[2][..]];
+        let plain = dots_q8_with(Simd::Plain, &xr, &wr, 1);
+        // the exact sums, in f64
+        for r in 0..4 {
+            for j in 0..3 {
+                let exact: f64 = xs[r]
+                    .iter()
+                    .zip(&ws[j])
+                    .map(|(x, w)| {
+                        let s: i32 = (0..32).map(|i| x.qs[i] as i32 * w.qs[i] as i32).sum();
+                        s as f64 * x.d.to_f64() * w.d.to_f64()
+                    })
+                    .sum();
+                assert!((plain[r][j] as f64 - exact).abs() < 1e-3 * exact.abs().max(1.0));
+            }
+        }
+        let bits = |v: [[f32; 3]; 4]| v.map(|r| r.map(f32::to_bits));
+        for level in [Simd::Avx2, Simd::Vnni] {
+            if level <= simd() {
+                assert_eq!(
+                    bits(dots_q8_with(level, &xr, &wr, 1)),
+                    bits(plain),
+                    "{level:?}"
+                );
+            }
+        }
+        // and one row at a time
+        let one = dots_q8_with(simd(), &[xr[2]], &[wr[1]], 1);
+        assert_eq!(one[0][0].to_bits(), plain[2][1].to_bits());
     }
 }

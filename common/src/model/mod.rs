@@ -46,6 +46,20 @@ pub struct TrainCtx {
     pub neftune_noise_alpha: Option<f64>,
 }
 
+/// Runs `f` on a thread of the compute pool (rayon's global pool, which candle and the kernels
+/// split their work over), or right here when this is one. A forward makes a few hundred
+/// parallel products; called from outside the pool, each would wake a worker and put this
+/// thread to sleep until it is done, which costs more than the product of one decode row.
+/// From inside, this thread takes its share and the other workers, still awake from the last
+/// product, take theirs.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Accumulated LoRA gradients, indexed by `Lora::id`.
 #[derive(Default)]
 pub struct Grads {
