@@ -13,7 +13,7 @@
 //! | `linear.rs` | frozen linear + LoRA branch with dropout |
 //! | `loss.rs` | chunked ignore-index cross-entropy and its gradient |
 //! | `ops.rs` | the fused kernels (softmax, RMSNorm, SwiGLU, dropout, cross-entropy, with their backward) as custom ops: CPU body, CUDA body (`kernels/ops.cu`), plain-candle reference |
-//! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output |
+//! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output; the row kernel of decode (f32, bf16, q8_0 × q8_0) |
 //! | `init.rs` | random weights for a config (benchmarks, tests) |
 
 mod attention;
