@@ -102,7 +102,7 @@ struct Attended {
 pub(crate) type LayerCache = candle_nn::kv_cache::KvCache;
 
 /// Positions a layer's cache makes room for at a time.
-pub(crate) const CACHE_BLOCK: usize = 256;
+const CACHE_BLOCK: usize = 256;
 
 /// An empty layer cache.
 pub(crate) fn layer_cache() -> LayerCache {
