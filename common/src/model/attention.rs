@@ -171,9 +171,11 @@ impl Attention {
         seqs: &mut [(usize, usize, &mut LayerCache)],
         rope: &Rope,
     ) -> Result<Tensor> {
-        let q = self.q.forward_rows(x, rows)?;
-        let k = self.k.forward_rows(x, rows)?;
-        let v = self.v.forward_rows(x, rows)?;
+        // q, k and v read one input: prepared (quantized) once
+        let prep = self.q.prepare(x)?;
+        let q = self.q.forward_rows(x, rows, &prep)?;
+        let k = self.k.forward_rows(x, rows, &prep)?;
+        let v = self.v.forward_rows(x, rows, &prep)?;
         let mut outs = Vec::with_capacity(seqs.len());
         for (start, t, cache) in seqs.iter_mut() {
             let (start, t) = (*start, *t);
@@ -193,7 +195,7 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        self.o.forward_rows(&o, rows)
+        self.o.forward_rows(&o, rows, &self.o.prepare(&o)?)
     }
 
     /// Rotary embedding, the cache and the attention proper for `b` sequences of `t` new

@@ -4,6 +4,7 @@
 //! Only the LoRA matrices get gradients; for the frozen weight the backward computes the input
 //! gradient alone (`dx = dy W`), never `dW`.
 
+use super::q8::Q8Input;
 use super::{matmul, ops, Grads, TrainCtx};
 use candle_core::{Result, Tensor};
 
@@ -79,7 +80,7 @@ pub enum Packed {
     Bf16(Tensor),
     /// candle's Q8_0 blocks read by the row kernel (its product for several rows is the one
     /// that reads each weight once; `QMatMul`'s is not).
-    Q8(matmul::Q8Rows),
+    Q8(super::q8::Q8Rows),
     Quantized(candle_core::quantized::QMatMul),
 }
 
@@ -126,6 +127,9 @@ pub(crate) struct StepRows<'a> {
     /// `(first row, rows, adapter)`: the runs of the decode part, then the prefill chunks.
     pub parts: Vec<(usize, usize, Option<&'a AdapterBranches>)>,
 }
+
+/// A step's input as the packed weights read it (`LoraLinear::prepare`).
+pub(crate) struct Prepared(Option<Q8Input>);
 
 /// What the backward needs from the forward.
 pub struct LinearSaved {
@@ -189,23 +193,47 @@ impl LoraLinear {
         self.with_bias(y)
     }
 
-    /// The frozen product of decode rows: the row kernel (or the packed weight's own).
-    fn base_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.packed {
-            Some(p) => p.product(x)?,
-            None => matmul::rows_matmul(x, &self.weight)?,
+    /// What `forward_rows` of this layer, and of the others that read the same `x`, share: for
+    /// a q8_0 weight the rows of `x` quantized (once for q, k and v, once for gate and up).
+    pub(crate) fn prepare(&self, x: &Tensor) -> Result<Prepared> {
+        Ok(Prepared(match &self.packed {
+            Some(Packed::Q8(_)) => Some(Q8Input::of(&x.contiguous()?)?),
+            _ => None,
+        }))
+    }
+
+    /// The frozen product of rows `start..start + n` of `x`: the row kernel for decode rows
+    /// (`rows`), the GEMM for a prefill chunk, or the packed weight's own product (from the
+    /// prepared input when there is one).
+    fn base_part(
+        &self,
+        x: &Tensor,
+        (start, n): (usize, usize),
+        prep: &Prepared,
+        rows: bool,
+    ) -> Result<Tensor> {
+        let y = match (&self.packed, &prep.0) {
+            (Some(Packed::Q8(w)), Some(q)) => w.product_of(q, start..start + n, x.device())?,
+            (Some(p), _) => p.product(&x.narrow(0, start, n)?)?,
+            (None, _) if rows => matmul::rows_matmul(&x.narrow(0, start, n)?, &self.weight)?,
+            (None, _) => matmul::matmul(&x.narrow(0, start, n)?, &self.weight.t()?)?,
         };
         self.with_bias(y)
     }
 
     /// The rows of a batched step (`StepRows`): the frozen product once over all decode rows,
     /// once per prefill chunk, and each adapter's LoRA term (its own scale) on its rows only.
-    pub(crate) fn forward_rows(&self, x: &Tensor, rows: &StepRows) -> Result<Tensor> {
+    /// `prep`: `prepare(x)` of this layer or of another reading the same `x`.
+    pub(crate) fn forward_rows(
+        &self,
+        x: &Tensor,
+        rows: &StepRows,
+        prep: &Prepared,
+    ) -> Result<Tensor> {
         let branch = |a| branch_of(a, self.index);
         let mut outs = Vec::with_capacity(rows.parts.len() + 1);
         if rows.decode > 0 {
-            let xd = x.narrow(0, 0, rows.decode)?;
-            let y = self.base_rows(&xd)?;
+            let y = self.base_part(x, (0, rows.decode), prep, true)?;
             let decode_parts = rows.parts.iter().filter(|p| p.0 < rows.decode);
             if decode_parts.clone().any(|p| branch(p.2).is_some()) {
                 let mut deltas = Vec::new();
@@ -225,12 +253,11 @@ impl LoraLinear {
             }
         }
         for &(start, n, a) in rows.parts.iter().filter(|p| p.0 >= rows.decode) {
-            let xp = x.narrow(0, start, n)?;
-            let y = self.base(&xp)?;
+            let y = self.base_part(x, (start, n), prep, false)?;
             outs.push(match branch(a) {
                 Some(l) => {
                     let (la, lb) = l.factors(x.dtype())?;
-                    let h = matmul::matmul(&xp, &la.t()?)?;
+                    let h = matmul::matmul(&x.narrow(0, start, n)?, &la.t()?)?;
                     matmul::matmul_acc(y, &h, &lb.t()?, l.scale)?
                 }
                 None => y,

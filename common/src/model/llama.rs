@@ -450,7 +450,7 @@ impl Llama {
                     let q = crate::gguf::weight_type(ty, hf, w.dim(1)?, n_layers, tied)?;
                     let qt = QTensor::quantize(w, q)?;
                     if q == candle_core::quantized::GgmlDType::Q8_0 && w.device().is_cpu() {
-                        Packed::Q8(super::matmul::Q8Rows::from_qtensor(&qt)?)
+                        Packed::Q8(super::q8::Q8Rows::from_qtensor(&qt)?)
                     } else {
                         Packed::Quantized(QMatMul::from_qtensor(qt)?)
                     }

@@ -59,9 +59,12 @@ impl Mlp {
 
     /// The rows of a batched step, `x: [rows, D]` (`LoraLinear::forward_rows`).
     pub(crate) fn forward_rows(&self, x: &Tensor, rows: &StepRows) -> Result<Tensor> {
-        let g = self.gate.forward_rows(x, rows)?;
-        let u = self.up.forward_rows(x, rows)?;
-        self.down.forward_rows(&ops::swiglu(&g, &u)?, rows)
+        // gate and up read one input: prepared (quantized) once
+        let prep = self.gate.prepare(x)?;
+        let g = self.gate.forward_rows(x, rows, &prep)?;
+        let u = self.up.forward_rows(x, rows, &prep)?;
+        let a = ops::swiglu(&g, &u)?;
+        self.down.forward_rows(&a, rows, &self.down.prepare(&a)?)
     }
 
     /// Input gradient from the output gradient `dy: [B, T, D]`; LoRA gradients go into `grads`.

@@ -13,7 +13,8 @@
 //! | `linear.rs` | frozen linear + LoRA branch with dropout |
 //! | `loss.rs` | chunked ignore-index cross-entropy and its gradient |
 //! | `ops.rs` | the fused kernels (softmax, RMSNorm, SwiGLU, dropout, cross-entropy, with their backward) as custom ops: CPU body, CUDA body (`kernels/ops.cu`), plain-candle reference |
-//! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output; the row kernel of decode (f32, bf16, q8_0 × q8_0) |
+//! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output; the row kernel of decode (f32, bf16) |
+//! | `q8.rs` | the q8_0 × q8_0 product of decode and prefill (weight rows in groups of eight, one `vpdpbusd` for eight outputs) |
 //! | `init.rs` | random weights for a config (benchmarks, tests) |
 
 mod attention;
@@ -24,6 +25,7 @@ mod loss;
 pub(crate) mod matmul;
 mod mlp;
 pub mod ops;
+pub(crate) mod q8;
 
 pub use linear::{AdapterBranches, Lora, LoraLinear, Packed};
 pub use llama::{KvCache, Llama, StepSeq, WeightFormat};

@@ -1,0 +1,588 @@
+//! The q8_0 × q8_0 product of decode and prefill on the CPU, as llama.cpp and candle's
+//! `QMatMul` compute it: the input rows quantized to Q8_0 by candle (`BlockQ8_0::from_float`),
+//! an exact integer sum per pair of blocks, then `acc += f32(sum) · (d_w · d_x)` block by block.
+//!
+//! The weight rows are stored in groups of eight (`Q8Group`, llama.cpp's repacked layouts do
+//! the same on ARM): for each block, the eight rows' scales, then the block's bytes in eight
+//! chunks of four bytes per row, chunk `c` of row `j` at `32c + 4j`, each byte offset by 128.
+//! One `vpdpbusd` (AVX-512 VNNI) then multiplies four bytes of an input row, broadcast, with
+//! four bytes of each of the eight rows and adds them into eight lanes, one lane per weight
+//! row; a block's eight such instructions leave its eight exact sums in one register, and the
+//! f32 work (convert, scale, accumulate) is done once per eight outputs, not once per output.
+//! The offset makes the weights the unsigned operand: `Σ(w + 128)·x = Σw·x + 128·Σx`, and
+//! each sum starts at `−128·Σx`, the input block's own (`Q8Input::start`), exact.
+//!
+//! Without VNNI the same sums come from AVX2's `maddubs` on `|w|` and `sign(x, w)`, and
+//! without AVX2 from a plain loop: exact integers either way, and the same f32 operations in
+//! the same order, so the results are the same bits with any instruction set, and a row's
+//! results do not depend on the other rows of the product.
+
+use super::matmul::{get_threads, simd, Dst, Simd, SERIAL_BELOW};
+use candle_core::{Result, Tensor};
+
+/// One block of candle's `Q8_0` (`k_quants::BlockQ8_0`, the same `repr(C)` layout): 32 values
+/// `d · qs[i]`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ8 {
+    pub d: half::f16,
+    pub qs: [i8; 32],
+}
+
+const _: () = assert!(
+    std::mem::size_of::<BlockQ8>()
+        == std::mem::size_of::<candle_core::quantized::k_quants::BlockQ8_0>()
+        && std::mem::align_of::<BlockQ8>()
+            == std::mem::align_of::<candle_core::quantized::k_quants::BlockQ8_0>()
+);
+
+/// `x` (`[m, k]`, `k` a multiple of 32) quantized row by row to Q8_0 by candle
+/// (`BlockQ8_0::from_float`, what its `QMatMul` and llama.cpp do to the input of a q8_0 product).
+pub(crate) fn quantize_rows(x: &[f32], k: usize) -> Vec<BlockQ8> {
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    let mut q = vec![BlockQ8_0::zeros(); x.len() / 32];
+    for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
+        BlockQ8_0::from_float(x, q);
+    }
+    // SAFETY: both types are `repr(C)` { f16, [i8; 32] } of one size and alignment (asserted
+    // above; `quantized_rows_are_candles_blocks` checks the bytes against candle's own)
+    q.iter()
+        .map(|b| unsafe { std::ptr::read(b as *const BlockQ8_0 as *const BlockQ8) })
+        .collect()
+}
+
+/// Input rows in Q8_0 as the kernels read them: per row, the bytes (`k`), and per block its
+/// scale widened to f32 and `−128 ·` the sum of its bytes (where a VNNI sum starts).
+pub(crate) struct Q8Input {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    start: Vec<i32>,
+    m: usize,
+    k: usize,
+}
+
+/// One input row of a `Q8Input`.
+#[derive(Clone, Copy)]
+struct XRow<'a> {
+    qs: &'a [i8],
+    d: &'a [f32],
+    start: &'a [i32],
+}
+
+impl Q8Input {
+    /// `x: [m, k]` quantized by candle (`quantize_rows`), rows in parallel when there are many.
+    pub(crate) fn quantize(x: &[f32], k: usize) -> Self {
+        use rayon::prelude::*;
+        // rows per parallel piece: at least ~8k values, so the pool is not woken for less
+        let per = (8192 / k.max(1)).max(1);
+        if x.len() < 2 * per * k {
+            return Self::from_blocks(&quantize_rows(x, k), k);
+        }
+        let parts: Vec<Q8Input> = x
+            .par_chunks(per * k)
+            .map(|x| Self::from_blocks(&quantize_rows(x, k), k))
+            .collect();
+        let mut all = Q8Input {
+            qs: Vec::with_capacity(x.len()),
+            d: Vec::with_capacity(x.len() / 32),
+            start: Vec::with_capacity(x.len() / 32),
+            m: 0,
+            k,
+        };
+        for p in parts {
+            all.qs.extend_from_slice(&p.qs);
+            all.d.extend_from_slice(&p.d);
+            all.start.extend_from_slice(&p.start);
+            all.m += p.m;
+        }
+        all
+    }
+
+    /// The rows of an f32 tensor `[m, k]` (on the CPU), quantized.
+    pub(crate) fn of(x: &Tensor) -> Result<Self> {
+        let (_, k) = x.dims2()?;
+        if k % 32 != 0 {
+            candle_core::bail!("q8_0 product: rows of {k} values, not a multiple of 32");
+        }
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        Ok(Self::quantize(&v, k))
+    }
+
+    fn from_blocks(blocks: &[BlockQ8], k: usize) -> Self {
+        let kb = k / 32;
+        Q8Input {
+            qs: blocks.iter().flat_map(|b| b.qs).collect(),
+            d: blocks.iter().map(|b| b.d.to_f32()).collect(),
+            start: blocks
+                .iter()
+                .map(|b| -128 * b.qs.iter().map(|&q| q as i32).sum::<i32>())
+                .collect(),
+            m: blocks.len() / kb.max(1),
+            k,
+        }
+    }
+
+    fn row(&self, i: usize) -> XRow<'_> {
+        let kb = self.k / 32;
+        XRow {
+            qs: &self.qs[i * self.k..(i + 1) * self.k],
+            d: &self.d[i * kb..(i + 1) * kb],
+            start: &self.start[i * kb..(i + 1) * kb],
+        }
+    }
+}
+
+/// Weight rows per group.
+const GROUP: usize = 8;
+
+/// Block `b` of eight weight rows: their scales, then their bytes, offset by 128, in chunks of
+/// four: byte `4c + t` of row `j` at `qs[32c + 4j + t]`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Q8Group {
+    d: [half::f16; GROUP],
+    qs: [u8; 32 * GROUP],
+}
+
+/// A q8_0 weight `[n, k]` in groups of eight rows (the last group padded with zero rows), each
+/// group's blocks in order.
+pub struct Q8Rows {
+    groups: Vec<Q8Group>,
+    n: usize,
+    k: usize,
+}
+
+impl Q8Rows {
+    /// From a quantized tensor of candle's `Q8_0` type (`[n, k]`, `k` a multiple of 32).
+    pub fn from_qtensor(q: &candle_core::quantized::QTensor) -> Result<Self> {
+        let (n, k) = q.shape().dims2()?;
+        if q.dtype() != candle_core::quantized::GgmlDType::Q8_0 || k % 32 != 0 {
+            candle_core::bail!("Q8Rows needs a Q8_0 tensor with rows of a multiple of 32");
+        }
+        let data = q.data()?;
+        if data.len() != n * k / 32 * 34 {
+            candle_core::bail!("Q8_0 data of {} bytes for [{n}, {k}]", data.len());
+        }
+        let blocks: Vec<BlockQ8> = data
+            .chunks_exact(34)
+            .map(|c| BlockQ8 {
+                d: half::f16::from_le_bytes([c[0], c[1]]),
+                qs: std::array::from_fn(|i| c[2 + i] as i8),
+            })
+            .collect();
+        Ok(Self::from_blocks(&blocks, n, k))
+    }
+
+    /// From the `n · k / 32` blocks of a `[n, k]` weight, row by row.
+    fn from_blocks(blocks: &[BlockQ8], n: usize, k: usize) -> Self {
+        let kb = k / 32;
+        let zero = BlockQ8 {
+            d: half::f16::ZERO,
+            qs: [0; 32],
+        };
+        let block = |j: usize, b: usize| if j < n { &blocks[j * kb + b] } else { &zero };
+        let mut groups = Vec::with_capacity(n.div_ceil(GROUP) * kb);
+        for g in 0..n.div_ceil(GROUP) {
+            for b in 0..kb {
+                let rows: [&BlockQ8; GROUP] = std::array::from_fn(|j| block(GROUP * g + j, b));
+                groups.push(Q8Group {
+                    d: rows.map(|r| r.d),
+                    qs: std::array::from_fn(|i| {
+                        let (c, j, t) = (i / 32, i % 32 / 4, i % 4);
+                        (rows[j].qs[4 * c + t] as u8) ^ 0x80
+                    }),
+                });
+            }
+        }
+        Q8Rows { groups, n, k }
+    }
+
+    /// Bytes the weight takes (the padding rows of the last group included).
+    pub fn bytes(&self) -> usize {
+        self.groups.len() * std::mem::size_of::<Q8Group>()
+    }
+
+    /// `x·Wᵀ` for `x: [m, k]` in f32 on the CPU: the rows quantized to Q8_0 as candle's
+    /// `QMatMul` quantizes them, then the q8_0 × q8_0 products (each output one sequence of
+    /// operations fixed by `k`, whatever the other rows).
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        let q = Q8Input::of(&x.contiguous()?)?;
+        self.product_of(&q, 0..q.m, x.device())
+    }
+
+    /// The products of rows `rows` of an input quantized once (`Q8Input::of`) for all the
+    /// weights that read it: `[rows, n]`.
+    pub(crate) fn product_of(
+        &self,
+        x: &Q8Input,
+        rows: std::ops::Range<usize>,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        if x.k != self.k || rows.end > x.m {
+            candle_core::bail!(
+                "q8_0 product: rows {rows:?} of [{}, {}] x [{}, {}]ᵀ",
+                x.m,
+                x.k,
+                self.n,
+                self.k
+            );
+        }
+        let m = rows.len();
+        let mut out = vec![0f32; m * self.n];
+        self.product_into(simd(), x, rows, &mut out);
+        Tensor::from_vec(out, (m, self.n), dev)
+    }
+
+    /// `dst[i·n + j] = dot(x_i, w_j)` with the instructions of `level` (at most `simd()`).
+    /// Blocks of groups run in parallel; each group is read once for all of `x`'s rows, two
+    /// groups against four input rows at a time.
+    fn product_into(
+        &self,
+        level: Simd,
+        x: &Q8Input,
+        rows: std::ops::Range<usize>,
+        dst: &mut [f32],
+    ) {
+        use rayon::prelude::*;
+        assert!(level <= simd(), "{level:?} is not available here");
+        assert!(x.k == self.k && rows.end <= x.m && dst.len() == rows.len() * self.n);
+        let (first, m, n, kb) = (rows.start, rows.len(), self.n, self.k / 32);
+        let groups = n.div_ceil(GROUP);
+        let per_block = groups.div_ceil(4 * get_threads().max(1)).clamp(4, 192);
+        let out = Dst(dst.as_mut_ptr());
+        let group = |g: usize| &self.groups[g * kb..(g + 1) * kb];
+        let put = |i: usize, g: usize, v: &[f32; GROUP]| {
+            // the padding rows of the last group are left out
+            for (j, &v) in v.iter().enumerate().take(n - GROUP * g) {
+                // SAFETY: (i, 8g + j) is inside the m × n destination; each group belongs
+                // to one block
+                unsafe { *out.ptr().add(i * n + GROUP * g + j) = v };
+            }
+        };
+        let run_block = |bi: usize| {
+            let end = ((bi + 1) * per_block).min(groups);
+            let mut g = bi * per_block;
+            while g < end {
+                let two = g + 2 <= end;
+                let mut i = 0;
+                while i < m {
+                    let four = i + 4 <= m;
+                    macro_rules! go {
+                        ($r:literal, $g:literal) => {{
+                            let xs: [XRow; $r] = std::array::from_fn(|r| x.row(first + i + r));
+                            let ws: [&[Q8Group]; $g] = std::array::from_fn(|h| group(g + h));
+                            let v = dots_with(level, &xs, &ws);
+                            for r in 0..$r {
+                                for h in 0..$g {
+                                    put(i + r, g + h, &v[r][h]);
+                                }
+                            }
+                        }};
+                    }
+                    match (four, two) {
+                        (true, true) => go!(4, 2),
+                        (true, false) => go!(4, 1),
+                        (false, true) => go!(1, 2),
+                        (false, false) => go!(1, 1),
+                    }
+                    i += if four { 4 } else { 1 };
+                }
+                g += if two { 2 } else { 1 };
+            }
+        };
+        let blocks = groups.div_ceil(per_block);
+        // a small product costs less than waking the thread pool
+        if m * n * self.k < SERIAL_BELOW {
+            (0..blocks).for_each(run_block);
+        } else {
+            (0..blocks).into_par_iter().for_each(run_block);
+        }
+    }
+}
+
+/// The products of `R` input rows with the `G` groups `ws` (eight weight rows each), all of
+/// one length, with the instructions of `level`.
+#[inline(always)]
+fn dots_with<const R: usize, const G: usize>(
+    level: Simd,
+    xs: &[XRow; R],
+    ws: &[&[Q8Group]; G],
+) -> [[[f32; GROUP]; G]; R] {
+    let kb = ws[0].len();
+    assert!(
+        xs.iter()
+            .all(|x| x.qs.len() == 32 * kb && x.d.len() == kb && x.start.len() == kb)
+            && ws.iter().all(|w| w.len() == kb),
+        "q8_0 rows of unequal lengths"
+    );
+    // SAFETY: the level's instructions were detected (`product_into` asserts it); the lengths
+    // were checked above
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        Simd::Vnni => return unsafe { avx::dots_vnni(xs, ws) },
+        Simd::Avx2 => return unsafe { avx::dots_avx2(xs, ws) },
+        Simd::Plain => {}
+    }
+    dots_plain(xs, ws)
+}
+
+/// The products without SIMD: the same exact block sums, then the same f32 operations.
+fn dots_plain<const R: usize, const G: usize>(
+    xs: &[XRow; R],
+    ws: &[&[Q8Group]; G],
+) -> [[[f32; GROUP]; G]; R] {
+    let mut out = [[[0f32; GROUP]; G]; R];
+    for (x, out) in xs.iter().zip(out.iter_mut()) {
+        for (w, out) in ws.iter().zip(out.iter_mut()) {
+            for (b, blk) in w.iter().enumerate() {
+                let xq = &x.qs[32 * b..32 * b + 32];
+                for (j, acc) in out.iter_mut().enumerate() {
+                    let s: i32 = (0..32)
+                        .map(|i| {
+                            let wq = (blk.qs[32 * (i / 4) + 4 * j + i % 4] ^ 0x80) as i8;
+                            wq as i32 * xq[i] as i32
+                        })
+                        .sum();
+                    *acc = (s as f32).mul_add(blk.d[j].to_f32() * x.d[b], *acc);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::{Q8Group, XRow, GROUP};
+    use std::arch::x86_64::*;
+
+    /// The group's eight scales, widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales(g: &Q8Group) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr() as *const __m128i))
+    }
+
+    /// Chunk `c` of a group's block: four bytes of each of its eight rows.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn chunk(g: &Q8Group, c: usize) -> __m256i {
+        _mm256_loadu_si256(g.qs.as_ptr().add(32 * c) as *const __m256i)
+    }
+
+    /// Bytes `4c..4c + 4` of an input row's block, in every lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bytes4(x: &XRow, b: usize, c: usize) -> __m256i {
+        _mm256_set1_epi32((x.qs.as_ptr().add(32 * b + 4 * c) as *const i32).read_unaligned())
+    }
+
+    /// Per block: the exact sums (`$sums`), then `acc += f32(sums) · (d_w · d_x)`.
+    macro_rules! dots {
+        ($name:ident, $features:literal, $sums:ident) => {
+            /// # Safety
+            /// The features named; every row of `xs` and `ws` the same number of blocks.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const R: usize, const G: usize>(
+                xs: &[XRow; R],
+                ws: &[&[Q8Group]; G],
+            ) -> [[[f32; GROUP]; G]; R] {
+                let kb = ws[0].len();
+                let mut acc = [[_mm256_setzero_ps(); G]; R];
+                for b in 0..kb {
+                    let blk: [&Q8Group; G] = std::array::from_fn(|h| ws[h].get_unchecked(b));
+                    let s = $sums(xs, &blk, b);
+                    let dw: [__m256; G] = std::array::from_fn(|h| scales(blk[h]));
+                    for r in 0..R {
+                        let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(b));
+                        for h in 0..G {
+                            let f = _mm256_cvtepi32_ps(s[r][h]);
+                            acc[r][h] = _mm256_fmadd_ps(f, _mm256_mul_ps(dw[h], dx), acc[r][h]);
+                        }
+                    }
+                }
+                let mut out = [[[0f32; GROUP]; G]; R];
+                for r in 0..R {
+                    for h in 0..G {
+                        _mm256_storeu_ps(out[r][h].as_mut_ptr(), acc[r][h]);
+                    }
+                }
+                out
+            }
+        };
+    }
+
+    /// VNNI: from `−128·Σx`, `vpdpbusd` adds `(w + 128)·x` four bytes at a time.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    unsafe fn sums_vnni<const R: usize, const G: usize>(
+        xs: &[XRow; R],
+        blk: &[&Q8Group; G],
+        b: usize,
+    ) -> [[__m256i; G]; R] {
+        let mut s: [[__m256i; G]; R] =
+            std::array::from_fn(|r| [_mm256_set1_epi32(*xs[r].start.get_unchecked(b)); G]);
+        for c in 0..8 {
+            let w: [__m256i; G] = std::array::from_fn(|h| chunk(blk[h], c));
+            for r in 0..R {
+                let x = bytes4(&xs[r], b, c);
+                for h in 0..G {
+                    s[r][h] = _mm256_dpbusd_epi32(s[r][h], w[h], x);
+                }
+            }
+        }
+        s
+    }
+
+    /// AVX2: `maddubs(|w|, sign(x, w))` adds pairs into i16 (|w| ≤ 128, |x| ≤ 127: no
+    /// saturation), `madd` by ones the pairs into i32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sums_avx2<const R: usize, const G: usize>(
+        xs: &[XRow; R],
+        blk: &[&Q8Group; G],
+        b: usize,
+    ) -> [[__m256i; G]; R] {
+        let mut s = [[_mm256_setzero_si256(); G]; R];
+        let ones = _mm256_set1_epi16(1);
+        for c in 0..8 {
+            let w: [__m256i; G] =
+                std::array::from_fn(|h| _mm256_xor_si256(chunk(blk[h], c), _mm256_set1_epi8(-128)));
+            let wabs: [__m256i; G] = std::array::from_fn(|h| _mm256_sign_epi8(w[h], w[h]));
+            for r in 0..R {
+                let x = bytes4(&xs[r], b, c);
+                for h in 0..G {
+                    let p = _mm256_maddubs_epi16(wabs[h], _mm256_sign_epi8(x, w[h]));
+                    s[r][h] = _mm256_add_epi32(s[r][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        s
+    }
+
+    dots!(
+        dots_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        sums_vnni
+    );
+    dots!(dots_avx2, "avx2,fma,f16c", sums_avx2);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn quantized_rows_are_candles_blocks() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let x = Tensor::rand(-3f32, 3f32, (5, 96), &Device::Cpu).unwrap();
+        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<u8> = quantize_rows(&v, 96)
+            .iter()
+            .flat_map(|b| {
+                let mut o = b.d.to_le_bytes().to_vec();
+                o.extend(b.qs.iter().map(|&q| q as u8));
+                o
+            })
+            .collect();
+        let q = QTensor::quantize(&x, GgmlDType::Q8_0).unwrap();
+        assert_eq!(ours, q.data().unwrap().to_vec());
+    }
+
+    #[test]
+    fn q8_0_rows_are_the_product_of_their_quantized_inputs_and_weights() {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        let dev = Device::Cpu;
+        let x = Tensor::rand(-1f32, 1f32, (9, 96), &dev).unwrap();
+        // 70 rows: eight groups and a padded ninth; 300: past the serial threshold
+        for n in [70usize, 300] {
+            let w = Tensor::rand(-1f32, 1f32, (n, 96), &dev).unwrap();
+            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let rows = Q8Rows::from_qtensor(&q).unwrap();
+            let got = rows.product(&x).unwrap();
+            // the exact product of the dequantized input rows and weights
+            let deq = |t: &Tensor| {
+                QTensor::quantize(t, GgmlDType::Q8_0)
+                    .unwrap()
+                    .dequantize(&dev)
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap()
+            };
+            let want = deq(&x).matmul(&deq(&w).t().unwrap()).unwrap();
+            let got64 = got.to_dtype(candle_core::DType::F64).unwrap();
+            assert!(crate::testing::max_abs_diff(&got64, &want) < 1e-5);
+            // candle's QMatMul computes the same products (in another order)
+            let theirs =
+                candle_core::Module::forward(&QMatMul::from_qtensor(q).unwrap(), &x).unwrap();
+            assert!(crate::testing::max_abs_diff(&got, &theirs) < 1e-5);
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (s, m) in [(0usize, 1usize), (4, 1), (2, 5), (0, 9)] {
+                let part = rows.product(&x.narrow(0, s, m).unwrap()).unwrap();
+                assert_eq!(
+                    bits(&flat(&part)),
+                    bits(&flat(&got.narrow(0, s, m).unwrap()))
+                );
+            }
+            assert_eq!(rows.bytes(), n.div_ceil(8) * 3 * 272);
+        }
+    }
+
+    #[test]
+    fn q8_0_products_are_the_same_bits_with_every_instruction_set() {
+        // extreme bytes included: -128 and 127 in the weights, ±127 in the inputs
+        let mut seed = 7u64;
+        let mut byte = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 56) as u8 as i8
+        };
+        let mut block = |lo: i8| {
+            let mut qs = [0i8; 32];
+            qs.iter_mut().for_each(|q| *q = byte().max(lo));
+            qs[0] = lo;
+            qs[1] = 127;
+            let d = half::f16::from_f32((byte() as f32).abs() / 1000.0 + 1e-3);
+            BlockQ8 { d, qs }
+        };
+        let (m, n, kb) = (7usize, 21usize, 5usize);
+        let xb: Vec<BlockQ8> = (0..m * kb).map(|_| block(-127)).collect();
+        let wb: Vec<BlockQ8> = (0..n * kb).map(|_| block(-128)).collect();
+        let x = Q8Input::from_blocks(&xb, 32 * kb);
+        let w = Q8Rows::from_blocks(&wb, n, 32 * kb);
+        let run = |level| {
+            let mut out = vec![0f32; m * n];
+            w.product_into(level, &x, 0..m, &mut out);
+            out
+        };
+        let plain = run(Simd::Plain);
+        // the exact sums, in f64
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..kb)
+                    .map(|b| {
+                        let (x, w) = (&xb[i * kb + b], &wb[j * kb + b]);
+                        let s: i32 = (0..32).map(|t| x.qs[t] as i32 * w.qs[t] as i32).sum();
+                        s as f64 * x.d.to_f64() * w.d.to_f64()
+                    })
+                    .sum();
+                let got = plain[i * n + j] as f64;
+                assert!(
+                    (got - exact).abs() < 1e-4 * exact.abs().max(1.0),
+                    "{got} {exact}"
+                );
+            }
+        }
+        for level in [Simd::Avx2, Simd::Vnni] {
+            if level <= simd() {
+                assert_eq!(bits(&run(level)), bits(&plain), "{level:?}");
+            }
+        }
+    }
+}
