@@ -31,5 +31,9 @@ fi
 if [ -n "${LLAMA_SERVER:-}" ]; then
   "$BIN/export-gguf" --model "$MODEL" --type q8_0 --output "$W/model.q8_0.gguf" >/dev/null
   "$LLAMA_SERVER" -m "$W/model.q8_0.gguf" --port 8105 -np 8 -c 16384 -t "$(nproc)" >"$W/llama.log" 2>&1 & P=$!
-  wait_up 8105; echo "== llama-server -np 8, q8_0 GGUF"; load 8105 --skip-checks; stop $P
+  wait_up 8105; echo "== llama-server -np 8, q8_0 GGUF"; load 8105 --skip-checks
+  # llama-server keeps each slot's prompt in its cache and reuses the common prefix (the load's
+  # four prompts repeat); dialora has no prefix cache, so the same load is also run without it
+  echo "== llama-server -np 8, q8_0 GGUF, cache_prompt false"
+  load 8105 --skip-checks --extra-body '{"cache_prompt": false}'; stop $P
 fi

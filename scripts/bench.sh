@@ -55,6 +55,10 @@ fi
 line=$("$BIN/infer" --model "$MODEL" --prompt "$prompt" --max-new-tokens 128 2>&1 >/dev/null | grep tokens/s)
 echo "infer    dialora      $line"
 
+# ---- the q8_0 product of --quantize q8_0 alone, against candle's QMatMul on the same weight and
+# rows (1: single-stream decode, 8: a step of 8 sequences, 64: prefill), alternating
+"$BIN/bench-q8" --reps 30 | grep '^q8_0' | sed 's/^/infer    /'
+
 # ---- merger: seconds and peak RSS (f32 model 538 MB; largest tensor, the embedding, 113 MB)
 rm -rf "$OUT/adapter"
 "$BIN/trainer" --model "$MODEL" --data "$OUT/big-shards" --output-dir "$OUT/adapter" --max-steps 1 --per-device-train-batch-size 1 --lora-r 16 --target-modules all-linear --init-lora-weights false >/dev/null 2>&1

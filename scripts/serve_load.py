@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--models", default=None,
                     help="comma-separated models spread over the clients (client c asks models[c %% n])")
+    ap.add_argument("--extra-body", default=None,
+                    help="JSON merged into every load request (e.g. llama-server's {\"cache_prompt\": false})")
     ap.add_argument("--skip-checks", action="store_true",
                     help="only the load (for servers that accept any model name, as llama-server)")
     a = ap.parse_args()
@@ -69,6 +71,7 @@ def checks(client, model, a, openai):
 def run_load(client, spread, a, openai):
     prompts = ["I feel anxious about my exams.", "My friend stopped talking to me.",
                "I can't focus at work lately.", "How do I tell my parents I'm struggling?"]
+    extra = json.loads(a.extra_body) if a.extra_body else None
     lat, toks, ttft, errors = [], [], [], []
     lock = threading.Lock()
 
@@ -79,7 +82,7 @@ def run_load(client, spread, a, openai):
                 first, usage = None, None
                 for ch in client.chat.completions.create(
                         model=spread[c % len(spread)], max_tokens=a.max_tokens, seed=c * 1000 + i,
-                        stream=True, stream_options={"include_usage": True},
+                        stream=True, stream_options={"include_usage": True}, extra_body=extra,
                         messages=[{"role": "user", "content": prompts[(c + i) % len(prompts)]}]):
                     if first is None and ch.choices and ch.choices[0].delta.content:
                         first = time.perf_counter() - t
