@@ -171,11 +171,11 @@ impl Attention {
         seqs: &mut [(usize, usize, &mut LayerCache)],
         rope: &Rope,
     ) -> Result<Tensor> {
-        // q, k and v read one input: prepared (quantized) once
-        let prep = self.q.prepare(x)?;
-        let q = self.q.forward_rows(x, rows, &prep)?;
-        let k = self.k.forward_rows(x, rows, &prep)?;
-        let v = self.v.forward_rows(x, rows, &prep)?;
+        // q, k and v read one input: their frozen products in one pass
+        let [pq, pk, pv] = LoraLinear::prepare([&self.q, &self.k, &self.v], x)?;
+        let q = self.q.forward_rows(x, rows, &pq)?;
+        let k = self.k.forward_rows(x, rows, &pk)?;
+        let v = self.v.forward_rows(x, rows, &pv)?;
         let mut outs = Vec::with_capacity(seqs.len());
         for (start, t, cache) in seqs.iter_mut() {
             let (start, t) = (*start, *t);
@@ -195,7 +195,8 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        self.o.forward_rows(&o, rows, &self.o.prepare(&o)?)
+        let [po] = LoraLinear::prepare([&self.o], &o)?;
+        self.o.forward_rows(&o, rows, &po)
     }
 
     /// Rotary embedding, the cache and the attention proper for `b` sequences of `t` new

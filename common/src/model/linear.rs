@@ -4,7 +4,7 @@
 //! Only the LoRA matrices get gradients; for the frozen weight the backward computes the input
 //! gradient alone (`dx = dy W`), never `dW`.
 
-use super::q8::Q8Input;
+use super::q8::{products_of, Q8Input, Q8Rows};
 use super::{matmul, ops, Grads, TrainCtx};
 use candle_core::{Result, Tensor};
 
@@ -128,8 +128,8 @@ pub(crate) struct StepRows<'a> {
     pub parts: Vec<(usize, usize, Option<&'a AdapterBranches>)>,
 }
 
-/// A step's input as the packed weights read it (`LoraLinear::prepare`).
-pub(crate) struct Prepared(Option<Q8Input>);
+/// A layer's frozen products of a step's rows, computed ahead (`LoraLinear::prepare`).
+pub(crate) struct Prepared(Option<Tensor>);
 
 /// What the backward needs from the forward.
 pub struct LinearSaved {
@@ -193,18 +193,32 @@ impl LoraLinear {
         self.with_bias(y)
     }
 
-    /// What `forward_rows` of this layer, and of the others that read the same `x`, share: for
-    /// a q8_0 weight the rows of `x` quantized (once for q, k and v, once for gate and up).
-    pub(crate) fn prepare(&self, x: &Tensor) -> Result<Prepared> {
-        Ok(Prepared(match &self.packed {
-            Some(Packed::Q8(_)) => Some(Q8Input::of(&x.contiguous()?)?),
-            _ => None,
-        }))
+    /// The frozen products of a step's rows `x` computed ahead for the `layers` that read it
+    /// (q, k and v; gate and up), in `layers`' order: when all are q8_0, the rows quantized
+    /// once and every product in one parallel pass (`q8::products_of`); otherwise none (each
+    /// layer's `forward_rows` computes its own).
+    pub(crate) fn prepare<const N: usize>(
+        layers: [&LoraLinear; N],
+        x: &Tensor,
+    ) -> Result<[Prepared; N]> {
+        let q8: Option<Vec<&Q8Rows>> = layers
+            .iter()
+            .map(|l| match &l.packed {
+                Some(Packed::Q8(w)) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let Some(ws) = q8 else {
+            return Ok(std::array::from_fn(|_| Prepared(None)));
+        };
+        let q = Q8Input::of(&x.contiguous()?)?;
+        let mut ys = products_of(&ws, &q, 0..x.dim(0)?, x.device())?.into_iter();
+        Ok(std::array::from_fn(|_| Prepared(ys.next())))
     }
 
-    /// The frozen product of rows `start..start + n` of `x`: the row kernel for decode rows
-    /// (`rows`), the GEMM for a prefill chunk, or the packed weight's own product (from the
-    /// prepared input when there is one).
+    /// The frozen product of rows `start..start + n` of `x`: computed ahead (`prep`), or the
+    /// row kernel for decode rows (`rows`), the GEMM for a prefill chunk, the packed weight's
+    /// own product.
     fn base_part(
         &self,
         x: &Tensor,
@@ -212,18 +226,18 @@ impl LoraLinear {
         prep: &Prepared,
         rows: bool,
     ) -> Result<Tensor> {
-        let y = match (&self.packed, &prep.0) {
-            (Some(Packed::Q8(w)), Some(q)) => w.product_of(q, start..start + n, x.device())?,
-            (Some(p), _) => p.product(&x.narrow(0, start, n)?)?,
-            (None, _) if rows => matmul::rows_matmul(&x.narrow(0, start, n)?, &self.weight)?,
-            (None, _) => matmul::matmul(&x.narrow(0, start, n)?, &self.weight.t()?)?,
+        let y = match (&prep.0, &self.packed) {
+            (Some(y), _) => y.narrow(0, start, n)?,
+            (None, Some(p)) => p.product(&x.narrow(0, start, n)?)?,
+            (None, None) if rows => matmul::rows_matmul(&x.narrow(0, start, n)?, &self.weight)?,
+            (None, None) => matmul::matmul(&x.narrow(0, start, n)?, &self.weight.t()?)?,
         };
         self.with_bias(y)
     }
 
     /// The rows of a batched step (`StepRows`): the frozen product once over all decode rows,
     /// once per prefill chunk, and each adapter's LoRA term (its own scale) on its rows only.
-    /// `prep`: `prepare(x)` of this layer or of another reading the same `x`.
+    /// `prep`: this layer's of `prepare`.
     pub(crate) fn forward_rows(
         &self,
         x: &Tensor,

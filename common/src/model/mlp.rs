@@ -59,12 +59,13 @@ impl Mlp {
 
     /// The rows of a batched step, `x: [rows, D]` (`LoraLinear::forward_rows`).
     pub(crate) fn forward_rows(&self, x: &Tensor, rows: &StepRows) -> Result<Tensor> {
-        // gate and up read one input: prepared (quantized) once
-        let prep = self.gate.prepare(x)?;
-        let g = self.gate.forward_rows(x, rows, &prep)?;
-        let u = self.up.forward_rows(x, rows, &prep)?;
+        // gate and up read one input: their frozen products in one pass
+        let [pg, pu] = LoraLinear::prepare([&self.gate, &self.up], x)?;
+        let g = self.gate.forward_rows(x, rows, &pg)?;
+        let u = self.up.forward_rows(x, rows, &pu)?;
         let a = ops::swiglu(&g, &u)?;
-        self.down.forward_rows(&a, rows, &self.down.prepare(&a)?)
+        let [pd] = LoraLinear::prepare([&self.down], &a)?;
+        self.down.forward_rows(&a, rows, &pd)
     }
 
     /// Input gradient from the output gradient `dy: [B, T, D]`; LoRA gradients go into `grads`.

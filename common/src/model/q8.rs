@@ -218,24 +218,11 @@ impl Q8Rows {
         rows: std::ops::Range<usize>,
         dev: &candle_core::Device,
     ) -> Result<Tensor> {
-        if x.k != self.k || rows.end > x.m {
-            candle_core::bail!(
-                "q8_0 product: rows {rows:?} of [{}, {}] x [{}, {}]ᵀ",
-                x.m,
-                x.k,
-                self.n,
-                self.k
-            );
-        }
-        let m = rows.len();
-        let mut out = vec![0f32; m * self.n];
-        self.product_into(simd(), x, rows, &mut out);
-        Tensor::from_vec(out, (m, self.n), dev)
+        Ok(products_of(&[self], x, rows, dev)?.remove(0))
     }
 
     /// `dst[i·n + j] = dot(x_i, w_j)` with the instructions of `level` (at most `simd()`).
-    /// Blocks of groups run in parallel; each group is read once for all of `x`'s rows, two
-    /// groups against four input rows at a time.
+    #[cfg(test)]
     fn product_into(
         &self,
         level: Simd,
@@ -243,13 +230,20 @@ impl Q8Rows {
         rows: std::ops::Range<usize>,
         dst: &mut [f32],
     ) {
-        use rayon::prelude::*;
-        assert!(level <= simd(), "{level:?} is not available here");
-        assert!(x.k == self.k && rows.end <= x.m && dst.len() == rows.len() * self.n);
-        let (first, m, n, kb) = (rows.start, rows.len(), self.n, self.k / 32);
-        let groups = n.div_ceil(GROUP);
-        let per_block = groups.div_ceil(4 * get_threads().max(1)).clamp(4, 192);
-        let out = Dst(dst.as_mut_ptr());
+        products_into(level, &mut [(self, dst)], x, rows)
+    }
+
+    /// Groups `gs` of the product into `out` (`[rows, n]`): each group read once for all the
+    /// rows, two groups against four input rows at a time.
+    fn groups_into(
+        &self,
+        level: Simd,
+        x: &Q8Input,
+        (first, m): (usize, usize),
+        gs: std::ops::Range<usize>,
+        out: Dst,
+    ) {
+        let (n, kb) = (self.n, self.k / 32);
         let group = |g: usize| &self.groups[g * kb..(g + 1) * kb];
         let put = |i: usize, g: usize, v: &[f32; GROUP]| {
             // the padding rows of the last group are left out
@@ -259,44 +253,111 @@ impl Q8Rows {
                 unsafe { *out.ptr().add(i * n + GROUP * g + j) = v };
             }
         };
-        let run_block = |bi: usize| {
-            let end = ((bi + 1) * per_block).min(groups);
-            let mut g = bi * per_block;
-            while g < end {
-                let two = g + 2 <= end;
-                let mut i = 0;
-                while i < m {
-                    let four = i + 4 <= m;
-                    macro_rules! go {
-                        ($r:literal, $g:literal) => {{
-                            let xs: [XRow; $r] = std::array::from_fn(|r| x.row(first + i + r));
-                            let ws: [&[Q8Group]; $g] = std::array::from_fn(|h| group(g + h));
-                            let v = dots_with(level, &xs, &ws);
-                            for r in 0..$r {
-                                for h in 0..$g {
-                                    put(i + r, g + h, &v[r][h]);
-                                }
+        let mut g = gs.start;
+        while g < gs.end {
+            let two = g + 2 <= gs.end;
+            let mut i = 0;
+            while i < m {
+                let four = i + 4 <= m;
+                macro_rules! go {
+                    ($r:literal, $g:literal) => {{
+                        let xs: [XRow; $r] = std::array::from_fn(|r| x.row(first + i + r));
+                        let ws: [&[Q8Group]; $g] = std::array::from_fn(|h| group(g + h));
+                        let v = dots_with(level, &xs, &ws);
+                        for r in 0..$r {
+                            for h in 0..$g {
+                                put(i + r, g + h, &v[r][h]);
                             }
-                        }};
-                    }
-                    match (four, two) {
-                        (true, true) => go!(4, 2),
-                        (true, false) => go!(4, 1),
-                        (false, true) => go!(1, 2),
-                        (false, false) => go!(1, 1),
-                    }
-                    i += if four { 4 } else { 1 };
+                        }
+                    }};
                 }
-                g += if two { 2 } else { 1 };
+                match (four, two) {
+                    (true, true) => go!(4, 2),
+                    (true, false) => go!(4, 1),
+                    (false, true) => go!(1, 2),
+                    (false, false) => go!(1, 1),
+                }
+                i += if four { 4 } else { 1 };
             }
-        };
-        let blocks = groups.div_ceil(per_block);
-        // a small product costs less than waking the thread pool
-        if m * n * self.k < SERIAL_BELOW {
-            (0..blocks).for_each(run_block);
-        } else {
-            (0..blocks).into_par_iter().for_each(run_block);
+            g += if two { 2 } else { 1 };
         }
+    }
+}
+
+/// The products of rows `rows` of one quantized input with several weights (q, k and v; gate
+/// and up) in one parallel pass over all their groups: the pool is woken once, not once per
+/// weight, and the threads share out the work of all of them. `[rows, n]` each.
+pub(crate) fn products_of(
+    ws: &[&Q8Rows],
+    x: &Q8Input,
+    rows: std::ops::Range<usize>,
+    dev: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
+    for w in ws {
+        if x.k != w.k || rows.end > x.m {
+            candle_core::bail!(
+                "q8_0 product: rows {rows:?} of [{}, {}] x [{}, {}]ᵀ",
+                x.m,
+                x.k,
+                w.n,
+                w.k
+            );
+        }
+    }
+    let m = rows.len();
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
+    let mut pairs: Vec<(&Q8Rows, &mut [f32])> = ws
+        .iter()
+        .copied()
+        .zip(outs.iter_mut().map(|o| o.as_mut_slice()))
+        .collect();
+    products_into(simd(), &mut pairs, x, rows);
+    outs.into_iter()
+        .zip(ws)
+        .map(|(o, w)| Tensor::from_vec(o, (m, w.n), dev))
+        .collect()
+}
+
+/// `dst[i·n + j] = dot(x_i, w_j)` for each `(w, dst)`, with the instructions of `level` (at
+/// most `simd()`): blocks of groups of all the weights run in parallel.
+fn products_into(
+    level: Simd,
+    ws: &mut [(&Q8Rows, &mut [f32])],
+    x: &Q8Input,
+    rows: std::ops::Range<usize>,
+) {
+    use rayon::prelude::*;
+    assert!(level <= simd(), "{level:?} is not available here");
+    let m = rows.len();
+    for (w, dst) in ws.iter() {
+        assert!(x.k == w.k && rows.end <= x.m && dst.len() == m * w.n);
+    }
+    let groups: usize = ws.iter().map(|(w, _)| w.n.div_ceil(GROUP)).sum();
+    let per_block = groups.div_ceil(4 * get_threads().max(1)).clamp(4, 192);
+    // (weight, its groups) of each block; a block never spans two weights
+    let mut blocks = Vec::new();
+    for (wi, (w, _)) in ws.iter().enumerate() {
+        let gn = w.n.div_ceil(GROUP);
+        blocks.extend(
+            (0..gn)
+                .step_by(per_block)
+                .map(|g| (wi, g..(g + per_block).min(gn))),
+        );
+    }
+    let outs: Vec<(&Q8Rows, Dst)> = ws
+        .iter_mut()
+        .map(|(w, d)| (*w, Dst(d.as_mut_ptr())))
+        .collect();
+    let run = |(wi, gs): &(usize, std::ops::Range<usize>)| {
+        let (w, out) = outs[*wi];
+        w.groups_into(level, x, (rows.start, m), gs.clone(), out);
+    };
+    let macs: usize = ws.iter().map(|(w, _)| m * w.n * w.k).sum();
+    // a small product costs less than waking the thread pool
+    if macs < SERIAL_BELOW {
+        blocks.iter().for_each(run);
+    } else {
+        blocks.par_iter().for_each(run);
     }
 }
 
@@ -535,6 +596,30 @@ mod tests {
             }
             assert_eq!(rows.bytes(), n.div_ceil(8) * k / 32 * 272);
         }
+    }
+
+    #[test]
+    fn products_in_one_pass_are_each_weights_own() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        // 4 × 257 × 256 multiply-adds: past the serial threshold
+        let x = Tensor::rand(-1f32, 1f32, (6, 256), &dev).unwrap();
+        let ws: Vec<Q8Rows> = [200usize, 40, 17]
+            .iter()
+            .map(|&n| {
+                let w = Tensor::rand(-1f32, 1f32, (n, 256), &dev).unwrap();
+                Q8Rows::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap()
+            })
+            .collect();
+        let q = Q8Input::of(&x).unwrap();
+        let refs: Vec<&Q8Rows> = ws.iter().collect();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let together = products_of(&refs, &q, 1..5, &dev).unwrap();
+        for (w, y) in ws.iter().zip(&together) {
+            let alone = w.product(&x.narrow(0, 1, 4).unwrap()).unwrap();
+            assert_eq!(bits(&flat(y)), bits(&flat(&alone)));
+        }
+        assert!(products_of(&refs, &q, 0..7, &dev).is_err());
     }
 
     #[test]
