@@ -249,22 +249,23 @@ impl LoraLinear {
         if rows.decode > 0 {
             let y = self.base_part(x, (0, rows.decode), prep, true)?;
             let decode_parts = rows.parts.iter().filter(|p| p.0 < rows.decode);
-            if decode_parts.clone().any(|p| branch(p.2).is_some()) {
-                let mut deltas = Vec::new();
-                for &(start, n, a) in decode_parts {
-                    deltas.push(match branch(a) {
-                        Some(l) => {
-                            let (la, lb) = l.factors(x.dtype())?;
-                            let h = matmul::rows_matmul(&x.narrow(0, start, n)?, &la)?;
-                            (matmul::rows_matmul(&h, &lb)? * l.scale)?
-                        }
-                        None => Tensor::zeros((n, self.out_dim()), y.dtype(), y.device())?,
-                    });
+            // each run's LoRA term on its rows (runs of the base model get none)
+            let mut factors = Vec::new();
+            for &(start, n, a) in decode_parts {
+                if let Some(l) = branch(a) {
+                    let (la, lb) = l.factors(x.dtype())?;
+                    factors.push((start, n, la, lb, l.scale));
                 }
-                outs.push((y + Tensor::cat(&deltas, 0)?)?);
-            } else {
-                outs.push(y);
             }
+            let runs: Vec<matmul::LoraRun> = factors
+                .iter()
+                .map(|(s, n, a, b, c)| (*s, *n, a, b, *c))
+                .collect();
+            outs.push(if runs.is_empty() {
+                y
+            } else {
+                matmul::add_lora_rows(y, &x.narrow(0, 0, rows.decode)?, &runs)?
+            });
         }
         for &(start, n, a) in rows.parts.iter().filter(|p| p.0 >= rows.decode) {
             let y = self.base_part(x, (start, n), prep, false)?;
