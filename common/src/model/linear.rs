@@ -78,8 +78,8 @@ pub struct LoraLinear {
 /// other rows.
 pub enum Packed {
     Bf16(Tensor),
-    /// candle's Q8_0 blocks read by the row kernel (its product for several rows is the one
-    /// that reads each weight once; `QMatMul`'s is not).
+    /// candle's Q8_0 blocks in groups of eight rows, for the q8_0 × q8_0 product of `q8.rs`
+    /// (it reads each weight once for all the rows of a product; `QMatMul` does not).
     Q8(super::q8::Q8Rows),
     Quantized(candle_core::quantized::QMatMul),
 }
@@ -250,17 +250,13 @@ impl LoraLinear {
             let y = self.base_part(x, (0, rows.decode), prep, true)?;
             let decode_parts = rows.parts.iter().filter(|p| p.0 < rows.decode);
             // each run's LoRA term on its rows (runs of the base model get none)
-            let mut factors = Vec::new();
+            let mut runs: Vec<matmul::LoraRun> = Vec::new();
             for &(start, n, a) in decode_parts {
                 if let Some(l) = branch(a) {
                     let (la, lb) = l.factors(x.dtype())?;
-                    factors.push((start, n, la, lb, l.scale));
+                    runs.push((start, n, la, lb, l.scale));
                 }
             }
-            let runs: Vec<matmul::LoraRun> = factors
-                .iter()
-                .map(|(s, n, a, b, c)| (*s, *n, a, b, *c))
-                .collect();
             outs.push(if runs.is_empty() {
                 y
             } else {

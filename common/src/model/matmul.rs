@@ -615,7 +615,15 @@ pub fn rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// One run of decode rows and its LoRA branch: `(first row, rows, A [r, in], B [out, r], scale)`.
-pub(crate) type LoraRun<'a> = (usize, usize, &'a Tensor, &'a Tensor, f64);
+pub(crate) type LoraRun = (usize, usize, Tensor, Tensor, f64);
+
+/// The contiguous f32 data of a CPU tensor's storage.
+fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(s) => super::ops::f32_slice(s, l),
+        _ => candle_core::bail!("add_lora_rows: a tensor not on the CPU"),
+    }
+}
 
 /// `y[rows of a run] += scale · (x_run Aᵀ) Bᵀ` for every run, `x: [rows, in]`, `y: [rows, out]`:
 /// the LoRA terms of a decode step's runs of adapters by the row kernel, with no tensor op per
@@ -623,14 +631,12 @@ pub(crate) type LoraRun<'a> = (usize, usize, &'a Tensor, &'a Tensor, f64);
 /// operations, in the same order, as `y + rows_matmul(rows_matmul(x_run, A), B) * scale`.
 pub(crate) fn add_lora_rows(y: Tensor, x: &Tensor, runs: &[LoraRun]) -> Result<Tensor> {
     let cpu = |t: &Tensor| is_cpu_f32(t) && t.rank() == 2;
-    if !(cpu(&y) && cpu(x) && runs.iter().all(|r| cpu(r.2) && cpu(r.3))) {
+    if !(cpu(&y) && cpu(x) && runs.iter().all(|r| cpu(&r.2) && cpu(&r.3))) {
         let mut y = y;
-        for &(start, n, a, b, scale) in runs {
-            let d = (rows_matmul(&rows_matmul(&x.narrow(0, start, n)?, a)?, b)? * scale)?;
-            y = y.slice_assign(
-                &[start..start + n, 0..y.dim(1)?],
-                &(y.narrow(0, start, n)? + d)?,
-            )?;
+        for (start, n, a, b, scale) in runs {
+            let d = (rows_matmul(&rows_matmul(&x.narrow(0, *start, *n)?, a)?, b)? * *scale)?;
+            let sum = (y.narrow(0, *start, *n)? + d)?;
+            y = y.slice_assign(&[*start..start + n, 0..y.dim(1)?], &sum)?;
         }
         return Ok(y);
     }
@@ -638,14 +644,11 @@ pub(crate) fn add_lora_rows(y: Tensor, x: &Tensor, runs: &[LoraRun]) -> Result<T
     let k = x.dim(1)?;
     let mut yv: Vec<f32> = y.flatten_all()?.to_vec1()?;
     let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(xs) = &*xs else {
-        candle_core::bail!("add_lora_rows: x is not on the CPU");
-    };
-    let xv = super::ops::f32_slice(xs, xl)?;
-    for &(start, n, a, b, scale) in runs {
-        let (r, out_b) = (a.dim(0)?, b.dim(0)?);
-        if start + n > rows || a.dim(1)? != k || out_b != out || b.dim(1)? != r {
+    let (sx, lx) = x.storage_and_layout();
+    let xv = cpu_f32(&sx, lx)?;
+    for (start, n, a, b, scale) in runs {
+        let (start, n, r) = (*start, *n, a.dim(0)?);
+        if start + n > rows || a.dim(1)? != k || b.dims() != [out, r] {
             candle_core::bail!(
                 "LoRA run {start}+{n} of [{rows}, {k}] with A {:?}, B {:?}",
                 a.dims(),
@@ -654,13 +657,7 @@ pub(crate) fn add_lora_rows(y: Tensor, x: &Tensor, runs: &[LoraRun]) -> Result<T
         }
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        let (candle_core::Storage::Cpu(sa), candle_core::Storage::Cpu(sb)) = (&*sa, &*sb) else {
-            candle_core::bail!("add_lora_rows: A or B is not on the CPU");
-        };
-        let (av, bv) = (
-            super::ops::f32_slice(sa, la)?,
-            super::ops::f32_slice(sb, lb)?,
-        );
+        let (av, bv) = (cpu_f32(&sa, la)?, cpu_f32(&sb, lb)?);
         let mut h = vec![0f32; n * r];
         rows_kernel(
             &xv[start * k..(start + n) * k],
@@ -671,7 +668,7 @@ pub(crate) fn add_lora_rows(y: Tensor, x: &Tensor, runs: &[LoraRun]) -> Result<T
             1.0,
         );
         let yr = &mut yv[start * out..(start + n) * out];
-        rows_kernel(&h, bv, (n, r, out), yr, true, scale as f32);
+        rows_kernel(&h, bv, (n, r, out), yr, true, *scale as f32);
     }
     Tensor::from_vec(yv, (rows, out), y.device())
 }
@@ -746,28 +743,49 @@ mod tests {
     #[test]
     fn lora_runs_are_added_as_the_tensor_ops_add_them() {
         let dev = Device::Cpu;
-        let r = |d: (usize, usize)| Tensor::rand(-1f32, 1f32, d, &dev).unwrap();
-        let (x, y) = (r((7, 96)), r((7, 40)));
-        let (a1, b1, a2, b2) = (r((4, 96)), r((40, 4)), r((8, 96)), r((40, 8)));
-        // rows 0..2 on adapter 1, 2..3 none, 3..7 on adapter 2
-        let runs: Vec<LoraRun> = vec![(0, 2, &a1, &b1, 2.0), (3, 4, &a2, &b2, 0.5)];
-        let got = add_lora_rows(y.clone(), &x, &runs).unwrap();
-        let delta = |s: usize, n: usize, a: &Tensor, b: &Tensor, c: f64| {
-            let h = rows_matmul(&x.narrow(0, s, n).unwrap(), a).unwrap();
-            (rows_matmul(&h, b).unwrap() * c).unwrap()
-        };
-        let want = (&y
-            + Tensor::cat(
-                &[
-                    delta(0, 2, &a1, &b1, 2.0),
-                    Tensor::zeros((1, 40), candle_core::DType::F32, &dev).unwrap(),
-                    delta(3, 4, &a2, &b2, 0.5),
-                ],
-                0,
-            )
-            .unwrap())
-        .unwrap();
-        assert_eq!(bits(&got), bits(&want));
+        // f32 takes the row kernel into the output; f64 the tensor ops, one run at a time
+        for dt in [candle_core::DType::F32, candle_core::DType::F64] {
+            let r = |d: (usize, usize)| {
+                Tensor::rand(-1f32, 1f32, d, &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap()
+            };
+            let (x, y) = (r((7, 96)), r((7, 40)));
+            let (a1, b1, a2, b2) = (r((4, 96)), r((40, 4)), r((8, 96)), r((40, 8)));
+            // rows 0..2 on adapter 1, 2..3 none, 3..7 on adapter 2
+            let runs: Vec<LoraRun> = vec![
+                (0, 2, a1.clone(), b1.clone(), 2.0),
+                (3, 4, a2.clone(), b2.clone(), 0.5),
+            ];
+            let got = add_lora_rows(y.clone(), &x, &runs).unwrap();
+            let delta = |s: usize, n: usize, a: &Tensor, b: &Tensor, c: f64| {
+                let h = rows_matmul(&x.narrow(0, s, n).unwrap(), a).unwrap();
+                (rows_matmul(&h, b).unwrap() * c).unwrap()
+            };
+            let want = (&y
+                + Tensor::cat(
+                    &[
+                        delta(0, 2, &a1, &b1, 2.0),
+                        Tensor::zeros((1, 40), dt, &dev).unwrap(),
+                        delta(3, 4, &a2, &b2, 0.5),
+                    ],
+                    0,
+                )
+                .unwrap())
+            .unwrap();
+            let as_bits = |t: &Tensor| {
+                let v: Vec<f64> = t
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                v.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(as_bits(&got), as_bits(&want), "{dt:?}");
+        }
     }
 
     #[test]

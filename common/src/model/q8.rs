@@ -37,13 +37,20 @@ const _: () = assert!(
 );
 
 /// `x` (`[m, k]`, `k` a multiple of 32) quantized row by row to Q8_0 by candle
-/// (`BlockQ8_0::from_float`, what its `QMatMul` and llama.cpp do to the input of a q8_0 product).
+/// (`BlockQ8_0::from_float`, what its `QMatMul` and llama.cpp do to the input of a q8_0 product),
+/// pieces of at least ~8k values in parallel.
 pub(crate) fn quantize_rows(x: &[f32], k: usize) -> Vec<BlockQ8> {
     use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    use rayon::prelude::*;
     let mut q = vec![BlockQ8_0::zeros(); x.len() / 32];
-    for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
-        BlockQ8_0::from_float(x, q);
-    }
+    let per = (8192 / k.max(1)).max(1);
+    x.par_chunks(per * k)
+        .zip(q.par_chunks_mut(per * k / 32))
+        .for_each(|(x, q)| {
+            for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
+                BlockQ8_0::from_float(x, q);
+            }
+        });
     // SAFETY: both types are `repr(C)` { f16, [i8; 32] } of one size and alignment (asserted
     // above; `quantized_rows_are_candles_blocks` checks the bytes against candle's own)
     q.iter()
@@ -70,32 +77,9 @@ struct XRow<'a> {
 }
 
 impl Q8Input {
-    /// `x: [m, k]` quantized by candle (`quantize_rows`), rows in parallel when there are many.
+    /// `x: [m, k]` quantized by candle (`quantize_rows`).
     pub(crate) fn quantize(x: &[f32], k: usize) -> Self {
-        use rayon::prelude::*;
-        // rows per parallel piece: at least ~8k values, so the pool is not woken for less
-        let per = (8192 / k.max(1)).max(1);
-        if x.len() < 2 * per * k {
-            return Self::from_blocks(&quantize_rows(x, k), k);
-        }
-        let parts: Vec<Q8Input> = x
-            .par_chunks(per * k)
-            .map(|x| Self::from_blocks(&quantize_rows(x, k), k))
-            .collect();
-        let mut all = Q8Input {
-            qs: Vec::with_capacity(x.len()),
-            d: Vec::with_capacity(x.len() / 32),
-            start: Vec::with_capacity(x.len() / 32),
-            m: 0,
-            k,
-        };
-        for p in parts {
-            all.qs.extend_from_slice(&p.qs);
-            all.d.extend_from_slice(&p.d);
-            all.start.extend_from_slice(&p.start);
-            all.m += p.m;
-        }
-        all
+        Self::from_blocks(&quantize_rows(x, k), k)
     }
 
     /// The rows of an f32 tensor `[m, k]` (on the CPU), quantized.
