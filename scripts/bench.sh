@@ -55,6 +55,10 @@ fi
 line=$("$BIN/infer" --model "$MODEL" --prompt "$prompt" --max-new-tokens 128 2>&1 >/dev/null | grep tokens/s)
 echo "infer    dialora      $line"
 
+# ---- decode steps of the engine per weight format, 1 and 8 sequences, against the bandwidth
+# bound (bytes of weights a step reads / the measured read bandwidth)
+"$BIN/bench-step" --model "$MODEL" | grep '^decode\|^memory' | sed 's/^/infer    /'
+
 # ---- the q8_0 product of --quantize q8_0 alone, against candle's QMatMul on the same weight and
 # rows (1: single-stream decode, 8: a step of 8 sequences, 64: prefill), alternating
 "$BIN/bench-q8" --reps 30 | grep '^q8_0' | sed 's/^/infer    /'

@@ -20,6 +20,7 @@
 //! | `serve` | the OpenAI-compatible HTTP server of `infer --serve` |
 //! | `report` | the HTML run comparison |
 //! | `bench` | the LoRA training benchmark |
+//! | `decode_bench` | the decode-step benchmark and the memory-read bandwidth that bounds it |
 //! | `device`, `progress` | device/dtype arguments, CPU threads, memory; progress output |
 //! | `cli` | exit statuses, one-line errors, stdout that may close (`| head`) |
 
@@ -29,6 +30,7 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod decode_bench;
 pub mod device;
 pub mod engine;
 pub mod generate;

@@ -22,6 +22,7 @@
 //! dx = dQ Wq + dK Wk + dV Wv              summed in one buffer by the GEMMs
 //! ```
 
+use super::kv::{self, Heads, HostRope, LayerCache};
 use super::linear::{LinearSaved, LoraLinear, StepRows};
 use super::{matmul, ops, Grads, TrainCtx};
 use crate::config::ModelConfig;
@@ -32,6 +33,8 @@ use candle_nn::VarBuilder;
 pub(crate) struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The tables as f32 rows on the CPU, for `kv::attend_host`.
+    host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Rope {
@@ -43,10 +46,18 @@ impl Rope {
             .to_dtype(DType::F32)?
             .reshape((n, 1))?;
         let freqs = pos.broadcast_mul(&inv)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-        })
+        let (cos, sin) = (freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?);
+        let host = if dev.is_cpu() && dtype == DType::F32 {
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            Some((flat(&cos)?, flat(&sin)?))
+        } else {
+            None
+        };
+        Ok(Self { cos, sin, host })
+    }
+
+    fn host(&self) -> Option<HostRope<'_>> {
+        self.host.as_ref().map(|(cos, sin)| HostRope { cos, sin })
     }
 
     /// The tables of positions `pos..pos + t`.
@@ -96,19 +107,6 @@ struct Attended {
     p: Tensor,
 }
 
-/// A layer's key/value cache: roped keys and values `[B, KVH, positions, hd]`, written in
-/// place into room that grows by `CACHE_BLOCK` positions at a time (candle's own cache), so a
-/// decode step writes its one position instead of copying the whole cache.
-pub(crate) type LayerCache = candle_nn::kv_cache::KvCache;
-
-/// Positions a layer's cache makes room for at a time.
-const CACHE_BLOCK: usize = 256;
-
-/// An empty layer cache.
-pub(crate) fn layer_cache() -> LayerCache {
-    candle_nn::kv_cache::KvCache::new(2, CACHE_BLOCK)
-}
-
 impl Attention {
     pub(crate) fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (h, kv, hd, d) = (
@@ -144,20 +142,51 @@ impl Attention {
         let (q, lq) = self.q.forward_t(&x2, ctx)?;
         let (k, lk) = self.k.forward_t(&x2, ctx)?;
         let (v, lv) = self.v.forward_t(&x2, ctx)?;
-        let a = self.attend(&q, &k, &v, (b, t, pos), rope, cache)?;
-        let (y, lo) = self.o.forward_t(&a.o, ctx)?;
+        let (o, a) = match cache {
+            Some(c) if ctx.is_none() && b == 1 && c.host_for(&q) && rope.host().is_some() => {
+                (self.attend_host(&q, &k, &v, &mut [(0, t, c)], rope)?, None)
+            }
+            cache => {
+                let a = self.attend(&q, &k, &v, (b, t, pos), rope, cache)?;
+                (a.o.clone(), Some(a))
+            }
+        };
+        let (y, lo) = self.o.forward_t(&o, ctx)?;
         let y = y.reshape((b, t, d))?;
-        let saved = ctx.map(|_| AttnSaved {
-            lq,
-            lk,
-            lv,
-            lo,
-            q: a.q,
-            k: a.k,
-            v: a.v,
-            p: a.p,
-        });
+        let saved = match (ctx, a) {
+            (Some(_), Some(a)) => Some(AttnSaved {
+                lq,
+                lk,
+                lv,
+                lo,
+                q: a.q,
+                k: a.k,
+                v: a.v,
+                p: a.p,
+            }),
+            _ => None,
+        };
         Ok((y, saved))
+    }
+
+    /// The attention of cached sequences on the CPU in f32, all in one pass (`kv::attend_host`).
+    fn attend_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [(usize, usize, &mut LayerCache)],
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let Some(tables) = rope.host() else {
+            candle_core::bail!("attend_host: no f32 rotary tables on the CPU");
+        };
+        let heads = Heads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        kv::attend_host(q, k, v, seqs, &tables, heads)
     }
 
     /// The rows of a batched step (`StepRows`), `x: [rows, D]`: the projections over all rows
@@ -176,6 +205,24 @@ impl Attention {
         let q = self.q.forward_rows(x, rows, &pq)?;
         let k = self.k.forward_rows(x, rows, &pk)?;
         let v = self.v.forward_rows(x, rows, &pv)?;
+        let o = if rope.host().is_some() && seqs.iter().all(|s| s.2.host_for(&q)) {
+            self.attend_host(&q, &k, &v, seqs, rope)?
+        } else {
+            self.attend_each(&q, &k, &v, seqs, rope)?
+        };
+        let [po] = LoraLinear::prepare([&self.o], &o)?;
+        self.o.forward_rows(&o, rows, &po)
+    }
+
+    /// The attention of each sequence of a step by tensor ops, one after the other.
+    fn attend_each(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [(usize, usize, &mut LayerCache)],
+        rope: &Rope,
+    ) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(seqs.len());
         for (start, t, cache) in seqs.iter_mut() {
             let (start, t) = (*start, *t);
@@ -190,13 +237,11 @@ impl Attention {
             )?;
             outs.push(a.o);
         }
-        let o = if outs.len() == 1 {
-            outs.pop().expect("one sequence")
+        if outs.len() == 1 {
+            Ok(outs.pop().expect("one sequence"))
         } else {
-            Tensor::cat(&outs, 0)?
-        };
-        let [po] = LoraLinear::prepare([&self.o], &o)?;
-        self.o.forward_rows(&o, rows, &po)
+            Tensor::cat(&outs, 0)
+        }
     }
 
     /// Rotary embedding, the cache and the attention proper for `b` sequences of `t` new

@@ -12,7 +12,8 @@
 //! with RMSNorm's input gradient (weight `w` frozen, `r = 1/sqrt(mean(x²) + eps)`,
 //! `x̂ = x r`): `dx = r (dy ⊙ w − x̂ · mean(dy ⊙ w ⊙ x̂))`.
 
-use super::attention::{Attention, AttnSaved, LayerCache, Rope};
+use super::attention::{Attention, AttnSaved, Rope};
+use super::kv::LayerCache;
 use super::linear::{AdapterBranches, Lora, LoraLinear, Packed, StepRows};
 use super::loss::{loss_head, targets, Batch, LossStats};
 use super::mlp::{Mlp, MlpSaved};
@@ -163,9 +164,7 @@ impl KvCache {
     /// An empty cache for a model of `layers` blocks.
     pub fn with_layers(layers: usize) -> Self {
         KvCache {
-            layers: (0..layers)
-                .map(|_| super::attention::layer_cache())
-                .collect(),
+            layers: (0..layers).map(|_| LayerCache::Empty).collect(),
         }
     }
 }
@@ -473,6 +472,18 @@ impl Llama {
         self.lm_head = None;
         self.format = format;
         Ok(())
+    }
+
+    /// Bytes of the frozen weights a decode step reads: every projection, the norms and the
+    /// head, the embedding only where it is the head (otherwise a step reads one row of it).
+    pub fn decode_bytes(&self) -> usize {
+        let embed = self.embed.elem_count() * self.embed.dtype().size_in_bytes();
+        let head_is_embed = match (&self.head_packed, &self.lm_head) {
+            (Some(Packed::Bf16(h)), _) => h.id() == self.embed.id(),
+            (None, None) => true,
+            _ => false,
+        };
+        self.weight_bytes() - if head_is_embed { 0 } else { embed }
     }
 
     /// Bytes of the frozen weights as held (embedding, projections, head, norms).

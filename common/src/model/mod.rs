@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `llama.rs` | the decoder: embedding, blocks (RMSNorm + attention + MLP), head, KV cache |
 //! | `attention.rs` | RoPE and grouped-query causal attention, forward and backward |
+//! | `kv.rs` | the key/value cache; on the CPU in f32 the attention of every cached sequence of a step in one pass |
 //! | `mlp.rs` | SwiGLU feed-forward, forward and backward |
 //! | `linear.rs` | frozen linear + LoRA branch with dropout |
 //! | `loss.rs` | chunked ignore-index cross-entropy and its gradient |
@@ -19,6 +20,7 @@
 
 mod attention;
 pub mod init;
+mod kv;
 mod linear;
 mod llama;
 mod loss;
