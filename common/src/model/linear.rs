@@ -118,13 +118,13 @@ fn branch_of(a: Option<&AdapterBranches>, index: usize) -> Option<&Lora> {
     a?.get(index)?.as_ref()
 }
 
-/// The rows of a batched step (`Llama::forward_step`): first the decode rows (one token per
-/// sequence, in runs of the same adapter), which take the row kernel together; then each
-/// prefilling sequence's chunk, which takes the GEMM on its own, exactly as it would alone.
+/// The rows of a batched step (`Llama::forward_step`): the decode rows (one token per
+/// sequence) in runs of the same adapter, then each prefilling sequence's chunk. Every row
+/// takes the row kernel (one dot product per output, in an order fixed by the length), so a
+/// row's results do not depend on the other rows: not on its neighbours, nor on how its prompt
+/// was cut into chunks.
 pub(crate) struct StepRows<'a> {
-    /// Rows `[0, decode)` are decode rows.
-    pub decode: usize,
-    /// `(first row, rows, adapter)`: the runs of the decode part, then the prefill chunks.
+    /// `(first row, rows, adapter)`: the runs of decode rows, then the prefill chunks.
     pub parts: Vec<(usize, usize, Option<&'a AdapterBranches>)>,
 }
 
@@ -216,68 +216,33 @@ impl LoraLinear {
         Ok(std::array::from_fn(|_| Prepared(ys.next())))
     }
 
-    /// The frozen product of rows `start..start + n` of `x`: computed ahead (`prep`), or the
-    /// row kernel for decode rows (`rows`), the GEMM for a prefill chunk, the packed weight's
-    /// own product.
-    fn base_part(
-        &self,
-        x: &Tensor,
-        (start, n): (usize, usize),
-        prep: &Prepared,
-        rows: bool,
-    ) -> Result<Tensor> {
-        let y = match (&prep.0, &self.packed) {
-            (Some(y), _) => y.narrow(0, start, n)?,
-            (None, Some(p)) => p.product(&x.narrow(0, start, n)?)?,
-            (None, None) if rows => matmul::rows_matmul(&x.narrow(0, start, n)?, &self.weight)?,
-            (None, None) => matmul::matmul(&x.narrow(0, start, n)?, &self.weight.t()?)?,
-        };
-        self.with_bias(y)
-    }
-
-    /// The rows of a batched step (`StepRows`): the frozen product once over all decode rows,
-    /// once per prefill chunk, and each adapter's LoRA term (its own scale) on its rows only.
-    /// `prep`: this layer's of `prepare`.
+    /// The rows of a batched step (`StepRows`): the frozen product once over all of them
+    /// (computed ahead in `prep`, the packed weight's own product, or the row kernel), and each
+    /// adapter's LoRA term (its own scale) on its rows only, all runs in one call
+    /// (`matmul::add_lora_rows`). Every row takes the same operations whatever the others.
     pub(crate) fn forward_rows(
         &self,
         x: &Tensor,
         rows: &StepRows,
         prep: &Prepared,
     ) -> Result<Tensor> {
-        let branch = |a| branch_of(a, self.index);
-        let mut outs = Vec::with_capacity(rows.parts.len() + 1);
-        if rows.decode > 0 {
-            let y = self.base_part(x, (0, rows.decode), prep, true)?;
-            let decode_parts = rows.parts.iter().filter(|p| p.0 < rows.decode);
-            // each run's LoRA term on its rows (runs of the base model get none)
-            let mut runs: Vec<matmul::LoraRun> = Vec::new();
-            for &(start, n, a) in decode_parts {
-                if let Some(l) = branch(a) {
-                    let (la, lb) = l.factors(x.dtype())?;
-                    runs.push((start, n, la, lb, l.scale));
-                }
+        let y = match (&prep.0, &self.packed) {
+            (Some(y), _) => y.clone(),
+            (None, Some(p)) => p.product(x)?,
+            (None, None) => matmul::rows_matmul(x, &self.weight)?,
+        };
+        let y = self.with_bias(y)?;
+        let mut runs: Vec<matmul::LoraRun> = Vec::new();
+        for &(start, n, a) in &rows.parts {
+            if let Some(l) = branch_of(a, self.index) {
+                let (la, lb) = l.factors(x.dtype())?;
+                runs.push((start, n, la, lb, l.scale));
             }
-            outs.push(if runs.is_empty() {
-                y
-            } else {
-                matmul::add_lora_rows(y, &x.narrow(0, 0, rows.decode)?, &runs)?
-            });
         }
-        for &(start, n, a) in rows.parts.iter().filter(|p| p.0 >= rows.decode) {
-            let y = self.base_part(x, (start, n), prep, false)?;
-            outs.push(match branch(a) {
-                Some(l) => {
-                    let (la, lb) = l.factors(x.dtype())?;
-                    let h = matmul::matmul(&x.narrow(0, start, n)?, &la.t()?)?;
-                    matmul::matmul_acc(y, &h, &lb.t()?, l.scale)?
-                }
-                None => y,
-            });
+        if runs.is_empty() {
+            return Ok(y);
         }
-        if outs.len() == 1 {
-            return Ok(outs.pop().expect("one part"));
-        }
-        Tensor::cat(&outs, 0)
+        matmul::add_lora_rows(y, x, &runs)
     }
 
     /// Inference forward for `x: [N, in]`.

@@ -177,8 +177,8 @@ pub struct StepSeq<'a> {
     pub cache: &'a mut KvCache,
     /// The adapter whose LoRA terms apply to this sequence's rows (`None`: the base model).
     pub adapter: Option<&'a AdapterBranches>,
-    /// Decoding: its row joins the other decode rows in the row kernel. Prefilling: its chunk
-    /// is computed on its own, as it would be alone.
+    /// Decoding (one token; its row joins the other decode rows of its adapter) or prefilling
+    /// (a chunk of the prompt).
     pub decode: bool,
     /// Whether the next-token logits (of the last position) are wanted.
     pub logits: bool,
@@ -523,9 +523,12 @@ impl Llama {
     /// together; each sequence attends to its own cache (which grows by its tokens). Returns the
     /// next-token logits (`[V]`, f32) of the sequences that want them.
     ///
-    /// A sequence's results do not depend on what else shares the step: its decode row takes
-    /// the row kernel (one dot product per output, summed in an order fixed by the length), its
-    /// prefill chunk the same products it would take alone, and its LoRA terms are its own.
+    /// A row's results do not depend on what else shares the step, nor on how its sequence's
+    /// prompt was cut into chunks: every row takes the row kernel (one dot product per output,
+    /// summed in an order fixed by the length) or the q8_0 product (the same per row), its
+    /// attention is computed on its own (`kv::attend_host`, on the CPU in f32), and its LoRA
+    /// terms are its adapter's. So a sequence's cache holds the same bits however it was
+    /// filled, and a prefix computed for one request serves another (`engine`'s prefix cache).
     pub fn forward_step(&self, seqs: &mut [StepSeq]) -> Result<Vec<Option<Tensor>>> {
         super::on_pool(|| self.forward_step_here(seqs))
     }
@@ -551,10 +554,7 @@ impl Llama {
             .collect();
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(ordered.len());
-        let mut rows = StepRows {
-            decode: 0,
-            parts: Vec::new(),
-        };
+        let mut rows = StepRows { parts: Vec::new() };
         for (_, s) in &ordered {
             let (start, n) = (ids.len(), s.tokens.len());
             if n == 0 || (s.decode && n != 1) {
@@ -563,7 +563,6 @@ impl Llama {
             ids.extend_from_slice(s.tokens);
             spans.push((start, n));
             if s.decode {
-                rows.decode += 1;
                 let same = |p: &Option<&AdapterBranches>| match (p, s.adapter) {
                     (Some(a), Some(b)) => std::ptr::eq(*a, b),
                     (None, None) => true,

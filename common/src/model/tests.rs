@@ -646,3 +646,87 @@ fn packed_weights_keep_the_logits_tied_or_not() {
         assert!((ratio - 0.5).abs() < 0.02, "tied {tied}: {ratio}");
     }
 }
+
+/// Feeds `prompt` through `forward_step` in pieces of `plan` (a piece of 1 after the first is
+/// fed as a decode row), with a neighbour sequence (its own prompt and adapter) sharing every
+/// step when `neighbour`, and returns the last position's logits.
+fn logits_fed(
+    model: &Llama,
+    adapter: Option<&AdapterBranches>,
+    other: Option<&AdapterBranches>,
+    prompt: &[u32],
+    plan: &[usize],
+    neighbour: bool,
+) -> Tensor {
+    assert_eq!(plan.iter().sum::<usize>(), prompt.len());
+    let mut cache = model.new_cache();
+    let mut theirs = model.new_cache();
+    let mut at = 0;
+    let mut last = None;
+    for (i, &n) in plan.iter().enumerate() {
+        let other_tokens = [(i * 5 % 37) as u32 + 1, 2, 3][..if i == 0 { 3 } else { 1 }].to_vec();
+        let mut steps = vec![StepSeq {
+            tokens: &prompt[at..at + n],
+            cache: &mut cache,
+            adapter,
+            decode: i > 0 && n == 1,
+            logits: at + n == prompt.len(),
+        }];
+        if neighbour {
+            steps.insert(
+                i % 2,
+                StepSeq {
+                    tokens: &other_tokens,
+                    cache: &mut theirs,
+                    adapter: other,
+                    decode: i > 0,
+                    logits: true,
+                },
+            );
+        }
+        let mut out = model.forward_step(&mut steps).unwrap();
+        let mine = out.remove(if neighbour { 1 - i % 2 } else { 0 });
+        last = mine.or(last);
+        at += n;
+    }
+    last.unwrap()
+}
+
+/// Every row of a step takes the same operations whatever the other rows: a sequence's logits
+/// are the same bits whether its prompt is read in one chunk, in chunks of three or a token at
+/// a time as decode rows, alone or with a neighbour of another adapter in every step; in f32
+/// and q8_0, on the base model and with an adapter.
+#[test]
+fn a_sequence_gets_the_same_bits_however_its_prompt_is_fed() {
+    let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 40, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 64, "tie_word_embeddings": true
+    }))
+    .unwrap();
+    for format in [WeightFormat::F32, WeightFormat::Q8_0] {
+        let mut model = tiny_model(&cfg, DType::F32);
+        random_lora(&mut model, crate::lora::TARGETABLE, 0.0, false, DType::F32);
+        let a1 = model.take_loras();
+        random_lora(&mut model, &["q_proj", "v_proj"], 0.0, false, DType::F32);
+        let a2 = model.take_loras();
+        model.pack(format).unwrap();
+        let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 40).collect();
+        for (adapter, other) in [(None, Some(&a2)), (Some(&a1), Some(&a2)), (Some(&a1), None)] {
+            let whole = logits_fed(&model, adapter, other, &prompt, &[12], false);
+            let plans: [&[usize]; 3] = [&[3, 3, 3, 3], &[5, 1, 1, 1, 1, 1, 1, 1], &[12]];
+            for plan in plans {
+                for neighbour in [false, true] {
+                    let got = logits_fed(&model, adapter, other, &prompt, plan, neighbour);
+                    assert_eq!(
+                        max_abs_diff(&got, &whole),
+                        0.0,
+                        "{format}, adapter {}, plan {plan:?}, neighbour {neighbour}",
+                        adapter.is_some()
+                    );
+                }
+            }
+        }
+    }
+}
