@@ -470,7 +470,8 @@ fn completion_id() -> String {
 
 fn usage(f: &Finished) -> Value {
     json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-           "total_tokens": f.prompt_tokens + f.completion_tokens})
+           "total_tokens": f.prompt_tokens + f.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": f.cached_tokens}})
 }
 
 fn error_json(message: &str) -> Value {

@@ -1,6 +1,7 @@
 //! The batched engine on the real SmolLM2 with two adapters: a request's answer is the one it
 //! gets alone, token for token, whatever shares the batch (base and adapters mixed, prompts of
-//! different lengths joining at different steps, greedy and seeded sampling); and the weights
+//! different lengths joining at different steps, greedy and seeded sampling) and whatever the
+//! prefix cache gives it (prompts seen before, a conversation's next turn); and the weights
 //! quantized to q8_0 give the f32 greedy answer wherever the f32 model's choice is clear.
 
 use common::chat::Message;
@@ -63,17 +64,29 @@ fn answers_do_not_depend_on_what_shares_the_batch() {
     let (a1, a2) = (tmp.path().join("a1"), tmp.path().join("a2"));
     common::testing::random_adapter(&a1, 1).unwrap();
     common::testing::random_adapter(&a2, 2).unwrap();
-    let o = ModelOptions {
+    let options = |prefix_cache_bytes| ModelOptions {
         // small chunks: every prompt takes several steps, beside others' decoding
         engine: EngineOptions {
             max_batch: 8,
             max_queue: 64,
             prefill_chunk: 24,
+            prefix_cache_bytes,
         },
         ..Default::default()
     };
     let adapters = vec![("a1".to_string(), a1), ("a2".to_string(), a2)];
-    let s = Session::open(&model, &adapters, None, None, &o, greedy(20)).unwrap();
+    // alone and without a prefix cache; mixed with one (each prompt is asked several times, and
+    // every held-out one starts with the same system prompt)
+    let s = Session::open(&model, &adapters, None, None, &options(0), greedy(20)).unwrap();
+    let c = Session::open(
+        &model,
+        &adapters,
+        None,
+        None,
+        &options(64 << 20),
+        greedy(20),
+    )
+    .unwrap();
     let mut jobs = Vec::new();
     for (i, p) in prompts().iter().enumerate() {
         let ids = s.prompt_ids(p).unwrap();
@@ -121,6 +134,7 @@ fn answers_do_not_depend_on_what_shares_the_batch() {
     // mixed: a third at once, the next third once a few tokens have been streamed, and so on
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut mixed = BTreeMap::new();
+    let mut cached = 0;
     let third = jobs.len().div_ceil(3);
     let mut submitted = 0;
     let mut deltas = 0;
@@ -128,7 +142,7 @@ fn answers_do_not_depend_on_what_shares_the_batch() {
         if submitted < jobs.len() && (submitted == 0 || deltas >= 5) {
             let end = (submitted + third).min(jobs.len());
             for (k, job) in jobs.iter().enumerate().take(end).skip(submitted) {
-                s.engine
+                c.engine
                     .submit(job.clone(), Box::new(Tagged(k, tx.clone())))
                     .unwrap();
             }
@@ -138,6 +152,7 @@ fn answers_do_not_depend_on_what_shares_the_batch() {
         match rx.blocking_recv().unwrap() {
             (_, Event::Delta { .. }) => deltas += 1,
             (k, Event::Done(f)) => {
+                cached += f.cached_tokens;
                 mixed.insert(k, f.ids);
             }
             (k, Event::Error(e)) => panic!("job {k}: {e}"),
@@ -146,9 +161,41 @@ fn answers_do_not_depend_on_what_shares_the_batch() {
     for (k, want) in alone.iter().enumerate() {
         assert_eq!(&mixed[&k], want, "job {k} (adapter {:?})", jobs[k].adapter);
     }
+    assert!(cached > 0, "the prefix cache served no prompt token");
+    // the next turn of a conversation reuses the first turn's prompt and its generated answer
+    let first = &prompts()[0];
+    let ids = c.prompt_ids(first).unwrap();
+    let answer = c
+        .engine
+        .generate(Request::new(ids.clone(), None, greedy(20)), |_| {})
+        .unwrap();
+    let mut next = first.clone();
+    next.push(Message::new("assistant", &answer.text));
+    next.push(Message::new("user", "Thank you. What should I try first?"));
+    let next_ids = c.prompt_ids(&next).unwrap();
+    let with = c
+        .engine
+        .generate(Request::new(next_ids.clone(), None, greedy(20)), |_| {})
+        .unwrap();
+    let without = s
+        .engine
+        .generate(Request::new(next_ids, None, greedy(20)), |_| {})
+        .unwrap();
+    assert_eq!(
+        with.ids, without.ids,
+        "the next turn with and without the prefix cache"
+    );
+    assert!(
+        with.cached_tokens > ids.len(),
+        "the next turn reused {} positions; its first turn's prompt has {}",
+        with.cached_tokens,
+        ids.len()
+    );
     eprintln!(
-        "{} requests: each answered in a mixed batch as alone",
-        jobs.len()
+        "{} requests: each answered in a mixed batch, with the prefix cache ({cached} prompt tokens reused), as alone; the next turn reused {} of {} positions",
+        jobs.len(),
+        with.cached_tokens,
+        with.prompt_tokens
     );
 }
 

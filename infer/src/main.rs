@@ -54,6 +54,12 @@ struct Args {
     /// of them), so that running streams keep flowing beside a long prompt.
     #[arg(long, default_value_t = common::engine::DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
+    /// MiB of keys and values kept from finished requests, so that a prompt starting with
+    /// tokens seen before (a system prompt, the earlier turns of a conversation) reuses their
+    /// positions instead of computing them again (vLLM's prefix caching, llama-server's
+    /// cache_prompt); the answer is the same either way. 0 keeps none. On the CPU in f32.
+    #[arg(long, default_value_t = common::engine::DEFAULT_PREFIX_CACHE_MIB)]
+    prefix_cache_mib: usize,
     /// Quantize the frozen base weights for inference on the CPU with candle's types, as
     /// llama.cpp's files of that type hold them (q4_k: Q4_K_M's choice per tensor); LoRA terms
     /// stay f32.
@@ -189,6 +195,7 @@ fn run(a: Args) -> Result<()> {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
             prefill_chunk: a.prefill_chunk,
+            prefix_cache_bytes: a.prefix_cache_mib << 20,
         },
     };
     if let Some(addr) = &a.serve {

@@ -1,7 +1,7 @@
 //! The engine's metrics (`GET /metrics`), kept and written in Prometheus' text format by the
 //! `prometheus-client` crate, named after vLLM's where there is one (`dialora:` instead of
-//! `vllm:`): requests running and waiting, prompt and generated tokens, finished requests by
-//! reason, and histograms of the time to the first token, the time per output token, the
+//! `vllm:`): requests running and waiting, prompt and generated tokens, the prefix cache's
+//! lookups, hits and size, finished requests by reason, and histograms of the time to the first token, the time per output token, the
 //! whole request and the engine's steps.
 
 use super::Finished;
@@ -19,6 +19,9 @@ pub struct Metrics {
     max_batch: Gauge,
     prompt_tokens: Counter,
     generation_tokens: Counter,
+    prefix_queries: Counter,
+    prefix_hits: Counter,
+    prefix_bytes: Gauge,
     finished: Family<Vec<(String, String)>, Counter>,
     ttft: Histogram,
     tpot: Histogram,
@@ -45,6 +48,9 @@ impl Metrics {
             max_batch: Gauge::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
+            prefix_queries: Counter::default(),
+            prefix_hits: Counter::default(),
+            prefix_bytes: Gauge::default(),
             finished: Family::default(),
             ttft: secs(),
             tpot: secs(),
@@ -80,6 +86,21 @@ impl Metrics {
             "generation_tokens",
             "Generated tokens of finished requests",
             m.generation_tokens.clone(),
+        );
+        r.register(
+            "prefix_cache_queries",
+            "Prompt tokens of finished requests looked up in the prefix cache",
+            m.prefix_queries.clone(),
+        );
+        r.register(
+            "prefix_cache_hits",
+            "Prompt tokens of finished requests whose keys and values came from the prefix cache",
+            m.prefix_hits.clone(),
+        );
+        r.register(
+            "prefix_cache_bytes",
+            "Bytes of keys and values the prefix cache holds",
+            m.prefix_bytes.clone(),
         );
         r.register(
             "request_success",
@@ -127,6 +148,8 @@ impl Metrics {
     pub(crate) fn finished(&self, f: &Finished) {
         self.prompt_tokens.inc_by(f.prefilled as u64);
         self.generation_tokens.inc_by(f.completion_tokens as u64);
+        self.prefix_queries.inc_by(f.prompt_tokens as u64);
+        self.prefix_hits.inc_by(f.cached_tokens as u64);
         self.finished
             .get_or_create(&vec![(
                 "finished_reason".to_string(),
@@ -142,6 +165,10 @@ impl Metrics {
                 .observe(f.decode_secs / (f.completion_tokens - 1) as f64);
         }
         self.queue.observe(f.queued_secs);
+    }
+
+    pub(crate) fn prefix_cache(&self, bytes: usize) {
+        self.prefix_bytes.set(bytes as i64);
     }
 
     /// Requests whose clients left while they waited (never run).

@@ -9,14 +9,18 @@
 //! next step and leaves the moment it ends. Each sequence has its own KV cache, its own adapter
 //! (LoRA terms added on its rows only), its own sampler and penalties, so its answer does not
 //! depend on its neighbours: greedy answers and seeded samples are those it gets alone.
+//! A finished sequence's cache goes to the prefix cache (`prefix.rs`): a later prompt of the
+//! same adapter that starts with its tokens copies those positions and reads only the rest.
 //!
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | requests, events, the engine thread and its scheduler loop |
 //! | `sequence.rs` | one request: inputs, sampling, log-probabilities, text and stop strings |
 //! | `metrics.rs` | counters and histograms, in Prometheus text for `GET /metrics` |
+//! | `prefix.rs` | the prefix cache: finished sequences' keys and values, reused by prompts that start with their tokens |
 
 mod metrics;
+mod prefix;
 mod sequence;
 
 pub use metrics::Metrics;
@@ -35,6 +39,9 @@ use tokenizers::Tokenizer;
 /// Prompt tokens a prefilling sequence feeds per step, and the step's budget of them.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
+/// MiB of keys and values the prefix cache keeps by default.
+pub const DEFAULT_PREFIX_CACHE_MIB: usize = 256;
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Sequences running at once.
@@ -43,6 +50,9 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Prompt tokens per prefill chunk (and per step).
     pub prefill_chunk: usize,
+    /// Bytes of finished sequences' keys and values kept for prompts that start with their
+    /// tokens (`prefix.rs`); 0 keeps none.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -51,6 +61,7 @@ impl Default for EngineOptions {
             max_batch: 16,
             max_queue: 64,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_MIB << 20,
         }
     }
 }
@@ -126,6 +137,9 @@ pub struct Finished {
     /// New tokens, the stop token included when one ended it.
     pub ids: Vec<u32>,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
     /// Prompt tokens the model has seen (fewer when cancelled while prefilling).
     pub prefilled: usize,
     pub completion_tokens: usize,
@@ -287,10 +301,11 @@ impl Engine {
                     tok: &tok,
                     stop_ids: &stop_ids,
                     adapters: &branches,
-                    opts: o,
+                    opts: o.clone(),
                     shared: &sh,
                     waiting: VecDeque::new(),
                     running: Vec::new(),
+                    prefix: prefix::PrefixCache::new(o.prefix_cache_bytes),
                 }
                 .run(rx)
             })?;
@@ -410,6 +425,7 @@ struct Scheduler<'a> {
     shared: &'a Shared,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    prefix: prefix::PrefixCache,
 }
 
 impl Scheduler<'_> {
@@ -442,6 +458,11 @@ impl Scheduler<'_> {
                 };
                 self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                 s.admit();
+                if !s.req.params.no_cache {
+                    if let Some((n, cache)) = self.prefix.lookup(s.adapter, &s.req.prompt) {
+                        s.reuse(n, cache);
+                    }
+                }
                 self.running.push(s);
             }
             self.shared
@@ -473,8 +494,18 @@ impl Scheduler<'_> {
         }
     }
 
-    fn end(&self, mut s: Sequence, finish: Finish) {
+    fn end(&mut self, mut s: Sequence, finish: Finish) {
         let f = s.finished(finish);
+        if finish != Finish::Cancelled && !s.req.params.no_cache {
+            // the positions its cache holds: the prompt, then every generated token but the
+            // last (never fed)
+            let mut tokens = s.req.prompt.clone();
+            tokens.extend(&s.generated);
+            tokens.truncate(s.cache.len());
+            let cache = std::mem::replace(&mut s.cache, KvCache::with_layers(0));
+            self.prefix.insert(s.adapter, tokens, cache);
+            self.shared.metrics.prefix_cache(self.prefix.bytes());
+        }
         if finish == Finish::Cancelled {
             if f.prefilled < f.prompt_tokens {
                 eprintln!(

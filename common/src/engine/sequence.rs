@@ -38,6 +38,8 @@ pub(crate) struct Sequence {
     pub cache: KvCache,
     /// Prompt positions in the cache.
     prefilled: usize,
+    /// Of them, those copied from the prefix cache.
+    cached: usize,
     pub generated: Vec<u32>,
     sampler: LogitsProcessor,
     /// Occurrences of each generated token (presence and frequency penalties).
@@ -75,6 +77,7 @@ impl Sequence {
             sink,
             cache,
             prefilled: 0,
+            cached: 0,
             generated: Vec::new(),
             sampler,
             counts: HashMap::new(),
@@ -90,13 +93,21 @@ impl Sequence {
         self.admitted = Some(Instant::now());
     }
 
+    /// Starts from `cache`, the prefix cache's copy of the prompt's first `n` positions.
+    pub fn reuse(&mut self, n: usize, cache: KvCache) {
+        debug_assert!(n < self.req.prompt.len() && cache.len() == n);
+        self.cache = cache;
+        self.prefilled = n;
+        self.cached = n;
+    }
+
     pub fn prefilling(&self) -> bool {
         self.prefilled < self.req.prompt.len()
     }
 
-    /// The next step's input: the next prompt chunk of `chunk` tokens (from the prompt's start,
-    /// so a prompt is cut the same way whatever else runs), else the last token; with
-    /// `no_cache`, the whole sequence recomputed.
+    /// The next step's input: the next prompt chunk of `chunk` tokens (from where the prefix
+    /// cache's positions end; how a prompt is cut does not change its results), else the last
+    /// token; with `no_cache`, the whole sequence recomputed.
     pub fn input(&mut self, chunk: usize) -> Input {
         let prompt = &self.req.prompt;
         if self.req.params.no_cache {
@@ -271,6 +282,7 @@ impl Sequence {
             text: self.text.text.clone(),
             ids: self.generated.clone(),
             prompt_tokens: self.req.prompt.len(),
+            cached_tokens: self.cached,
             prefilled: self.prefilled.min(self.req.prompt.len()),
             completion_tokens: self.generated.len(),
             finish,

@@ -58,6 +58,45 @@ impl LayerCache {
         *self = LayerCache::Empty;
     }
 
+    /// A copy of the first `n` positions (a prefix another sequence reuses), for caches of the
+    /// CPU's kind (and empty ones); `None` for candle's.
+    pub(crate) fn prefix(&self, n: usize) -> Option<LayerCache> {
+        match self {
+            LayerCache::Empty if n == 0 => Some(LayerCache::Empty),
+            LayerCache::Host(c) if n <= c.len => {
+                let cut = |v: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+                    v.iter()
+                        .map(|h| h[..n * (h.len() / c.len.max(1))].to_vec())
+                        .collect()
+                };
+                Some(LayerCache::Host(HostCache {
+                    k: cut(&c.k),
+                    v: cut(&c.v),
+                    len: n,
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes of keys and values held.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            LayerCache::Empty => 0,
+            LayerCache::Host(c) => {
+                let n: usize = c.k.iter().chain(&c.v).map(|h| h.capacity()).sum();
+                n * 4
+            }
+            LayerCache::Tensors(c) => c
+                .k_cache()
+                .all_data()
+                .iter()
+                .chain(c.v_cache().all_data())
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
+        }
+    }
+
     /// Whether `attend_host` serves this cache for inputs like `q`.
     pub(crate) fn host_for(&self, q: &Tensor) -> bool {
         match self {

@@ -161,6 +161,26 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| l.reset());
     }
 
+    /// A copy of the first `n` positions of every layer, for a sequence that shares them (the
+    /// engine's prefix cache); `None` where the layers are candle's tensors (off the CPU, or not
+    /// f32), which are not shared.
+    pub fn prefix(&self, n: usize) -> Option<KvCache> {
+        if n > self.len() {
+            return None;
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.prefix(n))
+            .collect::<Option<_>>()?;
+        Some(KvCache { layers })
+    }
+
+    /// Bytes of keys and values held (room made ahead included).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.bytes()).sum()
+    }
+
     /// An empty cache for a model of `layers` blocks.
     pub fn with_layers(layers: usize) -> Self {
         KvCache {
