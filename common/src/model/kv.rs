@@ -16,7 +16,7 @@
 //! cut into chunks.
 
 use super::matmul::{simd, Simd};
-use super::ops::f32_slice;
+use super::ops::{f32_slice, softmax_row};
 use candle_core::{Result, Storage, Tensor};
 
 /// Positions candle's cache (the tensor path's) makes room for at a time.
@@ -338,7 +338,7 @@ impl Task<'_> {
                 for (s, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
                     *s = dot::<FMA>(&qr, key);
                 }
-                softmax(&mut scores, self.scale);
+                softmax_row(&mut scores, self.scale);
                 out.fill(0.0);
                 for (&pu, val) in scores.iter().zip(values.chunks_exact(hd)) {
                     axpy::<FMA>(pu, val, out);
@@ -381,7 +381,7 @@ mod avx {
             let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
             *s = _mm_cvtss_f32(v);
         }
-        super::softmax(scores, scale);
+        super::super::ops::softmax_row(scores, scale);
         let mut acc = [_mm256_setzero_ps(); L];
         for (u, &p) in scores.iter().enumerate() {
             let v = values.as_ptr().add(u * hd);
@@ -394,19 +394,6 @@ mod avx {
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *a);
         }
     }
-}
-
-/// `softmax(scale · s)` in place, as `ops::causal_softmax` computes it.
-#[inline(always)]
-fn softmax(s: &mut [f32], scale: f32) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
-    let mut sum = 0f32;
-    for x in s.iter_mut() {
-        *x = (*x * scale - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    s.iter_mut().for_each(|x| *x *= inv);
 }
 
 #[inline(always)]
@@ -456,6 +443,13 @@ mod tests {
     use super::*;
     use candle_core::{Device, D};
     use rand::{Rng, SeedableRng};
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
 
     fn random(n: usize, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
@@ -600,11 +594,7 @@ mod tests {
             for (s, got) in seqs.iter().zip(&outs) {
                 let n = got.len() / (g.heads * hd);
                 let want = reference(s, n, g, &rope);
-                let d = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let d = max_diff(got, &want);
                 assert!(d < 1e-5, "hd {hd}, {n} positions: {d}");
             }
         }
@@ -679,11 +669,7 @@ mod tests {
         let mut fma = vec![0f32; 12 * qd];
         // SAFETY: AVX2 and FMA were detected
         unsafe { task.run_avx2(&mut fma) };
-        let d = plain
-            .iter()
-            .zip(&fma)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_diff(&plain, &fma);
         assert!(d < 1e-5, "{d}");
     }
 }

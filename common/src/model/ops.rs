@@ -227,6 +227,20 @@ pub fn causal_softmax_generic(s: &Tensor, scale: f64, t: usize, past: usize) -> 
     softmax_last_dim(&x)
 }
 
+/// `softmax(scale · s)` of one row in place, in f32: the CPU body of `causal_softmax` on a
+/// row's unmasked part, and of the host attention (`kv::attend_host`).
+#[inline(always)]
+pub(crate) fn softmax_row(s: &mut [f32], scale: f32) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+    let mut sum = 0f32;
+    for x in s.iter_mut() {
+        *x = (*x * scale - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|x| *x *= inv);
+}
+
 struct CausalSoftmax {
     scale: f64,
     t: usize,
@@ -249,14 +263,7 @@ impl candle_core::InplaceOp1 for CausalSoftmax {
                     let r = c * par_rows(cols) + k;
                     let seen = self.past + r % self.t + 1;
                     let (live, masked) = row.split_at_mut(seen);
-                    let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * sc;
-                    let mut sum = 0f32;
-                    for x in live.iter_mut() {
-                        *x = (*x * sc - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    live.iter_mut().for_each(|x| *x *= inv);
+                    softmax_row(live, sc);
                     masked.fill(0.0);
                 }
             });
