@@ -204,6 +204,8 @@ fn local_four_point_sweep_and_report() {
 #[test]
 fn scripts_find_the_binaries_in_cargo_target_dir() {
     let root = repo_root();
+    // with CARGO_TARGET_DIR elsewhere, the repository's own target/ may not exist yet
+    std::fs::create_dir_all(root.join("target")).unwrap();
     let tmp = tempfile::Builder::new()
         .prefix(".test-target-")
         .tempdir_in(root.join("target"))
