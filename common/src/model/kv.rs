@@ -15,7 +15,7 @@
 //! sequence's attention does not depend on what else shares the step, nor on how its prompt was
 //! cut into chunks.
 
-use super::matmul::{simd, Simd};
+use super::matmul::{get_threads, simd, Dst, Simd};
 use super::ops::{f32_slice, softmax_row};
 use candle_core::{Result, Storage, Tensor};
 
@@ -227,10 +227,10 @@ pub(crate) fn attend_host(
     if next != rows {
         candle_core::bail!("attend_host: sequences cover {next} of {rows} rows");
     }
-    // tasks of up to ROWS_PER_TASK rows of one sequence, each with its part of the output
+    // tasks of up to ROWS_PER_TASK rows of one sequence and some of its query heads; with few
+    // rows (a decode step of one or two sequences) one head each, so that every thread has some
     let mut out = vec![0f32; rows * qd];
-    let mut tasks = Vec::new();
-    let mut rest = out.as_mut_slice();
+    let mut chunks = Vec::new();
     let mut work = 0;
     for (s, ((_, t, cache), &past)) in seqs.iter().zip(&pasts).enumerate() {
         let LayerCache::Host(c) = &**cache else {
@@ -238,37 +238,48 @@ pub(crate) fn attend_host(
         };
         work += t * (past + t) * 2 * qd;
         for i0 in (0..*t).step_by(ROWS_PER_TASK) {
-            let n = ROWS_PER_TASK.min(t - i0);
-            let (dst, r) = std::mem::take(&mut rest).split_at_mut(n * qd);
-            rest = r;
-            tasks.push((s, c, past + i0, dst));
+            chunks.push((s, c, i0, ROWS_PER_TASK.min(t - i0)));
         }
     }
+    let per = if chunks.len() >= 4 * get_threads() {
+        g.heads
+    } else {
+        1
+    };
+    let tasks: Vec<_> = chunks
+        .iter()
+        .flat_map(|&(s, c, i0, n)| {
+            (0..g.heads)
+                .step_by(per)
+                .map(move |h| (s, c, i0, n, h..(h + per).min(g.heads)))
+        })
+        .collect();
     let scale = 1.0 / (hd as f32).sqrt();
     let starts: Vec<usize> = seqs.iter().map(|s| s.0).collect();
-    let run = |(s, c, p0, dst): (usize, &HostCache, usize, &mut [f32])| {
-        let first = starts[s] + (p0 - pasts[s]);
-        let q = &qv[first * qd..][..dst.len()];
+    let dst = Dst(out.as_mut_ptr());
+    let run = |(s, c, i0, n, heads): (usize, &HostCache, usize, usize, std::ops::Range<usize>)| {
+        let first = starts[s] + i0;
         let task = Task {
-            q,
+            q: &qv[first * qd..][..n * qd],
             cache: c,
-            p0,
+            p0: pasts[s] + i0,
             rope,
             g,
             scale,
         };
+        // SAFETY: rows first..first + n of the output, heads `heads`: no other task's
+        let o = unsafe { dst.ptr().add(first * qd) };
         #[cfg(target_arch = "x86_64")]
         if simd() >= Simd::Avx2 {
             // SAFETY: AVX2 and FMA were detected
-            return unsafe { task.run_avx2(dst) };
+            return unsafe { task.run_avx2(o, heads) };
         }
-        task.run::<false>(dst)
+        unsafe { task.run::<false>(o, heads) }
     };
     if work < SERIAL_BELOW {
         tasks.into_iter().for_each(run);
     } else {
-        use rayon::prelude::*;
-        tasks.into_par_iter().for_each(run);
+        super::team::par_for(tasks.len(), |i| run(tasks[i].clone()));
     }
     drop((qs, ks, vs));
     Tensor::from_vec(out, (rows, qd), q.device())
@@ -297,32 +308,40 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
+    /// # Safety
+    /// AVX2 and FMA; as `run`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, dst: &mut [f32]) {
-        self.run::<true>(dst)
+    unsafe fn run_avx2(&self, dst: *mut f32, heads: std::ops::Range<usize>) {
+        self.run::<true>(dst, heads)
     }
 
-    /// `dst`: the rows' outputs, `[n, H·hd]`.
+    /// Heads `heads` of the rows' outputs into `dst` (`[n, H·hd]`, the rows' part of the
+    /// output), the other heads left alone.
+    ///
+    /// # Safety
+    /// `dst` is valid for the rows' `n · H·hd` values, and no one else touches heads `heads`
+    /// of them meanwhile.
     #[inline(always)]
-    fn run<const FMA: bool>(&self, dst: &mut [f32]) {
+    unsafe fn run<const FMA: bool>(&self, dst: *mut f32, heads: std::ops::Range<usize>) {
         let g = self.g;
         let (hd, rep) = (g.head_dim, g.heads / g.kv_heads);
         let half = hd / 2;
         let qd = g.heads * hd;
         let mut qr = vec![0f32; hd];
         let mut scores = Vec::new();
-        for (i, (q, o)) in self.q.chunks(qd).zip(dst.chunks_mut(qd)).enumerate() {
+        for (i, q) in self.q.chunks(qd).enumerate() {
             let p = self.p0 + i;
             let n = p + 1;
             let cos = &self.rope.cos[p * half..][..half];
             let sin = &self.rope.sin[p * half..][..half];
             scores.resize(n, 0.0);
-            for h in 0..g.heads {
+            for h in heads.clone() {
                 rotate(&q[h * hd..][..hd], cos, sin, &mut qr);
                 let keys = &self.cache.k[h / rep][..n * hd];
                 let values = &self.cache.v[h / rep][..n * hd];
-                let out = &mut o[h * hd..][..hd];
+                // SAFETY: head h of row i, inside the rows' part (the caller's promise)
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * qd + h * hd), hd) };
                 #[cfg(target_arch = "x86_64")]
                 if FMA && (hd == 64 || hd == 128) {
                     // SAFETY: FMA is only set on the path that detected AVX2 and FMA (run_avx2);
@@ -661,14 +680,15 @@ mod tests {
             scale: 0.125,
         };
         let mut plain = vec![0f32; 12 * qd];
-        task.run::<false>(&mut plain);
+        // SAFETY: the 12 rows' outputs, all heads
+        unsafe { task.run::<false>(plain.as_mut_ptr(), 0..6) };
         if simd() < Simd::Avx2 {
             eprintln!("no AVX2 and FMA here: only the plain loop ran");
             return;
         }
         let mut fma = vec![0f32; 12 * qd];
-        // SAFETY: AVX2 and FMA were detected
-        unsafe { task.run_avx2(&mut fma) };
+        // SAFETY: AVX2 and FMA were detected; the 12 rows' outputs, all heads
+        unsafe { task.run_avx2(fma.as_mut_ptr(), 0..6) };
         let d = max_diff(&plain, &fma);
         assert!(d < 1e-5, "{d}");
     }

@@ -117,11 +117,10 @@ impl Dst {
 /// # Safety
 /// As `run`.
 unsafe fn run_row(dst: *mut f32, a: &Operand, b: &Operand, accumulate: bool, alpha: f32) {
-    use rayon::prelude::*;
     let n = b.cols;
     let block = n.div_ceil(4 * get_threads()).max(64);
     let dst = Dst(dst);
-    (0..n.div_ceil(block)).into_par_iter().for_each(|i| {
+    super::team::par_for(n.div_ceil(block), |i| {
         let (j0, j1) = (i * block, ((i + 1) * block).min(n));
         let sub = Operand {
             offset: b.offset + j0 * b.cs as usize,
@@ -490,7 +489,6 @@ fn rows_kernel<W: WeightElem>(
     accumulate: bool,
     alpha: f32,
 ) {
-    use rayon::prelude::*;
     let threads = get_threads().max(1);
     let block = n.div_ceil(4 * threads).clamp(24, 1536);
     let out = Dst(dst.as_mut_ptr());
@@ -541,7 +539,7 @@ fn rows_kernel<W: WeightElem>(
     if m * n * k < SERIAL_BELOW {
         (0..n.div_ceil(block)).for_each(run_block);
     } else {
-        (0..n.div_ceil(block)).into_par_iter().for_each(run_block);
+        super::team::par_for(n.div_ceil(block), run_block);
     }
 }
 

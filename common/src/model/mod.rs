@@ -28,6 +28,7 @@ pub(crate) mod matmul;
 mod mlp;
 pub mod ops;
 pub(crate) mod q8;
+mod team;
 
 pub use linear::{AdapterBranches, Lora, LoraLinear, Packed};
 pub use llama::{KvCache, Llama, StepSeq, WeightFormat};

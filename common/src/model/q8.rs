@@ -41,16 +41,27 @@ const _: () = assert!(
 /// pieces of at least ~8k values in parallel.
 pub(crate) fn quantize_rows(x: &[f32], k: usize) -> Vec<BlockQ8> {
     use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
-    use rayon::prelude::*;
     let mut q = vec![BlockQ8_0::zeros(); x.len() / 32];
     let per = (8192 / k.max(1)).max(1);
-    x.par_chunks(per * k)
-        .zip(q.par_chunks_mut(per * k / 32))
-        .for_each(|(x, q)| {
-            for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
-                BlockQ8_0::from_float(x, q);
-            }
-        });
+    let pieces: Vec<std::sync::Mutex<&mut [BlockQ8_0]>> = q
+        .chunks_mut(per * k / 32)
+        .map(std::sync::Mutex::new)
+        .collect();
+    let quantize = |i: usize| {
+        let mut q = pieces[i]
+            .lock()
+            .expect("each piece quantized by one thread");
+        let x = &x[i * per * k..][..q.len() * 32];
+        for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
+            BlockQ8_0::from_float(x, q);
+        }
+    };
+    if pieces.len() == 1 {
+        quantize(0);
+    } else {
+        super::team::par_for(pieces.len(), quantize);
+    }
+    drop(pieces);
     // SAFETY: both types are `repr(C)` { f16, [i8; 32] } of one size and alignment (asserted
     // above; `quantized_rows_are_candles_blocks` checks the bytes against candle's own)
     q.iter()
@@ -310,7 +321,6 @@ fn products_into(
     x: &Q8Input,
     rows: std::ops::Range<usize>,
 ) {
-    use rayon::prelude::*;
     assert!(level <= simd(), "{level:?} is not available here");
     let m = rows.len();
     for (w, dst) in ws.iter() {
@@ -341,7 +351,7 @@ fn products_into(
     if macs < SERIAL_BELOW {
         blocks.iter().for_each(run);
     } else {
-        blocks.par_iter().for_each(run);
+        super::team::par_for(blocks.len(), |b| run(&blocks[b]));
     }
 }
 
