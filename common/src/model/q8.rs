@@ -37,37 +37,23 @@ const _: () = assert!(
 );
 
 /// `x` (`[m, k]`, `k` a multiple of 32) quantized row by row to Q8_0 by candle
-/// (`BlockQ8_0::from_float`, what its `QMatMul` and llama.cpp do to the input of a q8_0 product),
-/// pieces of at least ~8k values in parallel.
+/// (`BlockQ8_0::from_float`, what its `QMatMul` and llama.cpp do to the input of a q8_0 product).
 pub(crate) fn quantize_rows(x: &[f32], k: usize) -> Vec<BlockQ8> {
     use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
     let mut q = vec![BlockQ8_0::zeros(); x.len() / 32];
-    let per = (8192 / k.max(1)).max(1);
-    let pieces: Vec<std::sync::Mutex<&mut [BlockQ8_0]>> = q
-        .chunks_mut(per * k / 32)
-        .map(std::sync::Mutex::new)
-        .collect();
-    let quantize = |i: usize| {
-        let mut q = pieces[i]
-            .lock()
-            .expect("each piece quantized by one thread");
-        let x = &x[i * per * k..][..q.len() * 32];
-        for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
-            BlockQ8_0::from_float(x, q);
-        }
-    };
-    if pieces.len() == 1 {
-        quantize(0);
-    } else {
-        super::team::par_for(pieces.len(), quantize);
+    for (x, q) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / 32)) {
+        BlockQ8_0::from_float(x, q);
     }
-    drop(pieces);
     // SAFETY: both types are `repr(C)` { f16, [i8; 32] } of one size and alignment (asserted
     // above; `quantized_rows_are_candles_blocks` checks the bytes against candle's own)
     q.iter()
         .map(|b| unsafe { std::ptr::read(b as *const BlockQ8_0 as *const BlockQ8) })
         .collect()
 }
+
+/// Values of input rows per parallel piece of `Q8Input::quantize` (a row of 576 or more is a
+/// piece of its own: a decode step's eight rows are quantized on both threads).
+const QUANTIZE_PIECE: usize = 512;
 
 /// Input rows in Q8_0 as the kernels read them: per row, the bytes (`k`), and per block its
 /// scale widened to f32 and `−128 ·` the sum of its bytes (where a VNNI sum starts).
@@ -88,9 +74,44 @@ struct XRow<'a> {
 }
 
 impl Q8Input {
-    /// `x: [m, k]` quantized by candle (`quantize_rows`).
+    /// `x: [m, k]` quantized by candle (`quantize_rows`), pieces of rows in parallel.
     pub(crate) fn quantize(x: &[f32], k: usize) -> Self {
-        Self::from_blocks(&quantize_rows(x, k), k)
+        let kb = k / 32;
+        let m = x.len() / k.max(1);
+        let per = (QUANTIZE_PIECE / k.max(1)).max(1);
+        let mut q = Q8Input {
+            qs: vec![0; m * k],
+            d: vec![0.0; m * kb],
+            start: vec![0; m * kb],
+            m,
+            k,
+        };
+        type Piece<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [i32]);
+        let pieces: Vec<std::sync::Mutex<Piece>> =
+            q.qs.chunks_mut(per * k)
+                .zip(q.d.chunks_mut(per * kb))
+                .zip(q.start.chunks_mut(per * kb))
+                .map(|((qs, d), st)| std::sync::Mutex::new((qs, d, st)))
+                .collect();
+        let run = |i: usize| {
+            let mut p = pieces[i]
+                .lock()
+                .expect("each piece quantized by one thread");
+            let (qs, d, st) = &mut *p;
+            let blocks = quantize_rows(&x[i * per * k..][..qs.len()], k);
+            for (j, b) in blocks.iter().enumerate() {
+                qs[32 * j..][..32].copy_from_slice(&b.qs);
+                d[j] = b.d.to_f32();
+                st[j] = -128 * b.qs.iter().map(|&q| q as i32).sum::<i32>();
+            }
+        };
+        if pieces.len() == 1 {
+            run(0);
+        } else {
+            super::team::par_for(pieces.len(), run);
+        }
+        drop(pieces);
+        q
     }
 
     /// The rows of an f32 tensor `[m, k]` (on the CPU), quantized.
@@ -103,6 +124,7 @@ impl Q8Input {
         Ok(Self::quantize(&v, k))
     }
 
+    #[cfg(test)]
     fn from_blocks(blocks: &[BlockQ8], k: usize) -> Self {
         let kb = k / 32;
         Q8Input {
@@ -530,6 +552,27 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The pieces quantized in parallel make up the input quantized in one go.
+    #[test]
+    fn an_input_quantized_in_pieces_is_the_input_quantized_whole() {
+        for (m, k) in [(9usize, 96usize), (9, 576), (1, 1536), (40, 64)] {
+            let x = Tensor::rand(-3f32, 3f32, (m, k), &Device::Cpu).unwrap();
+            let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let whole = Q8Input::from_blocks(&quantize_rows(&v, k), k);
+            let run = || Q8Input::quantize(&v, k);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            for q in [run(), pool.install(|| super::super::team::step(run))] {
+                assert_eq!((q.m, q.k), (m, k));
+                assert_eq!(q.qs, whole.qs);
+                assert_eq!(bits(&q.d), bits(&whole.d));
+                assert_eq!(q.start, whole.start);
+            }
+        }
     }
 
     #[test]
