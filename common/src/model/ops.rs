@@ -562,18 +562,14 @@ impl candle_core::CustomOp2 for Swiglu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (gs, us) = (f32_slice(gs, gl)?, f32_slice(us, ul)?);
         let mut out = vec![0f32; gs.len()];
-        out.par_chunks_mut(PAR_ELEMS)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let base = c * PAR_ELEMS;
-                for (j, v) in o.iter_mut().enumerate() {
-                    let x = gs[base + j];
-                    *v = x / (1.0 + (-x).exp()) * us[base + j];
-                }
-            });
+        super::team::par_chunks_mut(&mut out, PAR_ELEMS, |base, o| {
+            for (j, v) in o.iter_mut().enumerate() {
+                let x = gs[base + j];
+                *v = x / (1.0 + (-x).exp()) * us[base + j];
+            }
+        });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
     #[cfg(feature = "cuda")]

@@ -164,6 +164,39 @@ pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// `f(start, chunk)` for the chunks of `data` of `chunk` elements in parallel, `start` the
+/// chunk's first index. In a step (`step`), chunks of an eighth of `data` per thread if that is
+/// smaller (a decode step's element-wise work is too small for `chunk`, a training size).
+pub(crate) fn par_chunks_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let chunk = if LEADING.with(|l| l.get()).is_null() {
+        chunk
+    } else {
+        chunk.min(
+            data.len()
+                .div_ceil(8 * rayon::current_num_threads())
+                .max(256),
+        )
+    }
+    .max(1);
+    let pieces: Vec<std::sync::Mutex<&mut [T]>> =
+        data.chunks_mut(chunk).map(std::sync::Mutex::new).collect();
+    let run = |i: usize| {
+        f(
+            i * chunk,
+            &mut pieces[i].lock().expect("one thread per chunk"),
+        )
+    };
+    if pieces.len() == 1 {
+        run(0);
+    } else {
+        par_for(pieces.len(), run);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +224,34 @@ mod tests {
             .collect();
         assert_eq!(count(false), want);
         assert_eq!(count(true), want);
+    }
+
+    #[test]
+    fn chunks_cover_the_data_once_at_their_starts() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for team in [false, true] {
+            for n in [0usize, 1, 300, 5000, 40_000] {
+                let mut v = vec![0usize; n];
+                let body = |v: &mut Vec<usize>| {
+                    par_chunks_mut(v, 16384, |start, c| {
+                        for (j, x) in c.iter_mut().enumerate() {
+                            *x += start + j + 1;
+                        }
+                    })
+                };
+                pool.install(|| {
+                    if team {
+                        step(|| body(&mut v))
+                    } else {
+                        body(&mut v)
+                    }
+                });
+                assert!(v.iter().enumerate().all(|(i, &x)| x == i + 1), "{n}");
+            }
+        }
     }
 
     #[test]
