@@ -550,7 +550,14 @@ impl Llama {
     /// terms are its adapter's. So a sequence's cache holds the same bits however it was
     /// filled, and a prefix computed for one request serves another (`engine`'s prefix cache).
     pub fn forward_step(&self, seqs: &mut [StepSeq]) -> Result<Vec<Option<Tensor>>> {
-        super::on_pool(|| super::team::step(|| self.forward_step_here(seqs)))
+        super::on_pool(|| {
+            // the pool's threads only help a step on the CPU
+            if self.device.is_cpu() {
+                super::team::step(|| self.forward_step_here(seqs))
+            } else {
+                self.forward_step_here(seqs)
+            }
+        })
     }
 
     fn forward_step_here(&self, seqs: &mut [StepSeq]) -> Result<Vec<Option<Tensor>>> {
