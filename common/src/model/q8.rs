@@ -105,11 +105,7 @@ impl Q8Input {
                 st[j] = -128 * b.qs.iter().map(|&q| q as i32).sum::<i32>();
             }
         };
-        if pieces.len() == 1 {
-            run(0);
-        } else {
-            super::team::par_for(pieces.len(), run);
-        }
+        super::team::par_for(pieces.len(), run);
         drop(pieces);
         q
     }

@@ -152,10 +152,12 @@ pub(crate) fn step<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 /// `f(i)` for `i` in `0..n`, in parallel: on the team this thread leads (`step`), or else on
-/// rayon's pool.
+/// rayon's pool. A single item runs right here.
 pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync) {
     let team = LEADING.with(|l| l.get());
-    if team.is_null() {
+    if n <= 1 {
+        (0..n).for_each(f);
+    } else if team.is_null() {
         use rayon::prelude::*;
         (0..n).into_par_iter().for_each(&f);
     } else {
@@ -190,23 +192,23 @@ pub(crate) fn par_chunks_mut<T: Send>(
             &mut pieces[i].lock().expect("one thread per chunk"),
         )
     };
-    if pieces.len() == 1 {
-        run(0);
-    } else {
-        par_for(pieces.len(), run);
-    }
+    par_for(pieces.len(), run);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn every_item_runs_once_with_or_without_a_team() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let pool = pool(3);
         let count = |team: bool| {
             let hits: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
             let body = || {
@@ -228,10 +230,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_data_once_at_their_starts() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         for team in [false, true] {
             for n in [0usize, 1, 300, 5000, 40_000] {
                 let mut v = vec![0usize; n];
@@ -256,10 +255,7 @@ mod tests {
 
     #[test]
     fn helpers_take_items_and_a_nested_step_joins_the_outer_one() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         let threads = pool.install(|| {
             step(|| {
                 step(|| {
@@ -281,10 +277,7 @@ mod tests {
 
     #[test]
     fn a_panicking_item_reaches_the_step_and_the_helpers_stop() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         let r = pool.install(|| {
             catch_unwind(AssertUnwindSafe(|| {
                 step(|| par_for(16, |i| assert!(i != 5, "item 5")))
