@@ -4,7 +4,7 @@
 //! Only the LoRA matrices get gradients; for the frozen weight the backward computes the input
 //! gradient alone (`dx = dy W`), never `dW`.
 
-use super::q8::{products_of, Q8Input, Q8Rows};
+use super::q8::{products_of, Q8Input, QRows};
 use super::{matmul, ops, Grads, TrainCtx};
 use candle_core::{Result, Tensor};
 
@@ -73,14 +73,14 @@ pub struct LoraLinear {
 }
 
 /// A frozen weight made lighter for inference: bf16 (read by the row kernel, widened to f32 as
-/// it is read), candle's Q8_0 (read by the row kernel) or another of candle's quantized types
-/// through its `QMatMul`. Either way every output is a dot product of its own, whatever the
-/// other rows.
+/// it is read), candle's Q8_0 or Q5_0 (products with a Q8_0 input, `q8.rs`) or another of
+/// candle's quantized types through its `QMatMul`. Either way every output is a dot product of
+/// its own, whatever the other rows.
 pub enum Packed {
     Bf16(Tensor),
-    /// candle's Q8_0 blocks in groups of eight rows, for the q8_0 × q8_0 product of `q8.rs`
-    /// (it reads each weight once for all the rows of a product; `QMatMul` does not).
-    Q8(super::q8::Q8Rows),
+    /// candle's Q8_0 or Q5_0 blocks in groups of eight rows, for the products of `q8.rs` (they
+    /// read each weight once for all the rows of a product; `QMatMul` does not).
+    Q8(super::q8::QRows),
     Quantized(candle_core::quantized::QMatMul),
 }
 
@@ -194,14 +194,14 @@ impl LoraLinear {
     }
 
     /// The frozen products of a step's rows `x` computed ahead for the `layers` that read it
-    /// (q, k and v; gate and up), in `layers`' order: when all are q8_0, the rows quantized
-    /// once and every product in one parallel pass (`q8::products_of`); otherwise none (each
-    /// layer's `forward_rows` computes its own).
+    /// (q, k and v; gate and up), in `layers`' order: when all are q8_0 or q5_0, the rows
+    /// quantized once and every product in one parallel pass (`q8::products_of`); otherwise
+    /// none (each layer's `forward_rows` computes its own).
     pub(crate) fn prepare<const N: usize>(
         layers: [&LoraLinear; N],
         x: &Tensor,
     ) -> Result<[Prepared; N]> {
-        let q8: Option<Vec<&Q8Rows>> = layers
+        let q8: Option<Vec<&QRows>> = layers
             .iter()
             .map(|l| match &l.packed {
                 Some(Packed::Q8(w)) => Some(w),

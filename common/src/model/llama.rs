@@ -468,8 +468,8 @@ impl Llama {
                 Some(ty) => {
                     let q = crate::gguf::weight_type(ty, hf, w.dim(1)?, n_layers, tied)?;
                     let qt = QTensor::quantize(w, q)?;
-                    if q == candle_core::quantized::GgmlDType::Q8_0 && w.device().is_cpu() {
-                        Packed::Q8(super::q8::Q8Rows::from_qtensor(&qt)?)
+                    if super::q8::QRows::takes(q, w.device()) {
+                        Packed::Q8(super::q8::QRows::from_qtensor(&qt)?)
                     } else {
                         Packed::Quantized(QMatMul::from_qtensor(qt)?)
                     }

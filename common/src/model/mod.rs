@@ -15,7 +15,7 @@
 //! | `loss.rs` | chunked ignore-index cross-entropy and its gradient |
 //! | `ops.rs` | the fused kernels (softmax, RMSNorm, SwiGLU, dropout, cross-entropy, with their backward) as custom ops: CPU body, CUDA body (`kernels/ops.cu`), plain-candle reference |
 //! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output; the row kernel of decode (f32, bf16) |
-//! | `q8.rs` | the q8_0 × q8_0 product of decode and prefill (weight rows in groups of eight, one `vpdpbusd` for eight outputs) |
+//! | `q8.rs` | the q8_0 × q8_0 and q5_0 × q8_0 products of decode and prefill (weight rows in groups of eight, one `vpdpbusd` for eight outputs) |
 //! | `team.rs` | a forward step's threads kept on hand between its parallel loops (`par_for`) |
 //! | `init.rs` | random weights for a config (benchmarks, tests) |
 

@@ -1,6 +1,8 @@
-//! The q8_0 × q8_0 product of decode and prefill on the CPU, as llama.cpp and candle's
-//! `QMatMul` compute it: the input rows quantized to Q8_0 by candle (`BlockQ8_0::from_float`),
-//! an exact integer sum per pair of blocks, then `acc += f32(sum) · (d_w · d_x)` block by block.
+//! The products of decode and prefill on the CPU whose input is quantized to Q8_0: q8_0 × q8_0
+//! and q5_0 × q8_0 (most of a q4_k model's projections: candle's `QMatMul` has no SIMD body for
+//! Q5_0), as llama.cpp and candle's `QMatMul` compute them: the input rows quantized to Q8_0 by
+//! candle (`BlockQ8_0::from_float`, the `VecDotType` of both), an exact integer sum per pair of
+//! blocks, then `acc += f32(sum) · (d_w · d_x)` block by block.
 //!
 //! The weight rows are stored in groups of eight (`Q8Group`, llama.cpp's repacked layouts do
 //! the same on ARM): for each block, the eight rows' scales, then the block's bytes in eight
@@ -11,6 +13,11 @@
 //! f32 work (convert, scale, accumulate) is done once per eight outputs, not once per output.
 //! The offset makes the weights the unsigned operand: `Σ(w + 128)·x = Σw·x + 128·Σx`, and
 //! each sum starts at `−128·Σx`, the input block's own (`Q8Input::start`), exact.
+//!
+//! Q5_0 weights (`Q5Group`) keep their 5.5 bits per value: a group's block holds the low four
+//! bits of its values in chunk pairs and their fifth bits in one 32-byte plane, and each chunk
+//! is unpacked in registers to the unsigned `w + 16` (0..=31) in the q8_0 chunk order; its sums
+//! start at `−16·Σx` (`start / 8`).
 //!
 //! Without VNNI the same sums come from AVX2's `maddubs` on `|w|` and `sign(x, w)`, and
 //! without AVX2 from a plain loop: exact integers either way, and the same f32 operations in
@@ -157,62 +164,218 @@ pub(crate) struct Q8Group {
     qs: [u8; 32 * GROUP],
 }
 
-/// A q8_0 weight `[n, k]` in groups of eight rows (the last group padded with zero rows), each
-/// group's blocks in order.
-pub struct Q8Rows {
-    groups: Vec<Q8Group>,
+/// Block `b` of eight Q5_0 weight rows: their scales; the low four bits of their unsigned
+/// values `u = w + 16` in chunk pairs, chunk `2p`'s byte `i` (ordered as in `Q8Group`) in the
+/// low half of `lo[32p + i]` and chunk `2p + 1`'s in the high half; and the fifth bits, chunk
+/// `c`'s byte `i` as bit `c` of `hi[i]`. 176 bytes, as the eight rows' blocks in candle's Q5_0.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Q5Group {
+    d: [half::f16; GROUP],
+    lo: [u8; 16 * GROUP],
+    hi: [u8; 32],
+}
+
+/// A block of eight weight rows of one format, as the kernels read it.
+trait Group: Copy + Send + Sync {
+    /// Row `j`'s value `i` of the block (signed, before its scale).
+    fn weight(&self, j: usize, i: usize) -> i32;
+    fn scale(&self, j: usize) -> f32;
+    /// The products of `R` input rows with the `G` groups `ws` (all of one length) with the
+    /// instructions of `level` (detected).
+    fn dots<const R: usize, const G: usize>(
+        level: Simd,
+        xs: &[XRow; R],
+        ws: &[&[Self]; G],
+    ) -> [[[f32; GROUP]; G]; R];
+}
+
+/// `Group` for a block type: its signed values (`$weight`), its scales (`d`), and its kernels.
+macro_rules! group {
+    ($T:ty, $vnni:ident, $avx2:ident, $weight:expr) => {
+        impl Group for $T {
+            fn weight(&self, j: usize, i: usize) -> i32 {
+                let f: fn(&$T, usize, usize) -> i32 = $weight;
+                f(self, j, i)
+            }
+            fn scale(&self, j: usize) -> f32 {
+                self.d[j].to_f32()
+            }
+            #[inline(always)]
+            fn dots<const R: usize, const G: usize>(
+                level: Simd,
+                xs: &[XRow; R],
+                ws: &[&[Self]; G],
+            ) -> [[[f32; GROUP]; G]; R] {
+                // SAFETY: the level's instructions were detected (the caller's promise); the
+                // lengths were checked (`dots_with`)
+                #[cfg(target_arch = "x86_64")]
+                match level {
+                    Simd::Vnni => return unsafe { avx::$vnni(xs, ws) },
+                    Simd::Avx2 => return unsafe { avx::$avx2(xs, ws) },
+                    Simd::Plain => {}
+                }
+                dots_plain(xs, ws)
+            }
+        }
+    };
+}
+
+group!(Q8Group, dots_vnni, dots_avx2, |g, j, i| {
+    (g.qs[32 * (i / 4) + 4 * j + i % 4] ^ 0x80) as i8 as i32
+});
+group!(Q5Group, dots_vnni_q5, dots_avx2_q5, |g, j, i| {
+    let (c, at) = (i / 4, 4 * j + i % 4);
+    let lo = g.lo[32 * (c / 2) + at] >> (4 * (c % 2)) & 0x0F;
+    let hi = g.hi[at] >> c & 1;
+    (lo | hi << 4) as i32 - 16
+});
+
+/// A weight's groups, of one format.
+enum Groups {
+    Q8(Vec<Q8Group>),
+    Q5(Vec<Q5Group>),
+}
+
+/// A q8_0 or q5_0 weight `[n, k]` in groups of eight rows (the last group padded with zero
+/// rows), each group's blocks in order: the weights whose products take a Q8_0 input.
+pub struct QRows {
+    groups: Groups,
     n: usize,
     k: usize,
 }
 
-impl Q8Rows {
-    /// From a quantized tensor of candle's `Q8_0` type (`[n, k]`, `k` a multiple of 32).
+/// The blocks of eight rows `8g..8g + 8` (rows past `n` padded with `zero`), block by block.
+fn grouped<B, T>(
+    blocks: &[B],
+    (n, k): (usize, usize),
+    zero: &B,
+    make: impl Fn([&B; GROUP]) -> T,
+) -> Vec<T> {
+    let kb = k / 32;
+    let block = |j: usize, b: usize| if j < n { &blocks[j * kb + b] } else { zero };
+    let mut groups = Vec::with_capacity(n.div_ceil(GROUP) * kb);
+    for g in 0..n.div_ceil(GROUP) {
+        for b in 0..kb {
+            groups.push(make(std::array::from_fn(|j| block(GROUP * g + j, b))));
+        }
+    }
+    groups
+}
+
+impl QRows {
+    /// Whether `from_qtensor` takes a tensor of type `ty` on `dev`.
+    pub fn takes(ty: candle_core::quantized::GgmlDType, dev: &candle_core::Device) -> bool {
+        use candle_core::quantized::GgmlDType;
+        dev.is_cpu() && matches!(ty, GgmlDType::Q8_0 | GgmlDType::Q5_0)
+    }
+
+    /// From a quantized tensor of candle's `Q8_0` or `Q5_0` type (`[n, k]`, `k` a multiple of
+    /// 32).
     pub fn from_qtensor(q: &candle_core::quantized::QTensor) -> Result<Self> {
+        use candle_core::quantized::GgmlDType;
         let (n, k) = q.shape().dims2()?;
-        if q.dtype() != candle_core::quantized::GgmlDType::Q8_0 || k % 32 != 0 {
-            candle_core::bail!("Q8Rows needs a Q8_0 tensor with rows of a multiple of 32");
+        let size = match q.dtype() {
+            GgmlDType::Q8_0 => 34,
+            GgmlDType::Q5_0 => 22,
+            _ => 0,
+        };
+        if size == 0 || k % 32 != 0 {
+            candle_core::bail!("QRows needs a Q8_0 or Q5_0 tensor with rows of a multiple of 32");
         }
         let data = q.data()?;
-        if data.len() != n * k / 32 * 34 {
-            candle_core::bail!("Q8_0 data of {} bytes for [{n}, {k}]", data.len());
+        if data.len() != n * k / 32 * size {
+            candle_core::bail!(
+                "{:?} data of {} bytes for [{n}, {k}]",
+                q.dtype(),
+                data.len()
+            );
         }
+        let d = |c: &[u8]| half::f16::from_le_bytes([c[0], c[1]]);
+        if size == 34 {
+            let blocks: Vec<BlockQ8> = data
+                .chunks_exact(34)
+                .map(|c| BlockQ8 {
+                    d: d(c),
+                    qs: std::array::from_fn(|i| c[2 + i] as i8),
+                })
+                .collect();
+            return Ok(Self::from_blocks(&blocks, n, k));
+        }
+        // candle's BlockQ5_0: d, qh (the fifth bits, little-endian), qs (value i's low bits
+        // in the low half of qs[i], value i + 16's in the high half)
         let blocks: Vec<BlockQ8> = data
-            .chunks_exact(34)
-            .map(|c| BlockQ8 {
-                d: half::f16::from_le_bytes([c[0], c[1]]),
-                qs: std::array::from_fn(|i| c[2 + i] as i8),
+            .chunks_exact(22)
+            .map(|c| {
+                let qh = u32::from_le_bytes([c[2], c[3], c[4], c[5]]);
+                BlockQ8 {
+                    d: d(c),
+                    qs: std::array::from_fn(|i| {
+                        let low = if i < 16 {
+                            c[6 + i] & 0x0F
+                        } else {
+                            c[6 + i - 16] >> 4
+                        };
+                        ((low | ((qh >> i & 1) as u8) << 4) as i32 - 16) as i8
+                    }),
+                }
             })
             .collect();
-        Ok(Self::from_blocks(&blocks, n, k))
+        Ok(Self::from_q5_values(&blocks, n, k))
     }
 
     /// From the `n · k / 32` blocks of a `[n, k]` weight, row by row.
     fn from_blocks(blocks: &[BlockQ8], n: usize, k: usize) -> Self {
-        let kb = k / 32;
         let zero = BlockQ8 {
             d: half::f16::ZERO,
             qs: [0; 32],
         };
-        let block = |j: usize, b: usize| if j < n { &blocks[j * kb + b] } else { &zero };
-        let mut groups = Vec::with_capacity(n.div_ceil(GROUP) * kb);
-        for g in 0..n.div_ceil(GROUP) {
-            for b in 0..kb {
-                let rows: [&BlockQ8; GROUP] = std::array::from_fn(|j| block(GROUP * g + j, b));
-                groups.push(Q8Group {
-                    d: rows.map(|r| r.d),
-                    qs: std::array::from_fn(|i| {
-                        let (c, j, t) = (i / 32, i % 32 / 4, i % 4);
-                        (rows[j].qs[4 * c + t] as u8) ^ 0x80
-                    }),
-                });
-            }
+        let groups = grouped(blocks, (n, k), &zero, |rows| Q8Group {
+            d: rows.map(|r| r.d),
+            qs: std::array::from_fn(|i| {
+                let (c, j, t) = (i / 32, i % 32 / 4, i % 4);
+                (rows[j].qs[4 * c + t] as u8) ^ 0x80
+            }),
+        });
+        QRows {
+            groups: Groups::Q8(groups),
+            n,
+            k,
         }
-        Q8Rows { groups, n, k }
+    }
+
+    /// From the `n · k / 32` Q5_0 blocks of a `[n, k]` weight, row by row, their values
+    /// (`-16..=15`) one per byte.
+    fn from_q5_values(blocks: &[BlockQ8], n: usize, k: usize) -> Self {
+        let zero = BlockQ8 {
+            d: half::f16::ZERO,
+            qs: [0; 32],
+        };
+        let groups = grouped(blocks, (n, k), &zero, |rows| {
+            // chunk c's byte 4j + t: row j's value 4c + t, unsigned
+            let u = |c: usize, at: usize| (rows[at / 4].qs[4 * c + at % 4] + 16) as u8;
+            Q5Group {
+                d: rows.map(|r| r.d),
+                lo: std::array::from_fn(|i| {
+                    let (p, at) = (i / 32, i % 32);
+                    (u(2 * p, at) & 0x0F) | (u(2 * p + 1, at) & 0x0F) << 4
+                }),
+                hi: std::array::from_fn(|at| (0..8).map(|c| (u(c, at) >> 4 & 1) << c).sum()),
+            }
+        });
+        QRows {
+            groups: Groups::Q5(groups),
+            n,
+            k,
+        }
     }
 
     /// Bytes the weight takes (the padding rows of the last group included).
     pub fn bytes(&self) -> usize {
-        self.groups.len() * std::mem::size_of::<Q8Group>()
+        match &self.groups {
+            Groups::Q8(g) => std::mem::size_of_val(g.as_slice()),
+            Groups::Q5(g) => std::mem::size_of_val(g.as_slice()),
+        }
     }
 
     /// `x·Wᵀ` for `x: [m, k]` in f32 on the CPU: the rows quantized to Q8_0 as candle's
@@ -246,54 +409,81 @@ impl Q8Rows {
         products_into(level, &mut [(self, dst)], x, rows)
     }
 
-    /// Groups `gs` of the product into `out` (`[rows, n]`): each group read once for all the
-    /// rows, two groups against four input rows at a time.
+    /// Groups `gs` of the product into `out` (`[rows, n]`).
     fn groups_into(
         &self,
         level: Simd,
         x: &Q8Input,
-        (first, m): (usize, usize),
+        rows: (usize, usize),
         gs: std::ops::Range<usize>,
         out: Dst,
     ) {
-        let (n, kb) = (self.n, self.k / 32);
-        let group = |g: usize| &self.groups[g * kb..(g + 1) * kb];
-        let put = |i: usize, g: usize, v: &[f32; GROUP]| {
-            // the padding rows of the last group are left out
-            for (j, &v) in v.iter().enumerate().take(n - GROUP * g) {
-                // SAFETY: (i, 8g + j) is inside the m × n destination; each group belongs
-                // to one block
-                unsafe { *out.ptr().add(i * n + GROUP * g + j) = v };
-            }
-        };
-        let mut g = gs.start;
-        while g < gs.end {
-            let two = g + 2 <= gs.end;
-            let mut i = 0;
-            while i < m {
-                let four = i + 4 <= m;
-                macro_rules! go {
-                    ($r:literal, $g:literal) => {{
-                        let xs: [XRow; $r] = std::array::from_fn(|r| x.row(first + i + r));
-                        let ws: [&[Q8Group]; $g] = std::array::from_fn(|h| group(g + h));
-                        let v = dots_with(level, &xs, &ws);
-                        for r in 0..$r {
-                            for h in 0..$g {
-                                put(i + r, g + h, &v[r][h]);
-                            }
-                        }
-                    }};
-                }
-                match (four, two) {
-                    (true, true) => go!(4, 2),
-                    (true, false) => go!(4, 1),
-                    (false, true) => go!(1, 2),
-                    (false, false) => go!(1, 1),
-                }
-                i += if four { 4 } else { 1 };
-            }
-            g += if two { 2 } else { 1 };
+        match &self.groups {
+            Groups::Q8(g) => groups_into(g, (self.n, self.k), level, x, rows, gs, out),
+            Groups::Q5(g) => groups_into(g, (self.n, self.k), level, x, rows, gs, out),
         }
+    }
+}
+
+/// Groups `gs` of a weight's `groups` (`[n, k]`) into `out` (`[rows, n]`): each group read once
+/// for all the rows, two groups against eight input rows at a time with VNNI (AVX-512's 32
+/// registers hold the sixteen sums and accumulators; a decode step of eight reads each weight
+/// once), four otherwise.
+fn groups_into<T: Group>(
+    groups: &[T],
+    (n, k): (usize, usize),
+    level: Simd,
+    x: &Q8Input,
+    (first, m): (usize, usize),
+    gs: std::ops::Range<usize>,
+    out: Dst,
+) {
+    let kb = k / 32;
+    let group = |g: usize| &groups[g * kb..(g + 1) * kb];
+    let put = |i: usize, g: usize, v: &[f32; GROUP]| {
+        // the padding rows of the last group are left out
+        for (j, &v) in v.iter().enumerate().take(n - GROUP * g) {
+            // SAFETY: (i, 8g + j) is inside the m × n destination; each group belongs
+            // to one block
+            unsafe { *out.ptr().add(i * n + GROUP * g + j) = v };
+        }
+    };
+    let mut g = gs.start;
+    while g < gs.end {
+        let two = g + 2 <= gs.end;
+        let mut i = 0;
+        while i < m {
+            let four = i + 4 <= m;
+            macro_rules! go {
+                ($r:literal, $g:literal) => {{
+                    let xs: [XRow; $r] = std::array::from_fn(|r| x.row(first + i + r));
+                    let ws: [&[T]; $g] = std::array::from_fn(|h| group(g + h));
+                    let v = dots_with(level, &xs, &ws);
+                    for r in 0..$r {
+                        for h in 0..$g {
+                            put(i + r, g + h, &v[r][h]);
+                        }
+                    }
+                }};
+            }
+            if i + 8 <= m && level == Simd::Vnni {
+                if two {
+                    go!(8, 2)
+                } else {
+                    go!(8, 1)
+                }
+                i += 8;
+                continue;
+            }
+            match (four, two) {
+                (true, true) => go!(4, 2),
+                (true, false) => go!(4, 1),
+                (false, true) => go!(1, 2),
+                (false, false) => go!(1, 1),
+            }
+            i += if four { 4 } else { 1 };
+        }
+        g += if two { 2 } else { 1 };
     }
 }
 
@@ -301,7 +491,7 @@ impl Q8Rows {
 /// and up) in one parallel pass over all their groups: the pool is woken once, not once per
 /// weight, and the threads share out the work of all of them. `[rows, n]` each.
 pub(crate) fn products_of(
-    ws: &[&Q8Rows],
+    ws: &[&QRows],
     x: &Q8Input,
     rows: std::ops::Range<usize>,
     dev: &candle_core::Device,
@@ -319,7 +509,7 @@ pub(crate) fn products_of(
     }
     let m = rows.len();
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
-    let mut pairs: Vec<(&Q8Rows, &mut [f32])> = ws
+    let mut pairs: Vec<(&QRows, &mut [f32])> = ws
         .iter()
         .copied()
         .zip(outs.iter_mut().map(|o| o.as_mut_slice()))
@@ -335,7 +525,7 @@ pub(crate) fn products_of(
 /// most `simd()`): blocks of groups of all the weights run in parallel.
 fn products_into(
     level: Simd,
-    ws: &mut [(&Q8Rows, &mut [f32])],
+    ws: &mut [(&QRows, &mut [f32])],
     x: &Q8Input,
     rows: std::ops::Range<usize>,
 ) {
@@ -356,7 +546,7 @@ fn products_into(
                 .map(|g| (wi, g..(g + per_block).min(gn))),
         );
     }
-    let outs: Vec<(&Q8Rows, Dst)> = ws
+    let outs: Vec<(&QRows, Dst)> = ws
         .iter_mut()
         .map(|(w, d)| (*w, Dst(d.as_mut_ptr())))
         .collect();
@@ -376,10 +566,10 @@ fn products_into(
 /// The products of `R` input rows with the `G` groups `ws` (eight weight rows each), all of
 /// one length, with the instructions of `level`.
 #[inline(always)]
-fn dots_with<const R: usize, const G: usize>(
+fn dots_with<T: Group, const R: usize, const G: usize>(
     level: Simd,
     xs: &[XRow; R],
-    ws: &[&[Q8Group]; G],
+    ws: &[&[T]; G],
 ) -> [[[f32; GROUP]; G]; R] {
     let kb = ws[0].len();
     assert!(
@@ -388,21 +578,14 @@ fn dots_with<const R: usize, const G: usize>(
             && ws.iter().all(|w| w.len() == kb),
         "q8_0 rows of unequal lengths"
     );
-    // SAFETY: the level's instructions were detected (`product_into` asserts it); the lengths
-    // were checked above
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        Simd::Vnni => return unsafe { avx::dots_vnni(xs, ws) },
-        Simd::Avx2 => return unsafe { avx::dots_avx2(xs, ws) },
-        Simd::Plain => {}
-    }
-    dots_plain(xs, ws)
+    // the level's instructions were detected (`products_into` asserts it)
+    T::dots(level, xs, ws)
 }
 
 /// The products without SIMD: the same exact block sums, then the same f32 operations.
-fn dots_plain<const R: usize, const G: usize>(
+fn dots_plain<T: Group, const R: usize, const G: usize>(
     xs: &[XRow; R],
-    ws: &[&[Q8Group]; G],
+    ws: &[&[T]; G],
 ) -> [[[f32; GROUP]; G]; R] {
     let mut out = [[[0f32; GROUP]; G]; R];
     for (x, out) in xs.iter().zip(out.iter_mut()) {
@@ -410,13 +593,8 @@ fn dots_plain<const R: usize, const G: usize>(
             for (b, blk) in w.iter().enumerate() {
                 let xq = &x.qs[32 * b..32 * b + 32];
                 for (j, acc) in out.iter_mut().enumerate() {
-                    let s: i32 = (0..32)
-                        .map(|i| {
-                            let wq = (blk.qs[32 * (i / 4) + 4 * j + i % 4] ^ 0x80) as i8;
-                            wq as i32 * xq[i] as i32
-                        })
-                        .sum();
-                    *acc = (s as f32).mul_add(blk.d[j].to_f32() * x.d[b], *acc);
+                    let s: i32 = (0..32).map(|i| blk.weight(j, i) * xq[i] as i32).sum();
+                    *acc = (s as f32).mul_add(blk.scale(j) * x.d[b], *acc);
                 }
             }
         }
@@ -426,14 +604,41 @@ fn dots_plain<const R: usize, const G: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{Q8Group, XRow, GROUP};
+    use super::{Q5Group, Q8Group, XRow, GROUP};
     use std::arch::x86_64::*;
 
-    /// The group's eight scales, widened.
+    /// A group's eight scales, widened.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scales(g: &Q8Group) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr() as *const __m128i))
+    unsafe fn scales(d: &[half::f16; GROUP]) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
+    }
+
+    /// Chunk `c` of a Q5_0 group's block, unpacked: the unsigned values `w + 16` in the order
+    /// of a q8_0 chunk. The fifth bits' plane is shifted within 16-bit lanes so that bit `c` of
+    /// each byte lands on its bit 4, which never takes a bit of the other byte of the lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn chunk5(g: &Q5Group, c: usize) -> __m256i {
+        let pair = _mm256_loadu_si256(g.lo.as_ptr().add(32 * (c / 2)) as *const __m256i);
+        let pair = if c.is_multiple_of(2) {
+            pair
+        } else {
+            _mm256_srli_epi16::<4>(pair)
+        };
+        let low = _mm256_and_si256(pair, _mm256_set1_epi8(0x0F));
+        let h = _mm256_loadu_si256(g.hi.as_ptr() as *const __m256i);
+        let h = match c {
+            0 => _mm256_slli_epi16::<4>(h),
+            1 => _mm256_slli_epi16::<3>(h),
+            2 => _mm256_slli_epi16::<2>(h),
+            3 => _mm256_slli_epi16::<1>(h),
+            4 => h,
+            5 => _mm256_srli_epi16::<1>(h),
+            6 => _mm256_srli_epi16::<2>(h),
+            _ => _mm256_srli_epi16::<3>(h),
+        };
+        _mm256_or_si256(low, _mm256_and_si256(h, _mm256_set1_epi8(0x10)))
     }
 
     /// Chunk `c` of a group's block: four bytes of each of its eight rows.
@@ -452,20 +657,20 @@ mod avx {
 
     /// Per block: the exact sums (`$sums`), then `acc += f32(sums) · (d_w · d_x)`.
     macro_rules! dots {
-        ($name:ident, $features:literal, $sums:ident) => {
+        ($name:ident, $T:ty, $features:literal, $sums:ident) => {
             /// # Safety
             /// The features named; every row of `xs` and `ws` the same number of blocks.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name<const R: usize, const G: usize>(
                 xs: &[XRow; R],
-                ws: &[&[Q8Group]; G],
+                ws: &[&[$T]; G],
             ) -> [[[f32; GROUP]; G]; R] {
                 let kb = ws[0].len();
                 let mut acc = [[_mm256_setzero_ps(); G]; R];
                 for b in 0..kb {
-                    let blk: [&Q8Group; G] = std::array::from_fn(|h| ws[h].get_unchecked(b));
+                    let blk: [&$T; G] = std::array::from_fn(|h| ws[h].get_unchecked(b));
                     let s = $sums(xs, &blk, b);
-                    let dw: [__m256; G] = std::array::from_fn(|h| scales(blk[h]));
+                    let dw: [__m256; G] = std::array::from_fn(|h| scales(&blk[h].d));
                     for r in 0..R {
                         let dx = _mm256_set1_ps(*xs[r].d.get_unchecked(b));
                         for h in 0..G {
@@ -485,27 +690,36 @@ mod avx {
         };
     }
 
-    /// VNNI: from `−128·Σx`, `vpdpbusd` adds `(w + 128)·x` four bytes at a time.
-    #[inline]
-    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-    unsafe fn sums_vnni<const R: usize, const G: usize>(
-        xs: &[XRow; R],
-        blk: &[&Q8Group; G],
-        b: usize,
-    ) -> [[__m256i; G]; R] {
-        let mut s: [[__m256i; G]; R] =
-            std::array::from_fn(|r| [_mm256_set1_epi32(*xs[r].start.get_unchecked(b)); G]);
-        for c in 0..8 {
-            let w: [__m256i; G] = std::array::from_fn(|h| chunk(blk[h], c));
-            for r in 0..R {
-                let x = bytes4(&xs[r], b, c);
-                for h in 0..G {
-                    s[r][h] = _mm256_dpbusd_epi32(s[r][h], w[h], x);
+    /// VNNI: from `−offset·Σx` (`start >> $shift`), `vpdpbusd` adds the unsigned
+    /// `(w + offset)·x` four bytes at a time.
+    macro_rules! sums_vnni {
+        ($name:ident, $T:ty, $chunk:ident, $shift:literal) => {
+            #[inline]
+            #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+            unsafe fn $name<const R: usize, const G: usize>(
+                xs: &[XRow; R],
+                blk: &[&$T; G],
+                b: usize,
+            ) -> [[__m256i; G]; R] {
+                let mut s: [[__m256i; G]; R] = std::array::from_fn(|r| {
+                    [_mm256_set1_epi32(*xs[r].start.get_unchecked(b) >> $shift); G]
+                });
+                for c in 0..8 {
+                    let w: [__m256i; G] = std::array::from_fn(|h| $chunk(blk[h], c));
+                    for r in 0..R {
+                        let x = bytes4(&xs[r], b, c);
+                        for h in 0..G {
+                            s[r][h] = _mm256_dpbusd_epi32(s[r][h], w[h], x);
+                        }
+                    }
                 }
+                s
             }
-        }
-        s
+        };
     }
+    // q8_0: offset 128; q5_0: offset 16
+    sums_vnni!(sums_vnni, Q8Group, chunk, 0);
+    sums_vnni!(sums_vnni_q5, Q5Group, chunk5, 3);
 
     /// AVX2: `maddubs(|w|, sign(x, w))` adds pairs into i16 (|w| ≤ 128, |x| ≤ 127: no
     /// saturation), `madd` by ones the pairs into i32.
@@ -533,12 +747,45 @@ mod avx {
         s
     }
 
+    /// AVX2 on Q5_0: `maddubs(w + 16, x)` adds pairs into i16 (31 · 127 · 2: no saturation),
+    /// `madd` by ones the pairs into i32, from `−16·Σx`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sums_avx2_q5<const R: usize, const G: usize>(
+        xs: &[XRow; R],
+        blk: &[&Q5Group; G],
+        b: usize,
+    ) -> [[__m256i; G]; R] {
+        let mut s: [[__m256i; G]; R] =
+            std::array::from_fn(|r| [_mm256_set1_epi32(*xs[r].start.get_unchecked(b) >> 3); G]);
+        let ones = _mm256_set1_epi16(1);
+        for c in 0..8 {
+            let w: [__m256i; G] = std::array::from_fn(|h| chunk5(blk[h], c));
+            for r in 0..R {
+                let x = bytes4(&xs[r], b, c);
+                for h in 0..G {
+                    let p = _mm256_maddubs_epi16(w[h], x);
+                    s[r][h] = _mm256_add_epi32(s[r][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        s
+    }
+
     dots!(
         dots_vnni,
+        Q8Group,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         sums_vnni
     );
-    dots!(dots_avx2, "avx2,fma,f16c", sums_avx2);
+    dots!(dots_avx2, Q8Group, "avx2,fma,f16c", sums_avx2);
+    dots!(
+        dots_vnni_q5,
+        Q5Group,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        sums_vnni_q5
+    );
+    dots!(dots_avx2_q5, Q5Group, "avx2,fma,f16c", sums_avx2_q5);
 }
 
 #[cfg(test)]
@@ -588,29 +835,32 @@ mod tests {
         assert_eq!(ours, q.data().unwrap().to_vec());
     }
 
+    /// Both formats: the products are those of the dequantized input (Q8_0) and weights, and
+    /// candle's `QMatMul`'s.
     #[test]
-    fn q8_0_rows_are_the_product_of_their_quantized_inputs_and_weights() {
+    fn q8_0_and_q5_0_rows_are_the_product_of_their_quantized_inputs_and_weights() {
         use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
         let dev = Device::Cpu;
         // 70 rows: eight groups and a padded ninth; 300: past the serial threshold
-        for (n, k) in [(70usize, 96usize), (300, 96), (40, 1536), (576, 1536)] {
+        for ((n, k), ty) in [(70usize, 96usize), (300, 96), (40, 1536), (576, 1536)]
+            .into_iter()
+            .flat_map(|s| [(s, GgmlDType::Q8_0), (s, GgmlDType::Q5_0)])
+        {
             let x = Tensor::rand(-1f32, 1f32, (9, k), &dev).unwrap();
             let w = Tensor::rand(-1f32, 1f32, (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-            let rows = Q8Rows::from_qtensor(&q).unwrap();
+            let q = QTensor::quantize(&w, ty).unwrap();
+            let wq = q.dequantize(&dev).unwrap();
+            let rows = QRows::from_qtensor(&q).unwrap();
             let got = rows.product(&x).unwrap();
             // the exact product of the dequantized input rows and weights
-            let deq = |t: &Tensor| {
-                QTensor::quantize(t, GgmlDType::Q8_0)
-                    .unwrap()
-                    .dequantize(&dev)
-                    .unwrap()
-                    .to_dtype(candle_core::DType::F64)
-                    .unwrap()
-            };
-            let want = deq(&x).matmul(&deq(&w).t().unwrap()).unwrap();
+            let f64s = |t: Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+            let xq = QTensor::quantize(&x, GgmlDType::Q8_0).unwrap();
+            let want = f64s(xq.dequantize(&dev).unwrap())
+                .matmul(&f64s(wq).t().unwrap())
+                .unwrap();
             let got64 = got.to_dtype(candle_core::DType::F64).unwrap();
-            assert!(crate::testing::max_abs_diff(&got64, &want) < 1e-8 * (n * k) as f64);
+            let d = crate::testing::max_abs_diff(&got64, &want);
+            assert!(d < 1e-8 * (n * k) as f64, "{ty:?} [{n}, {k}]: {d}");
             // candle's QMatMul computes the same products (in another order) on small
             // weights; on [576, 1536] its result is not the product of the quantized input
             // (0.2 off, where ours is 1e-5 off the exact product)
@@ -627,7 +877,8 @@ mod tests {
                     bits(&flat(&got.narrow(0, s, m).unwrap()))
                 );
             }
-            assert_eq!(rows.bytes(), n.div_ceil(8) * k / 32 * 272);
+            let block = if ty == GgmlDType::Q8_0 { 34 } else { 22 };
+            assert_eq!(rows.bytes(), n.div_ceil(8) * k / 32 * 8 * block);
         }
     }
 
@@ -637,15 +888,20 @@ mod tests {
         let dev = Device::Cpu;
         // 4 × 257 × 256 multiply-adds: past the serial threshold
         let x = Tensor::rand(-1f32, 1f32, (6, 256), &dev).unwrap();
-        let ws: Vec<Q8Rows> = [200usize, 40, 17]
-            .iter()
-            .map(|&n| {
-                let w = Tensor::rand(-1f32, 1f32, (n, 256), &dev).unwrap();
-                Q8Rows::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap()
-            })
-            .collect();
+        // a q8_0 × q8_0 and q5_0 × q8_0 products in one pass, as q, k and v of a q4_k model
+        let ws: Vec<QRows> = [
+            (200usize, GgmlDType::Q5_0),
+            (40, GgmlDType::Q8_0),
+            (17, GgmlDType::Q5_0),
+        ]
+        .iter()
+        .map(|&(n, ty)| {
+            let w = Tensor::rand(-1f32, 1f32, (n, 256), &dev).unwrap();
+            QRows::from_qtensor(&QTensor::quantize(&w, ty).unwrap()).unwrap()
+        })
+        .collect();
         let q = Q8Input::of(&x).unwrap();
-        let refs: Vec<&Q8Rows> = ws.iter().collect();
+        let refs: Vec<&QRows> = ws.iter().collect();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let together = products_of(&refs, &q, 1..5, &dev).unwrap();
         for (w, y) in ws.iter().zip(&together) {
@@ -655,36 +911,28 @@ mod tests {
         assert!(products_of(&refs, &q, 0..7, &dev).is_err());
     }
 
-    #[test]
-    fn q8_0_products_are_the_same_bits_with_every_instruction_set() {
-        // extreme bytes included: -128 and 127 in the weights, ±127 in the inputs
-        let mut seed = 7u64;
-        let mut byte = || {
+    /// A pseudo-random byte stream.
+    fn bytes(mut seed: u64) -> impl FnMut() -> i8 {
+        move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             (seed >> 56) as u8 as i8
-        };
-        let mut block = |lo: i8| {
-            let mut qs = [0i8; 32];
-            qs.iter_mut().for_each(|q| *q = byte().max(lo));
-            qs[0] = lo;
-            qs[1] = 127;
-            let d = half::f16::from_f32((byte() as f32).abs() / 1000.0 + 1e-3);
-            BlockQ8 { d, qs }
-        };
-        let (m, n, kb) = (7usize, 21usize, 5usize);
-        let xb: Vec<BlockQ8> = (0..m * kb).map(|_| block(-127)).collect();
-        let wb: Vec<BlockQ8> = (0..n * kb).map(|_| block(-128)).collect();
-        let x = Q8Input::from_blocks(&xb, 32 * kb);
-        let w = Q8Rows::from_blocks(&wb, n, 32 * kb);
+        }
+    }
+
+    /// The products of input blocks `xb` (`m` rows) with the weight `w` made of blocks `wb`
+    /// (`n` rows): the plain loop's are the exact sums (in f64) to rounding, and every
+    /// instruction set here gives the plain loop's bits.
+    fn check_levels(xb: &[BlockQ8], wb: &[BlockQ8], w: &QRows, (m, n): (usize, usize)) {
+        let kb = w.k / 32;
+        let x = Q8Input::from_blocks(xb, w.k);
         let run = |level| {
             let mut out = vec![0f32; m * n];
             w.product_into(level, &x, 0..m, &mut out);
             out
         };
         let plain = run(Simd::Plain);
-        // the exact sums, in f64
         for i in 0..m {
             for j in 0..n {
                 let exact: f64 = (0..kb)
@@ -707,6 +955,64 @@ mod tests {
             }
         }
     }
+
+    /// 11 rows: with VNNI a pass of eight, then of one.
+    #[test]
+    fn q8_0_products_are_the_same_bits_with_every_instruction_set() {
+        // extreme bytes included: -128 and 127 in the weights, ±127 in the inputs
+        let mut byte = bytes(7);
+        let mut block = |lo: i8| {
+            let mut qs = [0i8; 32];
+            qs.iter_mut().for_each(|q| *q = byte().max(lo));
+            qs[0] = lo;
+            qs[1] = 127;
+            let d = half::f16::from_f32((byte() as f32).abs() / 1000.0 + 1e-3);
+            BlockQ8 { d, qs }
+        };
+        let (m, n, kb) = (11usize, 21usize, 5usize);
+        let xb: Vec<BlockQ8> = (0..m * kb).map(|_| block(-127)).collect();
+        let wb: Vec<BlockQ8> = (0..n * kb).map(|_| block(-128)).collect();
+        let w = QRows::from_blocks(&wb, n, 32 * kb);
+        check_levels(&xb, &wb, &w, (m, n));
+    }
+
+    /// The Q5_0 layout and kernels: every value of -16..=15 in every position of a chunk
+    /// (the fifth bits of all eight chunks), each instruction set the exact sums' same bits.
+    #[test]
+    fn q5_0_products_are_the_same_bits_with_every_instruction_set() {
+        let mut byte = bytes(11);
+        let (m, n, kb) = (13usize, 19usize, 4usize);
+        let xb: Vec<BlockQ8> = (0..m * kb)
+            .map(|b| {
+                let mut qs = [0i8; 32];
+                qs.iter_mut().for_each(|q| *q = byte().max(-127));
+                qs[b % 32] = 127;
+                qs[(b + 7) % 32] = -127;
+                let d = half::f16::from_f32((byte() as f32).abs() / 1000.0 + 1e-3);
+                BlockQ8 { d, qs }
+            })
+            .collect();
+        let wb: Vec<BlockQ8> = (0..n * kb)
+            .map(|b| {
+                let qs = std::array::from_fn(|i| ((i + b) % 32) as i8 - 16);
+                let d = half::f16::from_f32((byte() as f32).abs() / 1000.0 + 1e-3);
+                BlockQ8 { d, qs }
+            })
+            .collect();
+        let w = QRows::from_q5_values(&wb, n, 32 * kb);
+        let Groups::Q5(groups) = &w.groups else {
+            panic!("Q5_0 groups")
+        };
+        for (g, blk) in groups.iter().enumerate() {
+            let (gr, b) = (g / kb, g % kb);
+            for j in 0..GROUP.min(n - GROUP * gr) {
+                for i in 0..32 {
+                    assert_eq!(blk.weight(j, i), wb[(GROUP * gr + j) * kb + b].qs[i] as i32);
+                }
+            }
+        }
+        check_levels(&xb, &wb, &w, (m, n));
+    }
 }
 
 /// One shape of the q8_0 product benchmark (`bench-q8`, in `make bench`).
@@ -716,7 +1022,7 @@ pub struct ProductTiming {
     pub k: usize,
     /// Input rows.
     pub m: usize,
-    /// Median seconds of `Q8Rows::product` (the input quantized, then the products).
+    /// Median seconds of `QRows::product` (the input quantized, then the products).
     pub ours_s: f64,
     /// Of the quantization alone.
     pub quantize_s: f64,
@@ -731,7 +1037,7 @@ pub fn time_product(n: usize, k: usize, m: usize, reps: usize) -> Result<Product
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     let dev = candle_core::Device::Cpu;
     let w = QTensor::quantize(&Tensor::rand(-1f32, 1f32, (n, k), &dev)?, GgmlDType::Q8_0)?;
-    let ours = Q8Rows::from_qtensor(&w)?;
+    let ours = QRows::from_qtensor(&w)?;
     let theirs = QMatMul::from_qtensor(w)?;
     let x = Tensor::rand(-1f32, 1f32, (m, k), &dev)?;
     let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
