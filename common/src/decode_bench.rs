@@ -77,8 +77,9 @@ fn argmax(l: Option<&candle_core::Tensor>) -> Result<u32> {
     Ok(l.argmax(0)?.to_scalar::<u32>()?)
 }
 
-/// The best of five reads of a 512 MiB buffer by every thread of the compute pool, bytes per
-/// second: what a step that reads each weight once could at best read at.
+/// The best of five reads of a 512 MiB buffer by every thread of the compute pool, each line
+/// asked for ahead (`PREFETCH`) as the kernels ask for theirs, bytes per second: what a step
+/// that reads each weight once could at best read at.
 pub fn read_bandwidth() -> f64 {
     use rayon::prelude::*;
     let n = (512usize << 20) / 4;
@@ -91,6 +92,8 @@ pub fn read_bandwidth() -> f64 {
                 .map(|c| {
                     let mut acc = [0f32; 16];
                     for x in c.chunks_exact(16) {
+                        // asked for ahead, as the kernels ask for their weights
+                        crate::model::prefetch(x.as_ptr() as *const u8);
                         for l in 0..16 {
                             acc[l] += x[l];
                         }

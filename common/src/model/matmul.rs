@@ -373,6 +373,28 @@ fn hsum_plain(acc: &[f32; LANES]) -> f32 {
     (q[0] + q[2]) + (q[1] + q[3])
 }
 
+/// How far ahead of its reads a kernel that streams weights from memory asks for them. A
+/// decode step's products read every weight once, a few rows at a time, and left to the
+/// hardware prefetcher a core read bf16 rows at ~7 GB/s and f32 ones at ~14 (a 2-vCPU Xeon
+/// whose two cores read 29 GB/s together): a bf16 step took half again as long as its bytes
+/// needed. With each line asked for 8 KiB ahead both read at the machine's bandwidth
+/// (BENCHMARKS.md, session 13; 2 to 16 KiB all helped, 8 most).
+pub(crate) const PREFETCH: usize = 8192;
+
+/// Asks for the cache line `PREFETCH` bytes past `p` (any address: a prefetch reads nothing the
+/// program sees and never faults).
+#[inline(always)]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as said
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The dot products with AVX2 + FMA intrinsics: `R` input rows against `C` weight rows, an
 /// 8-lane accumulator each (12 of them at 4 × 3, with the loads, the 16 registers).
 #[cfg(target_arch = "x86_64")]
@@ -414,8 +436,7 @@ mod avx {
                 let k = xs[0].len();
                 let n = k / 8 * 8;
                 let mut acc = [[_mm256_setzero_ps(); C]; R];
-                let mut c = 0;
-                while c < n {
+                let step = |c: usize, acc: &mut [[__m256; C]; R]| {
                     let mut w = [_mm256_setzero_ps(); C];
                     for j in 0..C {
                         w[j] = $load(ws[j].as_ptr().add(c));
@@ -426,6 +447,22 @@ mod avx {
                             acc[r][j] = _mm256_fmadd_ps(x, w[j], acc[r][j]);
                         }
                     }
+                };
+                // a cache line of each weight row at a time, the line PREFETCH bytes ahead of
+                // it asked for first
+                let line = 64 / std::mem::size_of::<$W>();
+                let mut c = 0;
+                while c + line <= n {
+                    for j in 0..C {
+                        super::prefetch(ws[j].as_ptr().add(c) as *const u8);
+                    }
+                    for s in (0..line).step_by(8) {
+                        step(c + s, &mut acc);
+                    }
+                    c += line;
+                }
+                while c < n {
+                    step(c, &mut acc);
                     c += 8;
                 }
                 let value: fn(&[$W], usize) -> f32 = $value;

@@ -34,7 +34,7 @@ mod team;
 pub use linear::{AdapterBranches, Lora, LoraLinear, Packed};
 pub use llama::{KvCache, Llama, StepSeq, WeightFormat};
 pub use loss::{Batch, LossStats};
-pub use matmul::rows_matmul;
+pub use matmul::{prefetch, rows_matmul};
 pub use q8::{time_product, ProductTiming};
 
 use candle_core::{Result, Tensor};
