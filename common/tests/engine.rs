@@ -277,8 +277,9 @@ fn q8_0_gives_the_f32_answer_where_the_choice_is_clear() {
 }
 
 /// q4_k: Q4_K_M's types, for this model's 576-wide rows mostly q5_0 (the products of `q8.rs`),
-/// q4_k / q6_k for the down projections (candle's `QMatMul`), the head in q8_0. Lossier than
-/// q8_0 (fewer positions agree), but where f32's choice is clear it makes the same one.
+/// q4_k / q6_k for the down projections (candle's `vec_dot`, `kquant.rs`), the head in q8_0.
+/// Lossier than q8_0 (fewer positions agree), but where f32's choice is clear it makes the same
+/// one.
 #[test]
 fn q4_k_gives_the_f32_answer_where_the_choice_is_clear() {
     agrees_with_f32_where_the_choice_is_clear(WeightFormat::Q4K, 1.0, 0.45);

@@ -73,14 +73,17 @@ pub struct LoraLinear {
 }
 
 /// A frozen weight made lighter for inference: bf16 (read by the row kernel, widened to f32 as
-/// it is read), candle's Q8_0 or Q5_0 (products with a Q8_0 input, `q8.rs`) or another of
-/// candle's quantized types through its `QMatMul`. Either way every output is a dot product of
-/// its own, whatever the other rows.
+/// it is read), candle's Q8_0 or Q5_0 (products with a Q8_0 input, `q8.rs`), Q4_K or Q6_K
+/// (candle's `vec_dot`, `kquant.rs`) or another of candle's quantized types through its
+/// `QMatMul`. Either way every output is a dot product of its own, whatever the other rows.
 pub enum Packed {
     Bf16(Tensor),
     /// candle's Q8_0 or Q5_0 blocks in groups of eight rows, for the products of `q8.rs` (they
     /// read each weight once for all the rows of a product; `QMatMul` does not).
     Q8(super::q8::QRows),
+    /// candle's Q4_K or Q6_K blocks, each output candle's `vec_dot` on the step's threads
+    /// (`kquant.rs`).
+    KQuant(super::kquant::KRows),
     Quantized(candle_core::quantized::QMatMul),
 }
 
@@ -90,6 +93,7 @@ impl Packed {
         match self {
             Packed::Bf16(w) => matmul::rows_matmul(x, w),
             Packed::Q8(w) => w.product(x),
+            Packed::KQuant(w) => w.product(x),
             Packed::Quantized(q) => candle_core::Module::forward(q, &x.contiguous()?),
         }
     }
@@ -99,6 +103,7 @@ impl Packed {
         match self {
             Packed::Bf16(w) => w.elem_count() * 2,
             Packed::Q8(w) => w.bytes(),
+            Packed::KQuant(w) => w.bytes(),
             Packed::Quantized(candle_core::quantized::QMatMul::QTensor(q)) => {
                 q.storage_size_in_bytes()
             }

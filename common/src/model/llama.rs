@@ -470,6 +470,8 @@ impl Llama {
                     let qt = QTensor::quantize(w, q)?;
                     if super::q8::QRows::takes(q, w.device()) {
                         Packed::Q8(super::q8::QRows::from_qtensor(&qt)?)
+                    } else if super::kquant::KRows::takes(q, w.device()) {
+                        Packed::KQuant(super::kquant::KRows::from_qtensor(&qt)?)
                     } else {
                         Packed::Quantized(QMatMul::from_qtensor(qt)?)
                     }

@@ -694,24 +694,38 @@ fn logits_fed(
 
 /// Every row of a step takes the same operations whatever the other rows: a sequence's logits
 /// are the same bits whether its prompt is read in one chunk, in chunks of three or a token at
-/// a time as decode rows, alone or with a neighbour of another adapter in every step; in f32
-/// and q8_0, on the base model and with an adapter.
+/// a time as decode rows, alone or with a neighbour of another adapter in every step; in f32,
+/// bf16, q8_0 and q4_k (q5_0 and q8_0 rows, and the down projections' 256-wide rows in q4_k and
+/// q6_k), on the base model and with an adapter.
 #[test]
 fn a_sequence_gets_the_same_bits_however_its_prompt_is_fed() {
     let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 256,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 40, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 64, "tie_word_embeddings": true
     }))
     .unwrap();
-    for format in [WeightFormat::F32, WeightFormat::Q8_0] {
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::Bf16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+    ] {
         let mut model = tiny_model(&cfg, DType::F32);
         random_lora(&mut model, crate::lora::TARGETABLE, 0.0, false, DType::F32);
         let a1 = model.take_loras();
         random_lora(&mut model, &["q_proj", "v_proj"], 0.0, false, DType::F32);
         let a2 = model.take_loras();
         model.pack(format).unwrap();
+        if format == WeightFormat::Q4K {
+            let kq = |l: &super::LoraLinear| matches!(l.packed, Some(super::Packed::KQuant(_)));
+            assert_eq!(
+                model.linears().filter(|l| kq(l)).count(),
+                2,
+                "the down projections"
+            );
+        }
         let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 40).collect();
         for (adapter, other) in [(None, Some(&a2)), (Some(&a1), Some(&a2)), (Some(&a1), None)] {
             let whole = logits_fed(&model, adapter, other, &prompt, &[12], false);
