@@ -372,6 +372,24 @@ impl Task<'_> {
 mod avx {
     use std::arch::x86_64::*;
 
+    /// The lanes of each of eight vectors summed, into one: lane `j` is `Σ v[j]`, pairs
+    /// (0+1, 2+3, 4+5, 6+7), then (01+23, 45+67), then 0123+4567.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum8(v: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(v[0], v[1]);
+        let t1 = _mm256_hadd_ps(v[2], v[3]);
+        let t2 = _mm256_hadd_ps(v[4], v[5]);
+        let t3 = _mm256_hadd_ps(v[6], v[7]);
+        // [0, 1, 2, 3 | 0, 1, 2, 3] halves' sums of vectors 0-3, and of 4-7
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+
     /// # Safety
     /// AVX2 and FMA; `q` and `out` `8·L` long, `keys` and `values` `scores.len()` rows of `8·L`.
     #[inline]
@@ -386,7 +404,8 @@ mod avx {
     ) {
         let hd = 8 * L;
         let qv: [__m256; L] = std::array::from_fn(|i| _mm256_loadu_ps(q.as_ptr().add(8 * i)));
-        for (u, s) in scores.iter_mut().enumerate() {
+        // key u's products with the query in eight lanes, in two chains
+        let lanes = |u: usize| {
             let k = keys.as_ptr().add(u * hd);
             let mut a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k));
             let mut b = _mm256_mul_ps(qv[1], _mm256_loadu_ps(k.add(8)));
@@ -394,11 +413,23 @@ mod avx {
                 a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k.add(8 * i)), a);
                 b = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(k.add(8 * i + 8)), b);
             }
-            let v = _mm256_add_ps(a, b);
-            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-            *s = _mm_cvtss_f32(v);
+            _mm256_add_ps(a, b)
+        };
+        // eight keys' lanes summed at once (`sum8`), the last keys padded with zeros: each
+        // score the same sums in the same order wherever its key falls
+        let n = scores.len();
+        for u in (0..n).step_by(8) {
+            let m = (n - u).min(8);
+            let v: [__m256; 8] = std::array::from_fn(|j| {
+                if j < m {
+                    lanes(u + j)
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            let mut s = [0f32; 8];
+            _mm256_storeu_ps(s.as_mut_ptr(), sum8(&v));
+            scores[u..u + m].copy_from_slice(&s[..m]);
         }
         super::super::ops::softmax_row(scores, scale);
         let mut acc = [_mm256_setzero_ps(); L];
