@@ -24,9 +24,13 @@ pub struct Lora {
     pub cast: CastCache,
 }
 
-/// The last compute-dtype copies of a LoRA pair, keyed by the master tensors' ids.
+/// The last compute-dtype copies of a LoRA pair, keyed by the master tensors' ids: `(A, B)`
+/// for training and the one-sequence forward, and `(A, Bᵀ)` for a batched step's rows.
 #[derive(Clone, Default)]
-pub struct CastCache(std::sync::Arc<std::sync::Mutex<Option<Cast>>>);
+pub struct CastCache(
+    std::sync::Arc<std::sync::Mutex<Option<Cast>>>,
+    std::sync::Arc<std::sync::Mutex<Option<Cast>>>,
+);
 
 struct Cast {
     ids: (candle_core::TensorId, candle_core::TensorId),
@@ -47,6 +51,27 @@ impl Lora {
             return Ok((c.a.clone(), c.b.clone()));
         }
         let (a, b) = (self.a.to_dtype(dt)?, self.b.to_dtype(dt)?);
+        *slot = Some(Cast {
+            ids,
+            a: a.clone(),
+            b: b.clone(),
+        });
+        Ok((a, b))
+    }
+
+    /// `(A, Bᵀ)` in dtype `dt`, `Bᵀ` `[r, out]` contiguous: what a batched step's rows take
+    /// (`matmul::add_lora_rows`), made once per value of the masters (once per adapter when
+    /// serving).
+    pub fn row_factors(&self, dt: candle_core::DType) -> Result<(Tensor, Tensor)> {
+        let ids = (self.a.id(), self.b.id());
+        let mut slot = self.cast.1.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref().filter(|c| c.ids == ids && c.a.dtype() == dt) {
+            return Ok((c.a.clone(), c.b.clone()));
+        }
+        let (a, b) = (
+            self.a.to_dtype(dt)?,
+            self.b.to_dtype(dt)?.t()?.contiguous()?,
+        );
         *slot = Some(Cast {
             ids,
             a: a.clone(),
@@ -240,8 +265,8 @@ impl LoraLinear {
         let mut runs: Vec<matmul::LoraRun> = Vec::new();
         for &(start, n, a) in &rows.parts {
             if let Some(l) = branch_of(a, self.index) {
-                let (la, lb) = l.factors(x.dtype())?;
-                runs.push((start, n, la, lb, l.scale));
+                let (la, lbt) = l.row_factors(x.dtype())?;
+                runs.push((start, n, la, lbt, l.scale));
             }
         }
         if runs.is_empty() {
