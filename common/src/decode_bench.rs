@@ -2,7 +2,7 @@
 //! sequences decoding after a prompt of C tokens, timed step by step, and the memory-read
 //! bandwidth that bounds it (a decode step reads every weight once, whatever B).
 
-use crate::model::{KvCache, Llama, StepSeq};
+use crate::model::{AdapterBranches, KvCache, Llama, StepSeq};
 use anyhow::Result;
 use std::time::Instant;
 
@@ -21,8 +21,16 @@ pub struct StepTiming {
 
 /// Prefills `batch` sequences with `context` prompt tokens each (ids cycling through the
 /// vocabulary, each sequence its own), then times `steps` decode steps of them all, each
-/// sequence fed the argmax of its last logits.
-pub fn time_steps(model: &Llama, batch: usize, context: usize, steps: usize) -> Result<StepTiming> {
+/// sequence fed the argmax of its last logits. Sequence `i` asks for `adapters[i % n]` (none
+/// given: the base model).
+pub fn time_steps(
+    model: &Llama,
+    batch: usize,
+    context: usize,
+    steps: usize,
+    adapters: &[&AdapterBranches],
+) -> Result<StepTiming> {
+    let adapter = |i: usize| (!adapters.is_empty()).then(|| adapters[i % adapters.len()]);
     let vocab = model.config.vocab_size as u32;
     let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
     let mut last: Vec<u32> = Vec::with_capacity(batch);
@@ -33,7 +41,7 @@ pub fn time_steps(model: &Llama, batch: usize, context: usize, steps: usize) -> 
         let mut one = [StepSeq {
             tokens: &prompt,
             cache: c,
-            adapter: None,
+            adapter: adapter(i),
             decode: false,
             logits: true,
         }];
@@ -46,10 +54,11 @@ pub fn time_steps(model: &Llama, batch: usize, context: usize, steps: usize) -> 
         let mut seqs: Vec<StepSeq> = caches
             .iter_mut()
             .zip(&toks)
-            .map(|(c, t)| StepSeq {
+            .enumerate()
+            .map(|(i, (c, t))| StepSeq {
                 tokens: t,
                 cache: c,
-                adapter: None,
+                adapter: adapter(i),
                 decode: true,
                 logits: true,
             })

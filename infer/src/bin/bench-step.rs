@@ -26,6 +26,11 @@ struct Args {
     /// Timed decode steps.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// A PEFT adapter directory (repeatable): each format and batch size is then timed with
+    /// every sequence on the first adapter, and with the sequences spread over all of them
+    /// in turn (as `infer --serve` batches requests for different adapters).
+    #[arg(long = "adapter")]
+    adapters: Vec<std::path::PathBuf>,
 }
 
 fn main() {
@@ -41,23 +46,42 @@ fn main() {
             let dev = candle_core::Device::Cpu;
             let mut model = common::Llama::from_dir(&a.model, candle_core::DType::F32, &dev)?;
             model.pack(f)?;
+            let mut branches = Vec::new();
+            for dir in &a.adapters {
+                let ad = common::lora::Adapter::load(dir, candle_core::DType::F32, &dev)?;
+                branches.push(model.adapter_branches(&ad, &a.model)?);
+            }
+            let all_of: Vec<&common::model::AdapterBranches> = branches.iter().collect();
+            // (what the sequences ask for, its name)
+            let mut ways: Vec<(&[&common::model::AdapterBranches], String)> = Vec::new();
+            if all_of.is_empty() {
+                ways.push((&[], String::new()));
+            } else {
+                ways.push((&all_of[..1], ", all on one adapter".into()));
+                if all_of.len() > 1 {
+                    ways.push((&all_of, format!(", spread over {} adapters", all_of.len())));
+                }
+            }
             for &b in &a.batch {
-                let t = common::decode_bench::time_steps(&model, b, a.context, a.steps)?;
-                let bound = bw / t.weight_bytes as f64;
-                println!(
-                    "decode {f} batch {b} context {}: {:.2} ms/step, {:.1} tokens/s; {:.1} MB of weights per step: bound {bound:.1} steps/s, {:.0}% of it",
+                for (ads, way) in &ways {
+                    let t = common::decode_bench::time_steps(&model, b, a.context, a.steps, ads)?;
+                    let bound = bw / t.weight_bytes as f64;
+                    println!(
+                    "decode {f} batch {b} context {}{way}: {:.2} ms/step, {:.1} tokens/s; {:.1} MB of weights per step: bound {bound:.1} steps/s, {:.0}% of it",
                     a.context,
                     t.step_s * 1e3,
                     t.tokens_per_s,
                     t.weight_bytes as f64 / 1e6,
                     100.0 / t.step_s / bound
                 );
-                all.push(serde_json::json!({
-                    "format": f.to_string(), "batch": b, "context": a.context,
-                    "step_s": t.step_s, "tokens_per_s": t.tokens_per_s,
-                    "weight_bytes": t.weight_bytes, "read_bandwidth": bw,
-                    "bound_steps_per_s": bound, "of_bound": 1.0 / t.step_s / bound,
-                }));
+                    all.push(serde_json::json!({
+                        "format": f.to_string(), "batch": b, "context": a.context,
+                        "adapters": ads.len(),
+                        "step_s": t.step_s, "tokens_per_s": t.tokens_per_s,
+                        "weight_bytes": t.weight_bytes, "read_bandwidth": bw,
+                        "bound_steps_per_s": bound, "of_bound": 1.0 / t.step_s / bound,
+                    }));
+                }
             }
         }
         println!("RESULT {}", serde_json::to_string(&all)?);
