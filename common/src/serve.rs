@@ -118,6 +118,8 @@ struct ChatRequest {
     logprobs: Option<usize>,
     presence_penalty: f32,
     frequency_penalty: f32,
+    /// vLLM's extra parameter (also llama-server's): eos and end-of-turn tokens do not end it.
+    ignore_eos: bool,
 }
 
 /// The JSON body of a POST: a JSON content type (or none), at most `MAX_BODY_BYTES`, valid JSON.
@@ -346,6 +348,7 @@ fn parse_request(body: &Value, engine: &Server) -> Result<ChatRequest, ApiError>
     };
     let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
     let stream = boolean("stream", None)?.unwrap_or(false);
+    let ignore_eos = boolean("ignore_eos", None)?.unwrap_or(false);
     let include_usage = match obj.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(o @ Value::Object(_)) => boolean("include_usage", Some(o))?.unwrap_or(false),
@@ -379,6 +382,7 @@ fn parse_request(body: &Value, engine: &Server) -> Result<ChatRequest, ApiError>
         logprobs,
         presence_penalty,
         frequency_penalty,
+        ignore_eos,
     })
 }
 
@@ -426,6 +430,7 @@ impl Server {
         r.logprobs = req.logprobs;
         r.presence_penalty = req.presence_penalty;
         r.frequency_penalty = req.frequency_penalty;
+        r.ignore_eos = req.ignore_eos;
         match self.session.engine.submit(r, Box::new(tx)) {
             Ok(()) => Ok(rx),
             Err(Refused::Full(n)) => Err(ApiError::status(

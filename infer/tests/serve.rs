@@ -405,6 +405,12 @@ fn bad_requests_get_openai_errors_and_never_crash_the_server() {
         ),
         (
             400,
+            Some(json!({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": "yes"})),
+            None,
+            "'ignore_eos' must be true or false",
+        ),
+        (
+            400,
             Some(json!({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5})),
             None,
             "'presence_penalty' must be between -2 and 2",
@@ -748,8 +754,8 @@ fn a_client_that_goes_away_stops_and_sigterm_lets_requests_finish() {
 }
 
 /// Requests for the base and two adapters sent at once share the batch and get the answers
-/// each gets alone; `logprobs`/`top_logprobs`, a frequency penalty and `GET /metrics` work as
-/// an OpenAI (or vLLM) client expects.
+/// each gets alone; `logprobs`/`top_logprobs`, a frequency penalty, `ignore_eos` and
+/// `GET /metrics` work as an OpenAI (or vLLM) client expects.
 #[test]
 fn concurrent_requests_for_different_adapters_get_their_lone_answers() {
     let real = real_model_dir().unwrap();
@@ -845,6 +851,22 @@ fn concurrent_requests_for_different_adapters_get_their_lone_answers() {
     long["frequency_penalty"] = json!(2.0);
     let penalised = text(&srv.post(&long).1);
     assert_ne!(plain, penalised);
+    // vLLM's ignore_eos: a short answer goes on past its end-of-turn to max_tokens
+    let mut short = ask("smol", "Say hello.");
+    short["max_tokens"] = json!(40);
+    let (_, ended) = srv.post(&short);
+    assert_eq!(ended["choices"][0]["finish_reason"], "stop", "{ended}");
+    let n = ended["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n < 40, "{ended}");
+    short["ignore_eos"] = json!(true);
+    let (status, full) = srv.post(&short);
+    assert_eq!(status, 200, "{full}");
+    assert_eq!(full["choices"][0]["finish_reason"], "length", "{full}");
+    assert_eq!(full["usage"]["completion_tokens"], 40, "{full}");
+    assert!(
+        text(&full).starts_with(&text(&ended)),
+        "{full} after {ended}"
+    );
     // metrics in Prometheus' text format
     let m = ureq::get(&format!("{}/metrics", base.trim_end_matches("/v1")))
         .call()

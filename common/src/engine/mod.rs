@@ -82,6 +82,10 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Report each token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// vLLM's `ignore_eos`: the end-of-turn and eos tokens do not end the generation (as
+    /// serving benchmarks ask, so that every answer is `max_new_tokens` long); stop strings
+    /// still do.
+    pub ignore_eos: bool,
 }
 
 impl Request {
@@ -94,6 +98,7 @@ impl Request {
             frequency_penalty: 0.0,
             stop: Vec::new(),
             logprobs: None,
+            ignore_eos: false,
         }
     }
 }

@@ -156,7 +156,7 @@ impl Sequence {
         }
         self.generated.push(next);
         *self.counts.entry(next).or_default() += 1;
-        if stop_ids.contains(&next) {
+        if stop_ids.contains(&next) && !self.req.ignore_eos {
             self.flush();
             return Ok(Some(Finish::Stop));
         }
