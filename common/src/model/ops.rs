@@ -236,7 +236,7 @@ pub(crate) fn softmax_row(s: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if super::matmul::simd() >= super::matmul::Simd::Avx2 {
         // SAFETY: AVX2 and FMA were detected
-        return unsafe { softmax_avx::row(s, scale) };
+        return unsafe { avx::row(s, scale) };
     }
     let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
     let mut sum = 0f32;
@@ -248,9 +248,10 @@ pub(crate) fn softmax_row(s: &mut [f32], scale: f32) {
     s.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// The softmax of a row eight values at a time, and the exponential it takes.
+/// The CPU bodies eight values at a time with AVX2 and FMA: the exponential, and the softmax
+/// and SwiGLU that take it.
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod softmax_avx {
+pub(crate) mod avx {
     use std::arch::x86_64::*;
 
     /// `exp` of eight values: `2^n · p(r)` with `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and `p`
@@ -311,6 +312,38 @@ pub(crate) mod softmax_avx {
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
         _mm_cvtss_f32(q)
+    }
+
+    /// `out = silu(g) · u = g / (1 + exp(−g)) · u`, element by element (the last values in one
+    /// more vector, padded: every value the same operations wherever it falls).
+    ///
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+        assert!(g.len() == out.len() && u.len() == out.len());
+        let one = _mm256_set1_ps(1.0);
+        let f = |g: __m256, u: __m256| {
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u)
+        };
+        let n = out.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            let v = f(
+                _mm256_loadu_ps(g.as_ptr().add(i)),
+                _mm256_loadu_ps(u.as_ptr().add(i)),
+            );
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+        }
+        let (mut gt, mut ut, mut o) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        let rest = out.len() - n;
+        gt[..rest].copy_from_slice(&g[n..]);
+        ut[..rest].copy_from_slice(&u[n..]);
+        _mm256_storeu_ps(
+            o.as_mut_ptr(),
+            f(_mm256_loadu_ps(gt.as_ptr()), _mm256_loadu_ps(ut.as_ptr())),
+        );
+        out[n..].copy_from_slice(&o[..rest]);
     }
 
     /// `softmax(scale · s)` in place.
@@ -675,9 +708,14 @@ impl candle_core::CustomOp2 for Swiglu {
         let (gs, us) = (f32_slice(gs, gl)?, f32_slice(us, ul)?);
         let mut out = vec![0f32; gs.len()];
         super::team::par_chunks_mut(&mut out, PAR_ELEMS, |base, o| {
-            for (j, v) in o.iter_mut().enumerate() {
-                let x = gs[base + j];
-                *v = x / (1.0 + (-x).exp()) * us[base + j];
+            let (g, u) = (&gs[base..base + o.len()], &us[base..base + o.len()]);
+            #[cfg(target_arch = "x86_64")]
+            if super::matmul::simd() >= super::matmul::Simd::Avx2 {
+                // SAFETY: AVX2 and FMA were detected
+                return unsafe { avx::swiglu(g, u, o) };
+            }
+            for ((v, &x), &u) in o.iter_mut().zip(g).zip(u) {
+                *v = x / (1.0 + (-x).exp()) * u;
             }
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
@@ -1132,12 +1170,12 @@ impl candle_core::InplaceOp2 for CrossEntropy {
 #[cfg(test)]
 mod tests {
     /// `exp8` against `f32::exp` (within 2 ulp where the result is normal, 0 below the
-    /// normal range, inf above `ln(f32::MAX)`, NaN for NaN), and the eight-lane softmax
-    /// against the scalar one for every tail length.
+    /// normal range, inf above `ln(f32::MAX)`, NaN for NaN), and the eight-lane softmax and
+    /// SwiGLU against the scalar ones for every tail length.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_vector_exponential_and_softmax_are_the_scalar_ones() {
-        use super::softmax_avx::{exp8, row};
+    fn the_vector_exponential_softmax_and_swiglu_are_the_scalar_ones() {
+        use super::avx::{exp8, row, swiglu};
         use std::arch::x86_64::*;
         if super::super::matmul::simd() < super::super::matmul::Simd::Avx2 {
             eprintln!("no AVX2 and FMA here: nothing to compare");
@@ -1199,6 +1237,26 @@ mod tests {
             assert!(d < 1e-6, "softmax of {n}: {d} from the f64 one");
             let total: f32 = vector.iter().sum();
             assert!((total - 1.0).abs() < 1e-5, "softmax of {n} sums to {total}");
+        }
+        // SwiGLU: the scalar formula's values to rounding, for every tail length; a value's
+        // result does not depend on where it falls (vector or tail)
+        let g: Vec<f32> = (0..37).map(|_| rand() * 5.0).collect();
+        let u: Vec<f32> = (0..37).map(|_| rand()).collect();
+        let mut whole = vec![0f32; 37];
+        // SAFETY: AVX2 and FMA were detected
+        unsafe { swiglu(&g, &u, &mut whole) };
+        for (i, ((&x, &u), &v)) in g.iter().zip(&u).zip(&whole).enumerate() {
+            let want = (x as f64 / (1.0 + (-x as f64).exp()) * u as f64) as f32;
+            assert!(
+                (v - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{i}: {v} vs {want}"
+            );
+        }
+        for start in [0usize, 3, 8, 30] {
+            let mut part = vec![0f32; 37 - start];
+            // SAFETY: as above
+            unsafe { swiglu(&g[start..], &u[start..], &mut part) };
+            assert_eq!(part, whole[start..], "from {start}");
         }
     }
 }
