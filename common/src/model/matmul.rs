@@ -398,7 +398,7 @@ pub fn prefetch(p: *const u8) {
 /// The dot products with AVX2 + FMA intrinsics: `R` input rows against `C` weight rows, an
 /// 8-lane accumulator each (12 of them at 4 × 3, with the loads, the 16 registers).
 #[cfg(target_arch = "x86_64")]
-mod avx {
+pub(super) mod avx {
     use std::arch::x86_64::*;
 
     #[inline]
@@ -417,7 +417,7 @@ mod avx {
     /// The lanes of `v` summed: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::model) unsafe fn hsum(v: __m256) -> f32 {
         let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
         let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));

@@ -252,6 +252,7 @@ pub(crate) fn softmax_row(s: &mut [f32], scale: f32) {
 /// and SwiGLU that take it.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx {
+    use super::super::matmul::avx::hsum;
     use std::arch::x86_64::*;
 
     /// `exp` of eight values: `2^n · p(r)` with `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and `p`
@@ -302,16 +303,6 @@ pub(crate) mod avx {
         let y = _mm256_mul_ps(y, pow(_mm256_sub_ps(n, n1)));
         let y = _mm256_andnot_ps(under, y);
         _mm256_blendv_ps(y, _mm256_set1_ps(f32::INFINITY), over)
-    }
-
-    /// The lanes of `v` summed: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        _mm_cvtss_f32(q)
     }
 
     /// `out = silu(g) · u = g / (1 + exp(−g)) · u`, element by element (the last values in one
