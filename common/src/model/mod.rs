@@ -14,7 +14,7 @@
 //! | `linear.rs` | frozen linear + LoRA branch with dropout |
 //! | `loss.rs` | chunked ignore-index cross-entropy and its gradient |
 //! | `ops.rs` | the fused kernels (softmax, RMSNorm, SwiGLU, dropout, cross-entropy, with their backward) as custom ops: CPU body, CUDA body (`kernels/ops.cu`), plain-candle reference |
-//! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output; the row kernel of decode (f32, bf16) |
+//! | `matmul.rs` | GEMMs without zero-fill, and accumulating into an output; the row kernel of decode (f32, bf16); a step's LoRA terms (`add_lora_rows`); `prefetch`, weights asked for ahead |
 //! | `q8.rs` | the q8_0 × q8_0 and q5_0 × q8_0 products of decode and prefill (weight rows in groups of eight, one `vpdpbusd` for eight outputs) |
 //! | `kquant.rs` | the q4_k and q6_k products of decode and prefill: candle's `vec_dot` per output, on the step's threads |
 //! | `team.rs` | a forward step's threads kept on hand between its parallel loops (`par_for`) |
