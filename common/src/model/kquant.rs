@@ -9,7 +9,7 @@
 //! each weight row is read from memory once for all the input rows (asked for ahead, as the
 //! other kernels do), and every output is one `vec_dot`, whatever the other rows.
 
-use super::matmul::{get_threads, prefetch, SERIAL_BELOW};
+use super::matmul::{prefetch_span, SERIAL_BELOW};
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, Tensor};
@@ -102,10 +102,7 @@ fn product<T: GgmlType>(w: &[T], (n, k): (usize, usize), x: &[f32], m: usize) ->
         let rows = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(n);
         for j in rows {
             let wj = &w[j * kb..(j + 1) * kb];
-            let p = wj.as_ptr() as *const u8;
-            for at in (0..row_bytes).step_by(64) {
-                prefetch(p.wrapping_add(at));
-            }
+            prefetch_span(wj.as_ptr() as *const u8, row_bytes);
             for i in 0..m {
                 let v = T::vec_dot(k, wj, &xq[i * xb..(i + 1) * xb]);
                 // SAFETY: (i, j) is inside the m × n output; row j belongs to this task
@@ -114,7 +111,7 @@ fn product<T: GgmlType>(w: &[T], (n, k): (usize, usize), x: &[f32], m: usize) ->
         }
     };
     let tasks = n.div_ceil(ROWS_PER_TASK);
-    if m * n * k < SERIAL_BELOW || get_threads() <= 1 {
+    if m * n * k < SERIAL_BELOW {
         (0..tasks).for_each(run);
     } else {
         super::team::par_for(tasks, run);

@@ -45,33 +45,37 @@ impl Lora {
         if self.a.dtype() == dt && self.b.dtype() == dt {
             return Ok((self.a.clone(), self.b.clone()));
         }
-        let ids = (self.a.id(), self.b.id());
-        let mut slot = self.cast.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = slot.as_ref().filter(|c| c.ids == ids && c.a.dtype() == dt) {
-            return Ok((c.a.clone(), c.b.clone()));
-        }
-        let (a, b) = (self.a.to_dtype(dt)?, self.b.to_dtype(dt)?);
-        *slot = Some(Cast {
-            ids,
-            a: a.clone(),
-            b: b.clone(),
-        });
-        Ok((a, b))
+        self.cached(&self.cast.0, dt, || {
+            Ok((self.a.to_dtype(dt)?, self.b.to_dtype(dt)?))
+        })
     }
 
     /// `(A, Bᵀ)` in dtype `dt`, `Bᵀ` `[r, out]` contiguous: what a batched step's rows take
     /// (`matmul::add_lora_rows`), made once per value of the masters (once per adapter when
     /// serving).
     pub fn row_factors(&self, dt: candle_core::DType) -> Result<(Tensor, Tensor)> {
+        self.cached(&self.cast.1, dt, || {
+            Ok((
+                self.a.to_dtype(dt)?,
+                self.b.to_dtype(dt)?.t()?.contiguous()?,
+            ))
+        })
+    }
+
+    /// The pair in `slot` when it was made from these masters in dtype `dt`, else `make`'s,
+    /// kept there.
+    fn cached(
+        &self,
+        slot: &std::sync::Mutex<Option<Cast>>,
+        dt: candle_core::DType,
+        make: impl FnOnce() -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
         let ids = (self.a.id(), self.b.id());
-        let mut slot = self.cast.1.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = slot.as_ref().filter(|c| c.ids == ids && c.a.dtype() == dt) {
             return Ok((c.a.clone(), c.b.clone()));
         }
-        let (a, b) = (
-            self.a.to_dtype(dt)?,
-            self.b.to_dtype(dt)?.t()?.contiguous()?,
-        );
+        let (a, b) = make()?;
         *slot = Some(Cast {
             ids,
             a: a.clone(),

@@ -395,6 +395,14 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// `prefetch` for every cache line of the `bytes` from `p` (a weight row, a block of groups).
+#[inline(always)]
+pub(super) fn prefetch_span(p: *const u8, bytes: usize) {
+    for at in (0..bytes).step_by(64) {
+        prefetch(p.wrapping_add(at));
+    }
+}
+
 /// The dot products with AVX2 + FMA intrinsics: `R` input rows against `C` weight rows, an
 /// 8-lane accumulator each (12 of them at 4 × 3, with the loads, the 16 registers).
 #[cfg(target_arch = "x86_64")]

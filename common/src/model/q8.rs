@@ -605,7 +605,7 @@ fn dots_plain<T: Group, const R: usize, const G: usize>(
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use super::{Q5Group, Q8Group, XRow, GROUP};
-    use crate::model::matmul::prefetch;
+    use crate::model::matmul::prefetch_span;
     use std::arch::x86_64::*;
 
     /// A group's eight scales, widened.
@@ -671,9 +671,7 @@ mod avx {
                 for b in 0..kb {
                     let blk: [&$T; G] = std::array::from_fn(|h| ws[h].get_unchecked(b));
                     for p in blk {
-                        for at in (0..std::mem::size_of::<$T>()).step_by(64) {
-                            prefetch((p as *const $T as *const u8).wrapping_add(at));
-                        }
+                        prefetch_span(p as *const $T as *const u8, std::mem::size_of::<$T>());
                     }
                     let s = $sums(xs, &blk, b);
                     let dw: [__m256; G] = std::array::from_fn(|h| scales(&blk[h].d));

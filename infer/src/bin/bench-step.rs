@@ -41,16 +41,20 @@ fn main() {
             "memory read bandwidth: {:.1} GB/s (best of 5, all threads)",
             bw / 1e9
         );
+        let dev = candle_core::Device::Cpu;
+        let adapters = a
+            .adapters
+            .iter()
+            .map(|dir| common::lora::Adapter::load(dir, candle_core::DType::F32, &dev))
+            .collect::<Result<Vec<_>>>()?;
         let mut all = Vec::new();
         for &f in &a.formats {
-            let dev = candle_core::Device::Cpu;
             let mut model = common::Llama::from_dir(&a.model, candle_core::DType::F32, &dev)?;
             model.pack(f)?;
-            let mut branches = Vec::new();
-            for dir in &a.adapters {
-                let ad = common::lora::Adapter::load(dir, candle_core::DType::F32, &dev)?;
-                branches.push(model.adapter_branches(&ad, &a.model)?);
-            }
+            let branches = adapters
+                .iter()
+                .map(|ad| model.adapter_branches(ad, &a.model))
+                .collect::<Result<Vec<_>>>()?;
             let all_of: Vec<&common::model::AdapterBranches> = branches.iter().collect();
             // (what the sequences ask for, its name)
             let mut ways: Vec<(&[&common::model::AdapterBranches], String)> = Vec::new();
