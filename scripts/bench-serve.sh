@@ -15,8 +15,20 @@ W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 load() { "$PY" scripts/serve_load.py --base-url "http://127.0.0.1:$1/v1" --clients "$CLIENTS" \
   --requests "$REQUESTS" --max-tokens "$TOKENS" "${@:2}" | tee -a "$W/log" | tail -1; }
 lone() { load "$1" --clients 1 --requests "$LONE" "${@:2}"; }
-wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return; sleep 0.2; done; exit 1; }
-serve() { local port=$1; shift; "$@" --model "$MODEL" --serve "127.0.0.1:$port" 2>"$W/srv-$port.log" & wait_up "$port"; }
+# waits for the /health of the server on port $1 (process $2, log $3); one that exits first (a
+# llama-server built for instructions this CPU lacks dies of SIGILL) fails the run with its log
+wait_up() {
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$1/health" >/dev/null && return
+    if ! kill -0 "$2" 2>/dev/null; then
+      wait "$2" 2>/dev/null; echo "bench-serve: the server on port $1 exited ($?) before it answered; $3 ends:" >&2
+      tail -n 5 "$3" >&2; exit 1
+    fi
+    sleep 0.2
+  done
+  echo "bench-serve: the server on port $1 did not answer /health in 120 s" >&2; exit 1
+}
+serve() { local port=$1; shift; "$@" --model "$MODEL" --serve "127.0.0.1:$port" 2>"$W/srv-$port.log" & wait_up "$port" $! "$W/srv-$port.log"; }
 stop() { kill "$1" 2>/dev/null; wait "$1" 2>/dev/null || true; }
 if [ -n "${BEFORE:-}" ]; then
   serve 8101 "$BEFORE"; echo "== before ($BEFORE), f32"; load 8101; stop $!
@@ -41,7 +53,7 @@ fi
 if [ -n "${LLAMA_SERVER:-}" ]; then
   "$BIN/export-gguf" --model "$MODEL" --type q8_0 --output "$W/model.q8_0.gguf" >/dev/null
   "$LLAMA_SERVER" -m "$W/model.q8_0.gguf" --port 8105 -np 8 -c 16384 -t "$(nproc)" >"$W/llama.log" 2>&1 & P=$!
-  wait_up 8105; echo "== llama-server -np 8, q8_0 GGUF"; load 8105 --skip-checks
+  wait_up 8105 $P "$W/llama.log"; echo "== llama-server -np 8, q8_0 GGUF"; load 8105 --skip-checks
   # llama-server keeps each slot's prompt in its cache and reuses the common prefix (the load's
   # four prompts repeat), as dialora's prefix cache does; the same load is also run without it
   echo "== llama-server -np 8, q8_0 GGUF, cache_prompt false"
