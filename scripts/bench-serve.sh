@@ -21,7 +21,8 @@ wait_up() {
   for _ in $(seq 600); do
     curl -sf "http://127.0.0.1:$1/health" >/dev/null && return
     if ! kill -0 "$2" 2>/dev/null; then
-      wait "$2" 2>/dev/null; echo "bench-serve: the server on port $1 exited ($?) before it answered; $3 ends:" >&2
+      local rc=0; wait "$2" 2>/dev/null || rc=$?
+      echo "bench-serve: the server on port $1 exited ($rc) before it answered; $3 ends:" >&2
       tail -n 5 "$3" >&2; exit 1
     fi
     sleep 0.2
